@@ -1,0 +1,399 @@
+"""The SAM-family update rules as pure torch (no Lightning import).
+
+A rule answers the two questions of the two-pass step (DESIGN.md §3); the mechanics (the two
+forward-backward passes, the exact restore of the weights, BatchNorm protection, DDP, AMP, the one
+``optimizer.step()``) live once in :class:`lightning_modules.TwoPassModule`::
+
+    pass 1: g   = ∇L_B(w)
+            ε   = rule.perturbation(w, g)        where to climb
+    pass 2: g_p = ∇L_B(w + ε)
+            d   = rule.descent(g, g_p)           how to combine the two gradients
+            w  ← w (exact copy), then base_optimizer.step() with gradient d
+
+``‖·‖`` is one global L2 norm over every parameter that has a gradient, and ``eps`` (1e-12) is added
+outside the norm. A zero gradient gives ε = 0; so does a gradient whose norm is not finite, in every
+entry that is itself finite (a NaN or inf entry cannot be zeroed without a host sync; the module
+then skips or reports the step and restores the weights exactly, so no NaN reaches the weights).
+
+Every operation on the parameter lists is a ``torch._foreach_*`` kernel: no per-parameter Python
+arithmetic and no ``.item()`` host synchronisation.
+
+Use a rule directly (pure torch)::
+
+    g = [p.grad for p in params]
+    eps = SAM(rho=0.05).perturbation(params, g)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Minimizer",
+    "SAM",
+    "USAM",
+    "ASAM",
+    "GSAM",
+    "AdaptiveGSAM",
+    "global_norm",
+    "foreach_dot",
+]
+
+DEFAULT_EPS = 1e-12
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Invalid {name}: {value!r}; expected a real number")
+    return float(value)
+
+
+def _check(name: str, value: float, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
+
+
+def _norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    return torch.promote_types(tensors[0].dtype, torch.float32)
+
+
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """One L2 norm over a list of tensors, as a 0-dim tensor (float32 or wider), without host sync."""
+    if len(tensors) == 0:
+        return torch.zeros(())
+    dtype = _norm_dtype(tensors)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
+
+
+def foreach_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Inner product ⟨a, b⟩ summed over two lists of tensors, as a 0-dim tensor, without host sync.
+
+    ``Σ x = 2·Σ max(x, 0) − Σ |x|`` over the products ``x = a ⊙ b``: four multi-tensor kernels and
+    the rounding error of an ordinary sum (``eps·Σ|aᵢbᵢ|``), unlike the polarisation identity.
+    """
+    if len(a) == 0:
+        return torch.zeros(())
+    dtype = _norm_dtype(a)
+    prods = torch._foreach_mul(a, b)
+    abs_sum = torch.stack(torch._foreach_norm(prods, 1, dtype=dtype)).sum()
+    torch._foreach_clamp_min_(prods, 0.0)
+    pos_sum = torch.stack(torch._foreach_norm(prods, 1, dtype=dtype)).sum()
+    return 2.0 * pos_sum - abs_sum
+
+
+def _safe_scale(numerator: float | Tensor, norm: Tensor, eps: float) -> Tensor:
+    """``numerator / (norm + eps)``, or 0 where the norm is not finite."""
+    scale = torch.as_tensor(numerator, dtype=norm.dtype, device=norm.device) / (norm + eps)
+    return torch.where(torch.isfinite(norm), scale, torch.zeros_like(scale))
+
+
+class Minimizer:
+    """Base class of a SAM-family rule: where to climb (``perturbation``) and how to descend (``descent``).
+
+    Subclasses implement :meth:`perturbation`; rules whose descent uses the clean gradient (GSAM)
+    set ``uses_clean_grad = True`` and override :meth:`descent`.
+
+    Args:
+        rho: Radius ρ ≥ 0 of the neighbourhood.
+        eps: Added outside the norm in the normalisation, > 0.
+    """
+
+    #: ε is unchanged when every gradient is multiplied by one constant (AMP loss scaling).
+    scale_invariant: ClassVar[bool] = True
+    #: ``descent`` needs the clean pass-1 gradient g (else d = g_p and the module may let DDP average g_p).
+    uses_clean_grad: ClassVar[bool] = False
+    #: ``perturbation`` needs the parameter names (``names=``).
+    uses_names: ClassVar[bool] = False
+
+    def __init__(self, rho: float = 0.05, eps: float = DEFAULT_EPS) -> None:
+        rho = _real("rho", rho)
+        _check("rho", rho, math.isfinite(rho) and rho >= 0, "a finite rho >= 0")
+        eps = _real("eps", eps)
+        _check("eps", eps, math.isfinite(eps) and eps > 0, "eps > 0")
+        self.rho = rho
+        self.eps = eps
+
+    def current_rho(self, lr: float | None = None, initial_lr: float | None = None) -> float:
+        """The radius used in a step taken at learning rate ``lr`` (constant unless a subclass schedules it)."""
+        return self.rho
+
+    def perturbation(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        *,
+        names: Sequence[str] | None = None,
+        grad_norm: Tensor | None = None,
+        lr: float | None = None,
+        initial_lr: float | None = None,
+    ) -> list[Tensor]:
+        """The ascent ε (one tensor per parameter) from the weights and the pass-1 gradient.
+
+        Args:
+            params: The parameters w that have a gradient.
+            grads: Their pass-1 gradients g, in the same order.
+            names: Their names (``model.named_parameters()``), for rules that use them.
+            grad_norm: ``global_norm(grads)`` if the caller already has it (saves one reduction).
+            lr: The learning rate of this step (group 0), for rules whose radius follows it.
+            initial_lr: The learning rate the schedule started from.
+        """
+        raise NotImplementedError
+
+    def descent(self, grads: Sequence[Tensor], perturbed_grads: Sequence[Tensor]) -> None:
+        """Turn the pass-2 gradients g_p into the descent direction d, in place (default: d = g_p)."""
+
+    def _grad_norm(self, grads: Sequence[Tensor], grad_norm: Tensor | None) -> Tensor:
+        return global_norm(grads) if grad_norm is None else grad_norm
+
+    def extra_repr(self) -> str:
+        return f"rho={self.rho}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class SAM(Minimizer):
+    """Sharpness-Aware Minimization on the L2 or the L∞ ball (Foret et al., 2021).
+
+    Paper: https://arxiv.org/abs/2010.01412. The first-order solution of max_{‖ε‖_p ≤ ρ} L(w + ε)::
+
+        p = 2:  ε = ρ · g / (‖g‖₂ + eps)
+        p = ∞:  ε = ρ · sign(g)                 (the L∞ ball of seed 004)
+
+    and d = g_p = ∇L(w + ε).
+
+    Args:
+        rho: Radius ρ ≥ 0 (0.05 in the paper).
+        p: The ball's norm: 2 or ``inf`` (YAML ``.inf`` or ``inf``).
+        eps: Added to ‖g‖₂ (p = 2).
+    """
+
+    def __init__(self, rho: float = 0.05, p: float = 2.0, eps: float = DEFAULT_EPS) -> None:
+        super().__init__(rho, eps)
+        p = _real("p", p)
+        _check("p", p, p == 2.0 or p == math.inf, "p = 2 or p = inf")
+        self.p = p
+
+    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
+        if self.p == math.inf:
+            eps = torch._foreach_sign(grads)
+            torch._foreach_mul_(eps, self.rho)
+            return eps
+        return torch._foreach_mul(grads, _safe_scale(self.rho, self._grad_norm(grads, grad_norm), self.eps))
+
+    def extra_repr(self) -> str:
+        return f"rho={self.rho}, p={self.p}"
+
+
+class USAM(Minimizer):
+    """Unnormalized SAM: ε = ρ · g (Dai, Ahn & Sra, 2023; seed 004).
+
+    Paper: https://arxiv.org/abs/2305.15287. Not scale-invariant: under fp16 loss scaling the module
+    divides ε by the loss scale. A gradient whose norm is not finite gives ε = 0 (finite entries).
+
+    Args:
+        rho: Step ρ ≥ 0 of the ascent.
+    """
+
+    scale_invariant = False
+
+    def __init__(self, rho: float = 0.05) -> None:
+        super().__init__(rho)
+
+    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
+        norm = self._grad_norm(grads, grad_norm)
+        rho = torch.where(torch.isfinite(norm), torch.full_like(norm, self.rho), torch.zeros_like(norm))
+        return torch._foreach_mul(grads, rho)
+
+
+class ASAM(Minimizer):
+    """Adaptive SAM: the ball is measured in the normalised weights T⁻¹w (Kwon et al., 2021).
+
+    Paper: https://arxiv.org/abs/2102.11600. With T = diag(|w| + η)::
+
+        ε = ρ · T² g / (‖T g‖₂ + eps),   d = g_p
+
+    ``scope="weight"`` (the official code, SamsungLabs/ASAM): T = |w| + η on parameters whose name
+    contains ``"weight"``, T = 1 on the others (biases). ``scope="all"`` applies T to every
+    parameter; with ``eta=0`` that is the davda54/sam ``adaptive=True`` convention.
+
+    Args:
+        rho: Radius ρ ≥ 0 (0.5 in the paper for CIFAR, 2.0 in seed 004).
+        eta: η ≥ 0 added to |w| (0.01 in the paper).
+        scope: ``"weight"`` (official) or ``"all"`` (davda54).
+        eps: Added to ‖T g‖₂.
+    """
+
+    uses_names = True
+
+    def __init__(
+        self, rho: float = 0.5, eta: float = 0.01, scope: Literal["weight", "all"] = "weight", eps: float = DEFAULT_EPS
+    ) -> None:
+        super().__init__(rho, eps)
+        eta = _real("eta", eta)
+        _check("eta", eta, math.isfinite(eta) and eta >= 0, "a finite eta >= 0")
+        _check("scope", scope, scope in ("weight", "all"), "'weight' or 'all'")
+        self.eta = eta
+        self.scope = scope
+
+    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
+        if self.scope == "all":
+            adapt = [True] * len(params)
+        else:
+            if names is None:
+                raise ValueError("ASAM(scope='weight') needs the parameter names: pass names=[...]")
+            adapt = ["weight" in n for n in names]
+        idx_w = [i for i, a in enumerate(adapt) if a]
+        idx_o = [i for i, a in enumerate(adapt) if not a]
+        t = torch._foreach_abs([params[i] for i in idx_w]) if idx_w else []
+        if t:
+            torch._foreach_add_(t, self.eta)
+        tg = torch._foreach_mul(t, [grads[i] for i in idx_w]) if t else []  # T g on adapted parameters
+        g_o = [grads[i] for i in idx_o]  # T = 1 elsewhere
+        scale = _safe_scale(self.rho, global_norm(tg + g_o), self.eps)
+        if tg:
+            torch._foreach_mul_(tg, t)  # T² g
+            torch._foreach_mul_(tg, scale)
+        eps_o = torch._foreach_mul(g_o, scale) if g_o else []
+        if not idx_o:
+            return tg
+        out: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+        for i, e in zip(idx_w, tg):
+            out[i] = e
+        for i, e in zip(idx_o, eps_o):
+            out[i] = e
+        return out
+
+    def extra_repr(self) -> str:
+        return f"rho={self.rho}, eta={self.eta}, scope={self.scope!r}"
+
+
+class GSAM(SAM):
+    """Surrogate-Gap-guided SAM (Zhuang et al., 2022): SAM's ascent, and a descent that also lowers the gap.
+
+    Paper: https://arxiv.org/abs/2203.08065. With the SAM (p = 2) ascent::
+
+        g⊥ = g − (⟨g, g_p⟩ / ‖g_p‖²) · g_p        (the part of g orthogonal to g_p)
+        d  = g_p − α · g⊥
+
+    The radius may follow the learning rate (the paper's schedule, set ``rho_min``)::
+
+        ρ_t = ρ_min + (ρ − ρ_min) · (lr_t − lr_min) / (lr_max − lr_min)
+
+    from the lr of the step being taken; ``lr_max`` defaults to the lr the schedule started from.
+
+    Args:
+        rho: Radius ρ (ρ_max when ``rho_min`` is set) ≥ 0.
+        alpha: Weight α ∈ [0, 1] of the surrogate-gap direction.
+        rho_min: ρ at ``lr_min``; None keeps ρ constant.
+        lr_max: The lr at which the radius is ``rho`` (default: the initial lr).
+        lr_min: The lr at which the radius is ``rho_min``.
+        eps: Added to ‖g‖₂.
+    """
+
+    uses_clean_grad = True
+
+    def __init__(
+        self,
+        rho: float = 0.05,
+        alpha: float = 0.1,
+        rho_min: float | None = None,
+        lr_max: float | None = None,
+        lr_min: float = 0.0,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
+        super().__init__(rho=rho, p=2.0, eps=eps)
+        alpha = _real("alpha", alpha)
+        _check("alpha", alpha, 0.0 <= alpha <= 1.0, "0 <= alpha <= 1")
+        if rho_min is not None:
+            rho_min = _real("rho_min", rho_min)
+            _check("rho_min", rho_min, 0.0 <= rho_min <= self.rho, f"0 <= rho_min <= rho = {self.rho}")
+        lr_min = _real("lr_min", lr_min)
+        _check("lr_min", lr_min, math.isfinite(lr_min) and lr_min >= 0, "a finite lr_min >= 0")
+        if lr_max is not None:
+            lr_max = _real("lr_max", lr_max)
+            _check("lr_max", lr_max, math.isfinite(lr_max) and lr_max > lr_min, f"a finite lr_max > lr_min = {lr_min}")
+        self.alpha = alpha
+        self.rho_min = rho_min
+        self.lr_max = lr_max
+        self.lr_min = lr_min
+
+    def current_rho(self, lr: float | None = None, initial_lr: float | None = None) -> float:
+        if self.rho_min is None or lr is None:
+            return self.rho
+        lr_max = self.lr_max if self.lr_max is not None else initial_lr
+        if lr_max is None or lr_max <= self.lr_min:
+            return self.rho
+        return self.rho_min + (self.rho - self.rho_min) * (float(lr) - self.lr_min) / (lr_max - self.lr_min)
+
+    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
+        rho = self.current_rho(lr, initial_lr)
+        return torch._foreach_mul(grads, _safe_scale(rho, self._grad_norm(grads, grad_norm), self.eps))
+
+    def descent(self, grads: Sequence[Tensor], perturbed_grads: Sequence[Tensor]) -> None:
+        """d = g_p − α·g⊥ = (1 + α·c)·g_p − α·g with c = ⟨g, g_p⟩/‖g_p‖² (c = 0 when g_p = 0)."""
+        if self.alpha == 0.0 or len(grads) == 0:
+            return
+        gp_sq = global_norm(perturbed_grads) ** 2
+        dot = foreach_dot(grads, perturbed_grads)
+        c = torch.where(gp_sq > 0, dot / torch.where(gp_sq > 0, gp_sq, torch.ones_like(gp_sq)), torch.zeros_like(dot))
+        torch._foreach_mul_(perturbed_grads, 1.0 + self.alpha * c)
+        torch._foreach_add_(perturbed_grads, grads, alpha=-self.alpha)
+
+    def extra_repr(self) -> str:
+        sched = "" if self.rho_min is None else f", rho_min={self.rho_min}, lr_max={self.lr_max}, lr_min={self.lr_min}"
+        return f"rho={self.rho}, alpha={self.alpha}{sched}"
+
+
+class AdaptiveGSAM(GSAM):
+    """Adaptive-GSAM (seed 003, section 5.1): GSAM with an ascent scaled elementwise by |w| + γ.
+
+    The report's step 2 of the GSAM algorithm becomes::
+
+        ε = ρ_t · (|w| + γ) ⊙ g / (‖g‖₂ + eps)
+
+    (normalised by ‖g‖₂, exactly as the report writes it) and the descent is GSAM's,
+    d = g_p − α·g⊥. ρ_t follows the lr as in :class:`GSAM` when ``rho_min`` is set.
+
+    Args:
+        rho: Radius ρ ≥ 0.
+        alpha: Weight α ∈ [0, 1] of the surrogate-gap direction.
+        gamma: γ ≥ 0 keeping ε away from 0 where w = 0.
+        rho_min: See :class:`GSAM`.
+        lr_max: See :class:`GSAM`.
+        lr_min: See :class:`GSAM`.
+        eps: Added to ‖g‖₂.
+    """
+
+    def __init__(
+        self,
+        rho: float = 0.05,
+        alpha: float = 0.1,
+        gamma: float = 0.01,
+        rho_min: float | None = None,
+        lr_max: float | None = None,
+        lr_min: float = 0.0,
+        eps: float = DEFAULT_EPS,
+    ) -> None:
+        super().__init__(rho=rho, alpha=alpha, rho_min=rho_min, lr_max=lr_max, lr_min=lr_min, eps=eps)
+        gamma = _real("gamma", gamma)
+        _check("gamma", gamma, math.isfinite(gamma) and gamma >= 0, "a finite gamma >= 0")
+        self.gamma = gamma
+
+    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
+        rho = self.current_rho(lr, initial_lr)
+        scale = _safe_scale(rho, self._grad_norm(grads, grad_norm), self.eps)
+        eps = torch._foreach_abs(params)
+        torch._foreach_add_(eps, self.gamma)
+        torch._foreach_mul_(eps, grads)
+        torch._foreach_mul_(eps, scale)
+        return eps
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", gamma={self.gamma}"

@@ -1,0 +1,195 @@
+"""Tasks on top of the two-pass step: classification, regression and node classification."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from .minimizers import Minimizer
+from .two_pass import NonFinitePolicy, TwoPassModule
+
+
+def _out_features(net: nn.Module) -> int | None:
+    value = getattr(net, "out_features", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class Classifier(TwoPassModule):
+    """Classification with cross-entropy: logs ``{train,val,test}/loss`` and ``{train,val,test}/acc``.
+
+    ``train/loss`` is the clean pass-1 loss L_B(w), ``train/loss_perturbed`` the pass-2 loss
+    L_B(w + ε), ``train/grad_norm`` the pass-1 gradient norm ‖∇L_B(w)‖₂; all are epoch means.
+
+    Args:
+        net: Network mapping inputs to ``num_classes`` logits.
+        num_classes: Number of classes (≥ 2); None takes the net's ``out_features``.
+        optimizer: Base optimizer factory (see :class:`TwoPassModule`).
+        minimizer: SAM-family rule, or None for the base optimizer alone.
+        lr_scheduler: Optional lr scheduler factory.
+        label_smoothing: Cross-entropy label smoothing in [0, 1).
+        **kwargs: Further :class:`TwoPassModule` options (ascent, gradient clipping, ...).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int | None = None,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        minimizer: Minimizer | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        lr_scheduler_monitor: str = "val/loss",
+        ascent: Literal["replica", "global"] = "replica",
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        on_nonfinite: NonFinitePolicy = "raise",
+        share_dropout_rng: bool = False,
+        log_train_steps: bool = False,
+    ) -> None:
+        super().__init__(
+            net, optimizer, minimizer, lr_scheduler, lr_scheduler_interval, lr_scheduler_monitor, ascent,
+            gradient_clip_val, gradient_clip_algorithm, on_nonfinite, share_dropout_rng, log_train_steps,
+        )
+        out = _out_features(net)
+        if num_classes is None:
+            if out is None:
+                raise ValueError(
+                    f"Invalid num_classes: None, and the net ({type(net).__name__}) has no out_features; "
+                    "pass num_classes"
+                )
+            num_classes = out
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"Invalid num_classes: {num_classes!r}; expected an integer >= 2")
+        if out is not None and out != num_classes:
+            raise ValueError(
+                f"Invalid net for Classifier: {type(net).__name__} has out_features={out} but num_classes="
+                f"{num_classes}; a classifier needs one output per class (a regression net has 1 output; "
+                "use Regressor for regression)"
+            )
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"Invalid label_smoothing: {label_smoothing!r}; expected 0 <= label_smoothing < 1")
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = self.train_acc.clone()
+        self.test_acc = self.train_acc.clone()
+
+    def forward_loss(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor, int]:
+        x, y = batch[0], batch[1]
+        logits = self.net(x)
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"Invalid net output for Classifier: shape {tuple(logits.shape)}; expected (batch, num_classes="
+                f"{self.num_classes}) logits"
+            )
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        return loss, logits, y, y.shape[0]
+
+    def update_metrics(self, stage: str, output: Tensor, target: Tensor, batch_size: int) -> None:
+        metric = getattr(self, f"{stage}_acc")
+        metric.update(output, target)
+        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.net(batch[0]).softmax(dim=-1)
+
+
+class Regressor(TwoPassModule):
+    """Regression with the mean squared error: logs ``{stage}/loss`` (MSE) and ``{stage}/mae``.
+
+    Args:
+        net: Network mapping inputs to ``num_outputs`` values (``out_features``).
+        num_outputs: Number of regression targets per example.
+        optimizer: Base optimizer factory (see :class:`TwoPassModule`).
+        minimizer: SAM-family rule, or None for the base optimizer alone.
+        lr_scheduler: Optional lr scheduler factory.
+        **kwargs: Further :class:`TwoPassModule` options.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_outputs: int = 1,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        minimizer: Minimizer | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        lr_scheduler_monitor: str = "val/loss",
+        ascent: Literal["replica", "global"] = "replica",
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        on_nonfinite: NonFinitePolicy = "raise",
+        share_dropout_rng: bool = False,
+        log_train_steps: bool = False,
+    ) -> None:
+        super().__init__(
+            net, optimizer, minimizer, lr_scheduler, lr_scheduler_interval, lr_scheduler_monitor, ascent,
+            gradient_clip_val, gradient_clip_algorithm, on_nonfinite, share_dropout_rng, log_train_steps,
+        )
+        if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
+            raise ValueError(f"Invalid num_outputs: {num_outputs!r}; expected an integer >= 1")
+        out = _out_features(net)
+        if out is not None and out != num_outputs:
+            raise ValueError(
+                f"Invalid net for Regressor: {type(net).__name__} has out_features={out} but num_outputs="
+                f"{num_outputs}; a classification net (one output per class) needs Classifier"
+            )
+        self.num_outputs = num_outputs
+        self.train_mae = torchmetrics.MeanAbsoluteError()
+        self.val_mae = torchmetrics.MeanAbsoluteError()
+        self.test_mae = torchmetrics.MeanAbsoluteError()
+
+    def forward_loss(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor, int]:
+        x, y = batch[0], batch[1]
+        pred = self.net(x)
+        if y.ndim == 1 and pred.ndim == 2 and pred.shape[1] == 1:
+            pred = pred.squeeze(1)
+        if pred.shape != y.shape:
+            raise ValueError(
+                f"Invalid net output for Regressor: shape {tuple(pred.shape)} does not match the targets' "
+                f"{tuple(y.shape)}; a classification net (one output per class) needs Classifier"
+            )
+        y = y.to(pred.dtype)
+        return F.mse_loss(pred, y), pred, y, y.shape[0]
+
+    def update_metrics(self, stage: str, output: Tensor, target: Tensor, batch_size: int) -> None:
+        metric = getattr(self, f"{stage}_mae")
+        metric.update(output, target)
+        self.log(f"{stage}/mae", metric, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.net(batch[0])
+
+
+class NodeClassifier(Classifier):
+    """Node classification on one graph (PyG ``Data`` with ``train_mask``/``val_mask``/``test_mask``).
+
+    Both passes run on the full graph; the loss and the accuracy of a stage use the nodes of its mask.
+    The net is called as ``net(x, edge_index)``. Same arguments as :class:`Classifier`.
+    """
+
+    _MASKS = {"train": "train_mask", "val": "val_mask", "test": "test_mask"}
+
+    def forward_loss(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor, int]:
+        for key in ("x", "edge_index", "y", self._MASKS[stage]):
+            if getattr(batch, key, None) is None:
+                raise ValueError(f"Invalid batch for NodeClassifier: a PyG Data object with '{key}' is needed")
+        logits = self.net(batch.x, batch.edge_index)
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"Invalid net output for NodeClassifier: shape {tuple(logits.shape)}; expected (num_nodes, "
+                f"num_classes={self.num_classes})"
+            )
+        mask = getattr(batch, self._MASKS[stage])
+        logits, y = logits[mask], batch.y[mask]
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        return loss, logits, y, 1
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.net(batch.x, batch.edge_index).softmax(dim=-1)

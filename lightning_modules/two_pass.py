@@ -1,0 +1,406 @@
+"""The two-pass SAM-family step, written once (manual optimization); tasks subclass it."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from .minimizers import Minimizer, global_norm
+
+NonFinitePolicy = Literal["raise", "stop", "skip", "ignore"]
+
+
+class TwoPassModule(pl.LightningModule):
+    """Base LightningModule that trains ``net`` with a SAM-family rule on top of any base optimizer.
+
+    One training step (DESIGN.md §3), manual optimization::
+
+        pass 1: g = ∇L_B(w)                 (logged: train/loss, train/grad_norm = ‖g‖₂)
+                ε = minimizer.perturbation(w, g);  w ← w + ε   (a backup of w is kept)
+        pass 2: g_p = ∇L_B(w + ε)           (logged: train/loss_perturbed; BatchNorm stats restored)
+                w ← backup (exact copy);  d = minimizer.descent(g, g_p)
+                optimizer.step() with gradient d   (exactly once per batch)
+
+    ``minimizer=None`` trains with the base optimizer alone: one forward-backward pass, same module.
+
+    Under DDP, ``ascent="replica"`` (default, the SAM paper's m-sharpness) computes ε from each
+    replica's own sub-batch gradient (pass 1 without gradient all-reduce) and averages the final
+    directions; rules whose descent uses g (GSAM) form d on each replica before averaging it.
+    ``ascent="global"`` takes ε from the all-reduced gradient instead.
+
+    During a step ``self.pass_index`` is 1 in pass 1 and 2 in pass 2 (0 outside), for callbacks
+    that read gradients in ``on_after_backward`` (the pass-1 gradient is the clean one).
+
+    Subclasses implement :meth:`forward_loss` (and may override :meth:`update_metrics`).
+
+    Args:
+        net: The network (a plain ``nn.Module``).
+        optimizer: Base optimizer factory, called with the parameters (any ``torch.optim`` class).
+        minimizer: The SAM-family rule; None for the base optimizer alone.
+        lr_scheduler: Optional lr scheduler factory, called with the optimizer; the module steps it.
+        lr_scheduler_interval: Step the scheduler every ``"epoch"`` or every optimizer ``"step"``.
+        lr_scheduler_monitor: Metric that a ``ReduceLROnPlateau`` scheduler watches.
+        ascent: ``"replica"`` (per-replica ε under DDP) or ``"global"`` (ε from the averaged gradient).
+        gradient_clip_val: Clip the final direction d to this norm (or value); None = no clipping.
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        on_nonfinite: What a non-finite loss or descent direction does: ``"raise"`` an error,
+            ``"stop"`` the run, ``"skip"`` the update, or ``"ignore"`` it (no check, no host sync).
+            The update is never applied in the first three cases, so no NaN reaches the weights.
+        share_dropout_rng: Draw the same dropout masks in both passes (default: fresh masks, as the
+            PyTorch reference implementations do).
+        log_train_steps: Also log the per-step training values under ``train_step/*``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        minimizer: Minimizer | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        lr_scheduler_monitor: str = "val/loss",
+        ascent: Literal["replica", "global"] = "replica",
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        on_nonfinite: NonFinitePolicy = "raise",
+        share_dropout_rng: bool = False,
+        log_train_steps: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"Invalid net: {type(net).__name__}; expected a torch.nn.Module")
+        if not callable(optimizer):
+            raise TypeError(f"Invalid optimizer: {optimizer!r}; expected a callable that takes the parameters")
+        if minimizer is not None and not isinstance(minimizer, Minimizer):
+            raise TypeError(
+                f"Invalid minimizer: {type(minimizer).__name__}; expected a lightning_modules.minimizers.Minimizer "
+                "(SAM, USAM, ASAM, GSAM, AdaptiveGSAM) or None"
+            )
+        _choice("lr_scheduler_interval", lr_scheduler_interval, ("epoch", "step"))
+        _choice("ascent", ascent, ("replica", "global"))
+        _choice("gradient_clip_algorithm", gradient_clip_algorithm, ("norm", "value"))
+        _choice("on_nonfinite", on_nonfinite, ("raise", "stop", "skip", "ignore"))
+        if gradient_clip_val is not None and not (math.isfinite(gradient_clip_val) and gradient_clip_val > 0):
+            raise ValueError(f"Invalid gradient_clip_val: {gradient_clip_val!r}; expected None or a finite value > 0")
+        with warnings.catch_warnings():  # the net is kept in hparams on purpose: load_from_checkpoint rebuilds it
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.minimizer = minimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.lr_scheduler_monitor = lr_scheduler_monitor
+        self.ascent = ascent
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.on_nonfinite = on_nonfinite
+        self.share_dropout_rng = share_dropout_rng
+        self.log_train_steps = log_train_steps
+        self.automatic_optimization = False
+        self.pass_index = 0
+        self.skipped_steps = 0
+        self._params: list[Tensor] = []
+        self._names: list[str] = []
+        self._backup: list[Tensor] = []
+        self._backup_key: tuple[int, ...] = ()
+        self._bn_buffers: list[Tensor] = []
+        self._bn_backup: list[Tensor] = []
+
+    # ------------------------------------------------------------------ task interface
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        """Run the network."""
+        return self.net(*args, **kwargs)
+
+    def forward_loss(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Return ``(loss, output, target, batch_size)`` for a batch; ``stage`` is train/val/test."""
+        raise NotImplementedError
+
+    def update_metrics(self, stage: str, output: Tensor, target: Tensor, batch_size: int) -> None:
+        """Update and log the stage's metrics (default: none besides the loss)."""
+
+    # ------------------------------------------------------------------ optimizers
+    def configure_optimizers(self) -> Any:
+        """Build the base optimizer (and the lr scheduler, which this module steps itself)."""
+        optimizer = self.optimizer_factory(self.parameters())
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Invalid optimizer: the factory returned {type(optimizer).__name__}, not a torch Optimizer")
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.lr_scheduler_interval,
+                "monitor": self.lr_scheduler_monitor,
+            },
+        }
+
+    def setup(self, stage: str) -> None:
+        """Refuse strategies whose parameters are sharded (the rules need whole local tensors)."""
+        strategy = type(self.trainer.strategy).__name__
+        if "FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy:
+            raise ValueError(
+                f"Invalid strategy: {strategy}; the two-pass step supports single-device and DDP strategies "
+                "(ddp, ddp_spawn, ddp_find_unused_parameters_true)"
+            )
+
+    def on_fit_start(self) -> None:
+        opt = self.trainer.optimizers[0]
+        names = {id(p): n for n, p in self.named_parameters()}
+        self._params = [p for group in opt.param_groups for p in group["params"]]
+        self._names = [names.get(id(p), "") for p in self._params]
+        self._bn_buffers = [
+            b
+            for m in self.net.modules()
+            if isinstance(m, _NormBase) and m.track_running_stats
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if b is not None
+        ]
+        self._bn_backup = [b.clone() for b in self._bn_buffers]
+
+    # ------------------------------------------------------------------ the step
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        opt = self.optimizers()
+        self._sync_lr_schedulers(epoch=self.current_epoch)
+        opt.zero_grad(set_to_none=True)
+        rule = self.minimizer
+        rng = _rng_state() if rule is not None and self.share_dropout_rng else None
+
+        self.pass_index = 1
+        with self._no_sync(rule is not None and self.ascent == "replica"):
+            loss, output, target, batch_size = self.forward_loss(batch, "train")
+            self.manual_backward(loss)
+        params, grads, names = self._with_grads()
+        scale = self._loss_scale()
+        grad_norm = global_norm(grads)
+        logs = {"train/loss": loss.detach(), "train/grad_norm": grad_norm if scale is None else grad_norm / scale}
+
+        if rule is not None:
+            group = opt.optimizer.param_groups[0]
+            with torch.no_grad():
+                eps = rule.perturbation(
+                    params, grads, names=names if rule.uses_names else None, grad_norm=grad_norm,
+                    lr=float(group["lr"]), initial_lr=float(group.get("initial_lr", group["lr"])),
+                )
+                if scale is not None and not rule.scale_invariant:
+                    torch._foreach_div_(eps, scale)
+                backup = self._backup_buffers(params)
+                torch._foreach_copy_(backup, params)
+                torch._foreach_add_(params, eps)
+                del eps
+                if self._bn_buffers:
+                    torch._foreach_copy_(self._bn_backup, self._bn_buffers)
+            clean = grads if rule.uses_clean_grad else None
+            del grads
+            opt.zero_grad(set_to_none=True)
+            if rng is not None:
+                _set_rng_state(rng)
+            manual_average = self.ascent == "replica" and rule.uses_clean_grad and self._world_size() > 1
+
+            self.pass_index = 2
+            with self._no_sync(manual_average):
+                loss_p, _, _, _ = self.forward_loss(batch, "train")
+                self.manual_backward(loss_p)
+            with torch.no_grad():
+                if self._bn_buffers:
+                    torch._foreach_copy_(self._bn_buffers, self._bn_backup)
+                torch._foreach_copy_(params, backup)
+                grads_p = self._perturbed_grads(params)
+                if clean is not None:
+                    rule.descent(clean, grads_p)
+                    del clean
+                if manual_average:
+                    _all_reduce_mean(grads_p)
+            logs["train/loss_perturbed"] = loss_p.detach()
+            final = grads_p
+        else:
+            final = grads
+        self.pass_index = 0
+
+        self._check_finite(loss, final, scale, opt)
+        opt.step()
+        self._sync_lr_schedulers(epoch=self.current_epoch)
+        self._log_train(logs, batch_size)
+        self.update_metrics("train", output.detach(), target, batch_size)
+        return loss.detach()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip the final direction d (after AMP unscaling), never the ascent."""
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm=self.gradient_clip_algorithm
+            )
+
+    def on_train_epoch_end(self) -> None:
+        self._sync_lr_schedulers(epoch=self.current_epoch + 1)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, ReduceLROnPlateau):
+                value = self.trainer.callback_metrics.get(config.monitor)
+                if value is None:
+                    raise ValueError(
+                        f"Invalid lr_scheduler_monitor: {config.monitor!r} was not logged; logged metrics: "
+                        f"{sorted(self.trainer.callback_metrics)}"
+                    )
+                config.scheduler.step(value)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["flatminima"] = {"rng": _rng_state(), "skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("flatminima")
+        if state is None:
+            return
+        self.skipped_steps = state.get("skipped_steps", 0)
+        if self._trainer is not None and "rng" in state:
+            _set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ helpers
+    def _eval_step(self, batch: Any, stage: str) -> Tensor:
+        loss, output, target, batch_size = self.forward_loss(batch, stage)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=batch_size)
+        self.update_metrics(stage, output, target, batch_size)
+        return loss
+
+    def _log_train(self, logs: dict[str, Tensor], batch_size: int) -> None:
+        self.log("loss", logs["train/loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False,
+                 batch_size=batch_size)
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=batch_size)
+        if self.log_train_steps:
+            self.log_dict({k.replace("train/", "train_step/"): v for k, v in logs.items()}, on_step=True,
+                          on_epoch=False, batch_size=batch_size)
+        if self.skipped_steps:
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=False, on_epoch=True, reduce_fx="max",
+                     batch_size=batch_size)
+
+    def _with_grads(self) -> tuple[list[Tensor], list[Tensor], list[str]]:
+        params, names = self._params, self._names
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            keep = [i for i, g in enumerate(grads) if g is not None]
+            params, names, grads = [params[i] for i in keep], [names[i] for i in keep], [grads[i] for i in keep]
+        return params, grads, names
+
+    @staticmethod
+    def _perturbed_grads(params: list[Tensor]) -> list[Tensor]:
+        for p in params:
+            if p.grad is None:  # used in pass 1 but not in pass 2
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in params]
+
+    def _backup_buffers(self, params: list[Tensor]) -> list[Tensor]:
+        key = tuple(map(id, params))
+        if key != self._backup_key:
+            self._backup = [torch.empty_like(p) for p in params]
+            self._backup_key = key
+        return self._backup
+
+    def _no_sync(self, block: bool) -> contextlib.AbstractContextManager:
+        strategy = self.trainer.strategy
+        if block and hasattr(strategy, "block_backward_sync"):
+            return strategy.block_backward_sync()
+        return contextlib.nullcontext()
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _loss_scale(self) -> Tensor | None:
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return None
+        return scaler._get_scale_async()
+
+    def _check_finite(self, loss: Tensor, final: list[Tensor], scale: Tensor | None, opt: Any) -> bool:
+        """The step's one host sync: is the loss (and, without loss scaling, d) finite on every rank?"""
+        if self.on_nonfinite == "ignore":
+            return True
+        finite = torch.isfinite(loss.detach())
+        if scale is None and final:
+            finite = finite & torch.isfinite(global_norm(final))
+        ok = bool(finite)
+        if self._world_size() > 1:
+            ok = not self.trainer.strategy.reduce_boolean_decision(not ok, all=False)
+        if ok:
+            return True
+        where = f"epoch {self.current_epoch}, step {self.global_step}, batch loss {float(loss):.6g}"
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(
+                f"Non-finite training loss or gradient at {where}: training diverged. The weights are those "
+                "before this step. Lower the learning rate or rho, clip gradients (gradient_clip_val), or set "
+                "on_nonfinite='skip' to skip such steps or 'stop' to end the run cleanly."
+            )
+        self.skipped_steps += 1
+        if scale is None:
+            opt.zero_grad(set_to_none=True)  # the base optimizer skips parameters without gradient
+        if self.on_nonfinite == "stop":
+            rank_zero_warn(f"Non-finite training loss or gradient at {where}: stopping the run (on_nonfinite='stop').")
+            self.trainer.should_stop = True
+        else:
+            rank_zero_warn(f"Non-finite training loss or gradient at {where}: update skipped (on_nonfinite='skip').")
+        return False
+
+    def _sync_lr_schedulers(self, epoch: int) -> None:
+        """Bring every scheduler to the current counter (also right after a resume)."""
+        if self._trainer is None:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, ReduceLROnPlateau):
+                continue
+            count = self.trainer.global_step if config.interval == "step" else epoch
+            target = count // max(config.frequency, 1)
+            while scheduler.last_epoch < target:
+                scheduler.step()
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(map(repr, choices))}")
+
+
+def _all_reduce_mean(tensors: list[Tensor]) -> None:
+    """Average a list of tensors over the process group with one flat all-reduce."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+
+
+def _rng_state() -> dict[str, Any]:
+    """torch's CPU and CUDA generator states (what dropout draws from), as tensors."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
