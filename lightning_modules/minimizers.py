@@ -182,10 +182,10 @@ class SAM(Minimizer):
 
     def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
         if self.p == math.inf:
-            eps = torch._foreach_sign(grads)
+            eps = list(torch._foreach_sign(grads))
             torch._foreach_mul_(eps, self.rho)
             return eps
-        return torch._foreach_mul(grads, _safe_scale(self.rho, self._grad_norm(grads, grad_norm), self.eps))
+        return list(torch._foreach_mul(grads, _safe_scale(self.rho, self._grad_norm(grads, grad_norm), self.eps)))
 
     def extra_repr(self) -> str:
         return f"rho={self.rho}, p={self.p}"
@@ -209,7 +209,7 @@ class USAM(Minimizer):
     def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
         norm = self._grad_norm(grads, grad_norm)
         rho = torch.where(torch.isfinite(norm), torch.full_like(norm, self.rho), torch.zeros_like(norm))
-        return torch._foreach_mul(grads, rho)
+        return list(torch._foreach_mul(grads, rho))
 
 
 class ASAM(Minimizer):
@@ -251,16 +251,16 @@ class ASAM(Minimizer):
             adapt = ["weight" in n for n in names]
         idx_w = [i for i, a in enumerate(adapt) if a]
         idx_o = [i for i, a in enumerate(adapt) if not a]
-        t = torch._foreach_abs([params[i] for i in idx_w]) if idx_w else []
+        t = list(torch._foreach_abs([params[i] for i in idx_w])) if idx_w else []
         if t:
             torch._foreach_add_(t, self.eta)
-        tg = torch._foreach_mul(t, [grads[i] for i in idx_w]) if t else []  # T g on adapted parameters
+        tg = list(torch._foreach_mul(t, [grads[i] for i in idx_w])) if t else []  # T g on adapted parameters
         g_o = [grads[i] for i in idx_o]  # T = 1 elsewhere
         scale = _safe_scale(self.rho, global_norm(tg + g_o), self.eps)
         if tg:
             torch._foreach_mul_(tg, t)  # T² g
             torch._foreach_mul_(tg, scale)
-        eps_o = torch._foreach_mul(g_o, scale) if g_o else []
+        eps_o = list(torch._foreach_mul(g_o, scale)) if g_o else []
         if not idx_o:
             return tg
         out: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
@@ -334,7 +334,7 @@ class GSAM(SAM):
 
     def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
         rho = self.current_rho(lr, initial_lr)
-        return torch._foreach_mul(grads, _safe_scale(rho, self._grad_norm(grads, grad_norm), self.eps))
+        return list(torch._foreach_mul(grads, _safe_scale(rho, self._grad_norm(grads, grad_norm), self.eps)))
 
     def descent(self, grads: Sequence[Tensor], perturbed_grads: Sequence[Tensor]) -> None:
         """d = g_p − α·g⊥ = (1 + α·c)·g_p − α·g with c = ⟨g, g_p⟩/‖g_p‖² (c = 0 when g_p = 0)."""
@@ -389,7 +389,7 @@ class AdaptiveGSAM(GSAM):
     def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
         rho = self.current_rho(lr, initial_lr)
         scale = _safe_scale(rho, self._grad_norm(grads, grad_norm), self.eps)
-        eps = torch._foreach_abs(params)
+        eps = list(torch._foreach_abs(params))
         torch._foreach_add_(eps, self.gamma)
         torch._foreach_mul_(eps, grads)
         torch._foreach_mul_(eps, scale)

@@ -139,14 +139,10 @@ class TwoPassModule(pl.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {
-                "scheduler": scheduler,
-                "interval": self.lr_scheduler_interval,
-                "monitor": self.lr_scheduler_monitor,
-            },
-        }
+        config = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
+        if isinstance(scheduler, ReduceLROnPlateau):
+            config["monitor"] = self.lr_scheduler_monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
     def setup(self, stage: str) -> None:
         """Refuse strategies whose parameters are sharded (the rules need whole local tensors)."""
@@ -345,7 +341,7 @@ class TwoPassModule(pl.LightningModule):
             ok = not self.trainer.strategy.reduce_boolean_decision(not ok, all=False)
         if ok:
             return True
-        where = f"epoch {self.current_epoch}, step {self.global_step}, batch loss {float(loss):.6g}"
+        where = f"epoch {self.current_epoch}, step {self.global_step}, batch loss {float(loss.detach()):.6g}"
         if self.on_nonfinite == "raise":
             raise FloatingPointError(
                 f"Non-finite training loss or gradient at {where}: training diverged. The weights are those "
