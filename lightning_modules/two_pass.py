@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -93,9 +92,10 @@ class TwoPassModule(pl.LightningModule):
         _choice("on_nonfinite", on_nonfinite, ("raise", "stop", "skip", "ignore"))
         if gradient_clip_val is not None and not (math.isfinite(gradient_clip_val) and gradient_clip_val > 0):
             raise ValueError(f"Invalid gradient_clip_val: {gradient_clip_val!r}; expected None or a finite value > 0")
-        with warnings.catch_warnings():  # the net is kept in hparams on purpose: load_from_checkpoint rebuilds it
-            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-            self.save_hyperparameters()
+        # Under LightningCLI the hparams are the parsed config (net and optimizer as class paths), so
+        # load_from_checkpoint rebuilds everything. Python-built objects would make checkpoints
+        # unloadable with torch.load(weights_only=True): keep them out; pass net= to load_from_checkpoint.
+        self.save_hyperparameters(ignore=None if _launched_by_cli() else list(_OBJECT_ARGS))
         self.net = net
         self.optimizer_factory = optimizer
         self.minimizer = minimizer
@@ -170,7 +170,6 @@ class TwoPassModule(pl.LightningModule):
     # ------------------------------------------------------------------ the step
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         opt = self.optimizers()
-        self._sync_lr_schedulers(epoch=self.current_epoch)
         opt.zero_grad(set_to_none=True)
         rule = self.minimizer
         rng = _rng_state() if rule is not None and self.share_dropout_rng else None
@@ -359,7 +358,11 @@ class TwoPassModule(pl.LightningModule):
         return False
 
     def _sync_lr_schedulers(self, epoch: int) -> None:
-        """Bring every scheduler to the current counter (also right after a resume)."""
+        """Step every scheduler up to its counter: the optimizer steps taken, or ``epoch`` epochs.
+
+        Called after each optimizer step and at each epoch end; on resume Lightning replays the
+        epoch-end hooks of a checkpoint written at validation end, so the count stays exact.
+        """
         if self._trainer is None:
             return
         for config in self.trainer.lr_scheduler_configs:
@@ -370,6 +373,18 @@ class TwoPassModule(pl.LightningModule):
             target = count // max(config.frequency, 1)
             while scheduler.last_epoch < target:
                 scheduler.step()
+
+
+_OBJECT_ARGS = ("net", "optimizer", "minimizer", "lr_scheduler")
+
+
+def _launched_by_cli() -> bool:
+    """Whether LightningCLI is instantiating this module (it hands over the config as hparams)."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # pragma: no cover - older/newer Lightning
+        return False
+    return _given_hyperparameters.get() is not None
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
