@@ -8,6 +8,7 @@ With no ``--config``, ``fit`` trains the embedded default: seed 003's moons stud
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -27,10 +28,80 @@ TRAINER_DEFAULTS = {
 
 
 class FlatMinimaCLI(LightningCLI):
-    """LightningCLI whose model is a :class:`~lightning_modules.TwoPassModule` task."""
+    """LightningCLI whose model is a :class:`~lightning_modules.TwoPassModule` task.
+
+    A value that a class refuses (``ValueError``/``TypeError`` from its ``__init__``) ends the run
+    before training with one line naming the config key, e.g.
+    ``error: model.init_args.minimizer (lightning_modules.minimizers.SAM): Invalid rho: -0.1; ...``.
+    """
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            cause = _innermost(err)
+            key, class_path = _locate(cause, self.config.get(self.subcommand) if self.subcommand else self.config)
+            where = f"{key} ({class_path})" if key else "configuration"
+            self.parser.exit(2, f"error: {where}: {cause}\n")
 
     def add_arguments_to_parser(self, parser) -> None:
+        # What the data says about its shape goes into the task and into the net. A link is skipped
+        # when the data module lacks the attribute (Abalone has no num_classes) or the net lacks the
+        # argument (ResNet18 takes no image_size); a linked value replaces one set in a config.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        links = {
+            "num_classes": "num_classes",  # classification nets: ConvNet presets, LeNet5, ResNet, GAT, ...
+            "num_features": "in_features",  # vector and graph nets: MLP, FCNN, GAT
+            "in_channels": "in_channels",  # image nets
+            "image_size": "image_size",  # image nets with a flattening linear layer
+            "dim": "dim",  # MatrixFactorization
+        }
+        for source, target in links.items():
+            parser.link_arguments(f"data.{source}", f"model.init_args.net.init_args.{target}", apply_on="instantiate")
+
+
+def _innermost(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _locate(err: BaseException, config) -> tuple[str, str]:
+    """The config key and class path of the object whose ``__init__`` raised ``err``."""
+    tb, cls = err.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            cls = type(frame.f_locals["self"])
+        tb = tb.tb_next
+    if cls is None or config is None:
+        return "", ""
+
+    def search(node, prefix: str) -> tuple[str, str] | None:
+        if isinstance(node, dict):
+            class_path = node.get("class_path")
+            if isinstance(class_path, str) and _resolves_to(class_path, cls):
+                return prefix, class_path
+            for k, v in node.items():
+                found = search(v, f"{prefix}.{k}" if prefix else k)
+                if found:
+                    return found
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                found = search(v, f"{prefix}[{i}]")
+                if found:
+                    return found
+        return None
+
+    return search(config.as_dict(), "") or ("", f"{cls.__module__}.{cls.__qualname__}")
+
+
+def _resolves_to(class_path: str, cls: type) -> bool:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name) is cls
+    except (ImportError, AttributeError, ValueError):
+        return False
 
 
 def with_default_config(args: list[str]) -> list[str]:
@@ -40,14 +111,19 @@ def with_default_config(args: list[str]) -> list[str]:
     """
     if not args or args[0] != "fit":
         return args
-    if any(a in ("-c", "--config") or a.startswith("--config=") for a in args[1:]):
+    if any(a in ("-c", "--config") or a.startswith(("--config=", "-c=")) for a in args[1:]):
         return args
     return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
 
 
-def main(args: list[str] | None = None) -> FlatMinimaCLI:
-    """Run the CLI on ``args`` (default: ``sys.argv[1:]``)."""
-    args = with_default_config(list(sys.argv[1:] if args is None else args))
+def main(args: list[str] | None = None, run: bool = True) -> FlatMinimaCLI:
+    """Run the CLI on ``args`` (default: the command line); ``run=False`` only instantiates (no subcommand)."""
+    if not run:
+        pass
+    elif args is None:  # rewrite sys.argv itself: DDP re-executes it for the other ranks
+        sys.argv[1:] = with_default_config(sys.argv[1:])
+    else:
+        args = with_default_config(list(args))
     return FlatMinimaCLI(
         TwoPassModule,
         pl.LightningDataModule,
@@ -57,6 +133,7 @@ def main(args: list[str] | None = None) -> FlatMinimaCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 
