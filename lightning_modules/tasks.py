@@ -76,7 +76,8 @@ class Classifier(TwoPassModule):
             raise ValueError(f"Invalid label_smoothing: {label_smoothing!r}; expected 0 <= label_smoothing < 1")
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
-        self.train_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro",
+                                                                         validate_args=False)
         self.val_acc = self.train_acc.clone()
         self.test_acc = self.train_acc.clone()
 
@@ -91,10 +92,11 @@ class Classifier(TwoPassModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         return loss, logits, y, y.shape[0]
 
-    def update_metrics(self, stage: str, output: Tensor, target: Tensor, batch_size: int) -> None:
-        metric = getattr(self, f"{stage}_acc")
-        metric.update(output, target)
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, batch_size=batch_size)
+    def update_metrics(self, stage: str, output: Tensor, target: Tensor) -> None:
+        getattr(self, f"{stage}_acc").update(output, target)
+
+    def stage_metrics(self, stage: str) -> dict[str, torchmetrics.Metric]:
+        return {"acc": getattr(self, f"{stage}_acc")}
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.net(batch[0]).softmax(dim=-1)
@@ -158,10 +160,11 @@ class Regressor(TwoPassModule):
         y = y.to(pred.dtype)
         return F.mse_loss(pred, y), pred, y, y.shape[0]
 
-    def update_metrics(self, stage: str, output: Tensor, target: Tensor, batch_size: int) -> None:
-        metric = getattr(self, f"{stage}_mae")
-        metric.update(output, target)
-        self.log(f"{stage}/mae", metric, on_step=False, on_epoch=True, batch_size=batch_size)
+    def update_metrics(self, stage: str, output: Tensor, target: Tensor) -> None:
+        getattr(self, f"{stage}_mae").update(output, target)
+
+    def stage_metrics(self, stage: str) -> dict[str, torchmetrics.Metric]:
+        return {"mae": getattr(self, f"{stage}_mae")}
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.net(batch[0])

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torchmetrics
 import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
@@ -117,6 +118,7 @@ class TwoPassModule(pl.LightningModule):
         self._backup_key: tuple[int, ...] = ()
         self._bn_buffers: list[Tensor] = []
         self._bn_backup: list[Tensor] = []
+        self._sums: dict[str, tuple[tuple[str, ...], Tensor]] = {}
 
     # ------------------------------------------------------------------ task interface
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -127,8 +129,12 @@ class TwoPassModule(pl.LightningModule):
         """Return ``(loss, output, target, batch_size)`` for a batch; ``stage`` is train/val/test."""
         raise NotImplementedError
 
-    def update_metrics(self, stage: str, output: Tensor, target: Tensor, batch_size: int) -> None:
-        """Update and log the stage's metrics (default: none besides the loss)."""
+    def update_metrics(self, stage: str, output: Tensor, target: Tensor) -> None:
+        """Update the stage's torchmetrics objects with one batch (default: none besides the loss)."""
+
+    def stage_metrics(self, stage: str) -> dict[str, torchmetrics.Metric]:
+        """The stage's torchmetrics objects by name, logged as ``{stage}/{name}`` at the epoch end."""
+        return {}
 
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> Any:
@@ -181,7 +187,7 @@ class TwoPassModule(pl.LightningModule):
         params, grads, names = self._with_grads()
         scale = self._loss_scale()
         grad_norm = global_norm(grads)
-        logs = {"train/loss": loss.detach(), "train/grad_norm": grad_norm if scale is None else grad_norm / scale}
+        logs = {"loss": loss.detach(), "grad_norm": grad_norm if scale is None else grad_norm / scale}
 
         if rule is not None:
             group = opt.optimizer.param_groups[0]
@@ -206,20 +212,24 @@ class TwoPassModule(pl.LightningModule):
             manual_average = self.ascent == "replica" and rule.uses_clean_grad and self._world_size() > 1
 
             self.pass_index = 2
-            with self._no_sync(manual_average):
-                loss_p, _, _, _ = self.forward_loss(batch, "train")
-                self.manual_backward(loss_p)
+            try:
+                with self._no_sync(manual_average):
+                    loss_p, _, _, _ = self.forward_loss(batch, "train")
+                    self.manual_backward(loss_p)
+            finally:  # also when pass 2 raises (out of memory, ...): never leave the weights at w + ε
+                with torch.no_grad():
+                    if self._bn_buffers:
+                        torch._foreach_copy_(self._bn_buffers, self._bn_backup)
+                    torch._foreach_copy_(params, backup)
+                self.pass_index = 0
             with torch.no_grad():
-                if self._bn_buffers:
-                    torch._foreach_copy_(self._bn_buffers, self._bn_backup)
-                torch._foreach_copy_(params, backup)
                 grads_p = self._perturbed_grads(params)
                 if clean is not None:
                     rule.descent(clean, grads_p)
                     del clean
                 if manual_average:
                     _all_reduce_mean(grads_p)
-            logs["train/loss_perturbed"] = loss_p.detach()
+            logs["loss_perturbed"] = loss_p.detach()
             final = grads_p
         else:
             final = grads
@@ -228,8 +238,12 @@ class TwoPassModule(pl.LightningModule):
         self._check_finite(loss, final, scale, opt)
         opt.step()
         self._sync_lr_schedulers(epoch=self.current_epoch)
-        self._log_train(logs, batch_size)
-        self.update_metrics("train", output.detach(), target, batch_size)
+        self._accumulate("train", logs, batch_size)
+        self.update_metrics("train", output.detach(), target)
+        self.log("loss", logs["loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=batch_size)
+        if self.log_train_steps:
+            self.log_dict({f"train_step/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False,
+                          batch_size=batch_size)
         return loss.detach()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -240,9 +254,16 @@ class TwoPassModule(pl.LightningModule):
             )
 
     def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+        if self.skipped_steps:
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=False, on_epoch=True)
         self._sync_lr_schedulers(epoch=self.current_epoch + 1)
 
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
     def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
         if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
             return
         for config in self.trainer.lr_scheduler_configs:
@@ -276,20 +297,35 @@ class TwoPassModule(pl.LightningModule):
     # ------------------------------------------------------------------ helpers
     def _eval_step(self, batch: Any, stage: str) -> Tensor:
         loss, output, target, batch_size = self.forward_loss(batch, stage)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=batch_size)
-        self.update_metrics(stage, output, target, batch_size)
+        self._accumulate(stage, {"loss": loss}, batch_size)
+        self.update_metrics(stage, output, target)
         return loss
 
-    def _log_train(self, logs: dict[str, Tensor], batch_size: int) -> None:
-        self.log("loss", logs["train/loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False,
-                 batch_size=batch_size)
-        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=batch_size)
-        if self.log_train_steps:
-            self.log_dict({k.replace("train/", "train_step/"): v for k, v in logs.items()}, on_step=True,
-                          on_epoch=False, batch_size=batch_size)
-        if self.skipped_steps:
-            self.log("train/skipped_steps", float(self.skipped_steps), on_step=False, on_epoch=True, reduce_fx="max",
-                     batch_size=batch_size)
+    def _accumulate(self, stage: str, values: dict[str, Tensor], batch_size: int) -> None:
+        """Add batch-size-weighted values to the stage's running sums, on the device (no host sync)."""
+        keys = tuple(values)
+        sums = self._sums.get(stage)
+        if sums is None or sums[0] != keys:
+            sums = self._sums[stage] = (keys, torch.zeros(len(keys) + 1, dtype=torch.float64, device=self.device))
+        row = torch.stack([v.detach().to(torch.float64) for v in values.values()]) * batch_size
+        sums[1][:-1] += row
+        sums[1][-1] += batch_size
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the stage's epoch means (weighted by batch size, over all ranks) and its metrics."""
+        distributed = self._world_size() > 1
+        if stage in self._sums:
+            keys, sums = self._sums.pop(stage)
+            if distributed:
+                sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            means = (sums[:-1] / sums[-1]).float()
+            for i, key in enumerate(keys):
+                self.log(f"{stage}/{key}", means[i], on_step=False, on_epoch=True, sync_dist=distributed,
+                         prog_bar=stage == "val" and key == "loss")
+        for name, metric in self.stage_metrics(stage).items():
+            if metric.update_called:
+                self.log(f"{stage}/{name}", metric.compute(), on_step=False, on_epoch=True, sync_dist=distributed)
+            metric.reset()
 
     def _with_grads(self) -> tuple[list[Tensor], list[Tensor], list[str]]:
         params, names = self._params, self._names

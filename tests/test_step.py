@@ -237,3 +237,28 @@ def test_fresh_dropout_masks_in_pass_two_unless_shared():
         quiet_trainer(max_steps=1).fit(model, fixed_batches([(x, y)]))
         first, second = masks["seen"]
         assert torch.equal(first, second) == share
+
+
+def test_an_error_in_pass_two_leaves_the_weights_and_stats_unperturbed():
+    net = bn_mlp(dtype=torch.float32)
+    calls = {"n": 0}
+
+    class FailSecond(torch.nn.Module):
+        def forward(self, z):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("simulated out of memory in pass 2")
+            return z
+
+    net.insert(0, FailSecond())
+    before = [t.detach().clone() for t in list(net.parameters()) + list(net.buffers())]
+    model = Classifier(net, num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR), minimizer=SAM(1.0))
+    (x, y), = classification_batches(1, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        quiet_trainer(max_steps=1).fit(model, fixed_batches([(x, y)]))
+    reference = clone(bn_mlp(dtype=torch.float32)).train()
+    with torch.no_grad():
+        reference(x)  # pass 1 did run: the BN stats are those of one clean forward
+    assert all(torch.equal(a.detach(), b) for a, b in zip(model.net.parameters(), before[:len(list(net.parameters()))]))
+    for a, b in zip(model.net.buffers(), reference.buffers()):
+        assert torch.equal(a, b)
