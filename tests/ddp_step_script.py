@@ -1,8 +1,8 @@
 """Two-process CPU DDP run (gloo) of the two-pass step, recording what each rank saw.
 
 Run by tests/test_ddp.py as ``python tests/ddp_step_script.py OUT_DIR``; Lightning's ``ddp``
-strategy re-executes this script for rank 1. For each ascent mode it writes
-``OUT_DIR/<mode>_rank<r>.pt`` with the initial weights, every batch the rank trained on, the
+strategy re-executes this script for rank 1. For GSAM with each ascent mode
+and for SAM with the per-replica ascent it writes ``OUT_DIR/<name>_rank<r>.pt`` with the initial weights, every batch the rank trained on, the
 rank's pass-1 gradient of every step, and the final weights.
 """
 
@@ -45,7 +45,7 @@ class Record(pl.Callback):
         self.data["world_size"] = trainer.world_size
 
 
-def run(out: Path, mode: str, rule) -> None:
+def run(out: Path, name: str, mode: str, rule) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
     g = torch.Generator().manual_seed(1)
@@ -59,10 +59,11 @@ def run(out: Path, mode: str, rule) -> None:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
     )
     trainer.fit(model, loader)
-    torch.save(record.data, out / f"{mode}_rank{trainer.global_rank}.pt")
+    torch.save(record.data, out / f"{name}_rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
     out_dir = Path(sys.argv[1])
-    run(out_dir, "replica", GSAM(rho=0.05, alpha=0.3))
-    run(out_dir, "global", GSAM(rho=0.05, alpha=0.3))
+    run(out_dir, "replica", "replica", GSAM(rho=0.05, alpha=0.3))
+    run(out_dir, "global", "global", GSAM(rho=0.05, alpha=0.3))
+    run(out_dir, "replica_sam", "replica", SAM(rho=0.05))

@@ -26,8 +26,8 @@ def runs(tmp_path_factory):
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=300,
                           cwd=SCRIPT.parents[1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {mode: [torch.load(out / f"{mode}_rank{r}.pt", weights_only=True) for r in (0, 1)]
-            for mode in ("replica", "global")}
+    return {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+            for name in ("replica", "global", "replica_sam")}
 
 
 def _net():
@@ -52,8 +52,9 @@ def _gsam_direction(g, gp):
     return [b - ALPHA * (a - c * b) for a, b in zip(g, gp)]
 
 
-def _replay(ranks, mode):
+def _replay(ranks, mode, rule="gsam"):
     """The expected weights after the recorded steps, from the formulas, in one process."""
+    direction = _gsam_direction if rule == "gsam" else (lambda g, gp: gp)
     w = [t.clone() for t in ranks[0]["initial"]]
     for step in range(len(ranks[0]["batches"])):
         batches = [r["batches"][step] for r in ranks]
@@ -62,11 +63,11 @@ def _replay(ranks, mode):
             ds = []
             for g, b in zip(grads, batches):
                 gp = _grad([wi + RHO * gi / (_norm(g) + 1e-12) for wi, gi in zip(w, g)], b)
-                ds.append(_gsam_direction(g, gp))
+                ds.append(direction(g, gp))
         else:  # ε from the averaged gradient; g_p averaged; d from the averages
             g = [(a + b) / 2 for a, b in zip(*grads)]
             gps = [_grad([wi + RHO * gi / (_norm(g) + 1e-12) for wi, gi in zip(w, g)], b) for b in batches]
-            ds = [_gsam_direction(g, [(a + b) / 2 for a, b in zip(*gps)])]
+            ds = [direction(g, [(a + b) / 2 for a, b in zip(*gps)])]
         d = [sum(parts) / len(ds) for parts in zip(*ds)]
         w = [wi - LR * di for wi, di in zip(w, d)]
     return w
@@ -100,3 +101,13 @@ def test_ddp_weights_equal_an_independent_replay(runs, mode):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
     other = _replay(runs[mode], "global" if mode == "replica" else "replica")
     assert not all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(runs[mode][0]["final"], other))
+
+
+@pytest.mark.slow
+def test_ddp_sam_per_replica_ascent_equals_an_independent_replay(runs):
+    r0, r1 = runs["replica_sam"]
+    for g0, g1 in zip(r0["grads1"], r1["grads1"]):
+        assert not torch.allclose(g0, g1)
+    for a, b, c in zip(r0["final"], r1["final"], _replay(runs["replica_sam"], "replica", rule="sam")):
+        assert torch.equal(a, b)
+        assert torch.allclose(a, c, rtol=0, atol=1e-12)
