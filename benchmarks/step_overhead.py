@@ -1,0 +1,183 @@
+"""Cost of a SAM-family step relative to a base-optimizer step: same module, model, batch, process.
+
+Run:  python benchmarks/step_overhead.py [--device cpu|cuda] [--models mlp,cnn,resnet18] [--json out.json]
+
+For every model, each rule (SAM, ASAM, GSAM, ...) is timed as a whole training step of our
+LightningModule (``Classifier`` + ``Trainer``: the step, its logging, the one host sync), next to
+``minimizer=None`` (the base optimizer alone) measured in the same run. The two passes are the
+floor of a two-pass step, so a ratio of 2.0 is the target to beat only by Lightning's fixed
+per-step overhead. For reference the table also gives the same ratio for a plain PyTorch loop
+(``2 × forward-backward + step`` over ``forward-backward + step``), with no Lightning at all.
+
+Timing: the mean step time over windows of ``--window`` steps after ``--warmup`` steps (the GPU is
+synchronised only at window boundaries, so steps pipeline as in training); the median over windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier  # noqa: E402
+from lightning_modules.networks import MLP  # noqa: E402
+
+RULES = {
+    "none": None,
+    "SAM": lambda: SAM(0.05),
+    "SAM-inf": lambda: SAM(0.05, p=float("inf")),
+    "USAM": lambda: USAM(0.05),
+    "ASAM": lambda: ASAM(0.5),
+    "GSAM": lambda: GSAM(0.05, alpha=0.1),
+    "AdaptiveGSAM": lambda: AdaptiveGSAM(0.05, alpha=0.1),
+}
+
+
+def small_cnn() -> nn.Module:
+    """Two conv blocks (conv-BN-ReLU-pool) and two linear layers on 3×32×32 inputs (~0.55M parameters)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+
+
+def resnet18() -> nn.Module:
+    try:
+        from lightning_modules.networks import ResNet18
+
+        return ResNet18(num_classes=10)
+    except ImportError:  # pragma: no cover - before the CIFAR networks exist
+        import torchvision
+
+        return torchvision.models.resnet18(num_classes=10)
+
+
+MODELS = {
+    # name: (factory, input shape without batch, classes, batch size)
+    "mlp": (lambda: MLP(), (2,), 2, 64),
+    "cnn": (small_cnn, (3, 32, 32), 10, 128),
+    "resnet18": (resnet18, (3, 32, 32), 10, 128),
+}
+
+
+class RepeatBatch(Dataset):
+    """The same (already on-device) batch, ``n`` times: no data loading in the timing."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
+        self.x, self.y, self.n = x, y, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.x, self.y
+
+
+class WindowTimer(pl.Callback):
+    """Wall time at the start of every ``window``-th step after ``warmup`` (synchronising the device)."""
+
+    def __init__(self, warmup: int, window: int) -> None:
+        self.warmup, self.window, self.marks = warmup, window, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx >= self.warmup and (batch_idx - self.warmup) % self.window == 0:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.marks.append(time.perf_counter())
+
+    def step_times(self) -> list[float]:
+        return [(b - a) / self.window for a, b in zip(self.marks, self.marks[1:])]
+
+
+def time_module(model_name: str, rule_name: str, device: str, warmup: int, window: int, windows: int) -> float:
+    factory, shape, classes, batch = MODELS[model_name]
+    torch.manual_seed(0)
+    net = factory()
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    rule = RULES[rule_name]
+    model = Classifier(net, num_classes=classes, optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9),
+                       minimizer=None if rule is None else rule())
+    timer = WindowTimer(warmup, window)
+    steps = warmup + window * windows + 1
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+    )
+    trainer.fit(model, DataLoader(RepeatBatch(x, y, steps), batch_size=None))
+    return statistics.median(timer.step_times())
+
+
+def time_plain(model_name: str, passes: int, device: str, warmup: int, window: int, windows: int) -> float:
+    """A plain PyTorch loop: ``passes`` forward-backward passes then one SGD step."""
+    factory, shape, classes, batch = MODELS[model_name]
+    torch.manual_seed(0)
+    net = factory().to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
+    marks = []
+    for i in range(warmup + window * windows + 1):
+        if i >= warmup and (i - warmup) % window == 0:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+        for _ in range(passes):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+        opt.step()
+    return statistics.median((b - a) / window for a, b in zip(marks, marks[1:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default=None, help="comma list among mlp,cnn,resnet18")
+    parser.add_argument("--rules", default="SAM,ASAM,GSAM", help=f"comma list among {','.join(RULES)}")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--window", type=int, default=20)
+    parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    models = args.models.split(",") if args.models else (["mlp", "cnn", "resnet18"] if args.device == "cuda"
+                                                         else ["mlp", "cnn"])
+    rules = [r for r in args.rules.split(",") if r != "none"]
+    timing = dict(warmup=args.warmup, window=args.window, windows=args.windows)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {device_name}; torch {torch.__version__}; lightning {pl.__version__}")
+    print("module: a Classifier training step with the rule ÷ the same step with minimizer=None")
+    print("plain : a bare PyTorch loop, 2 forward-backward passes + step ÷ 1 pass + step (no Lightning)")
+    print(f"| model | rule | base step (ms) | rule step (ms) | module ratio | plain 1-pass (ms) | plain 2-pass (ms) "
+          f"| plain ratio |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    results = []
+    for m in models:
+        base = time_module(m, "none", args.device, **timing)
+        plain1 = time_plain(m, 1, args.device, **timing)
+        plain2 = time_plain(m, 2, args.device, **timing)
+        for r in rules:
+            t = time_module(m, r, args.device, **timing)
+            print(f"| {m} | {r} | {base * 1e3:.3f} | {t * 1e3:.3f} | {t / base:.3f} | {plain1 * 1e3:.3f} | "
+                  f"{plain2 * 1e3:.3f} | {plain2 / plain1:.3f} |", flush=True)
+            results.append(dict(model=m, rule=r, step_ms=t * 1e3, base_ms=base * 1e3, ratio=t / base,
+                                plain1_ms=plain1 * 1e3, plain2_ms=plain2 * 1e3, plain_ratio=plain2 / plain1,
+                                device=device_name))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
