@@ -45,19 +45,14 @@ class FlatMinimaCLI(LightningCLI):
             self.parser.exit(2, f"error: {where}: {cause}\n")
 
     def add_arguments_to_parser(self, parser) -> None:
-        # What the data says about its shape goes into the task and into the net. A link is skipped
-        # when the data module lacks the attribute (Abalone has no num_classes) or the net lacks the
-        # argument (ResNet18 takes no image_size); a linked value replaces one set in a config.
+        # The data's class count goes into the task (Classifier/NodeClassifier; Regressor lacks it and
+        # data without num_classes skip the link). The net's input shape is set in the configs, not
+        # linked: with Lightning 2.6 / jsonargparse 4.53, links into model.init_args.net.init_args.*
+        # break load_from_checkpoint (a link to an argument the chosen net lacks is still written into
+        # the saved hyperparameters; a net whose arguments are all linked fails to instantiate; links
+        # applied on parse are left out of them). The data modules refuse a net whose in_channels,
+        # image_size, in_features or dim disagrees with the data, naming the key to set.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        links = {
-            "num_classes": "num_classes",  # classification nets: ConvNet presets, LeNet5, ResNet, GAT, ...
-            "num_features": "in_features",  # vector and graph nets: MLP, FCNN, GAT
-            "in_channels": "in_channels",  # image nets
-            "image_size": "image_size",  # image nets with a flattening linear layer
-            "dim": "dim",  # MatrixFactorization
-        }
-        for source, target in links.items():
-            parser.link_arguments(f"data.{source}", f"model.init_args.net.init_args.{target}", apply_on="instantiate")
 
 
 def _innermost(err: BaseException) -> BaseException:

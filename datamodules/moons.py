@@ -7,6 +7,8 @@ import torch
 from sklearn.datasets import make_moons
 from torch.utils.data import DataLoader, TensorDataset
 
+from ._base import check_net
+from ._labels import LABEL_NOISE_MODES, LabelNoiseMode, corrupt_labels
 from ._loaders import make_loader
 
 
@@ -24,7 +26,10 @@ class MoonsDataModule(pl.LightningDataModule):
         batch_size: Training batch size.
         eval_batch_size: Batch size for validation and test (default: 1024).
         num_workers: DataLoader worker processes.
-        data_seed: Seed of the generated points, of the split and of the shuffling.
+        data_seed: Seed of the generated points, of the split, of the label noise and of the shuffling.
+        label_noise: Fraction of the training labels to corrupt (seeded; 0 = clean labels); their
+            positions in ``train_set`` are ``noisy_indices`` after ``setup``.
+        label_noise_mode: ``"shuffle"`` the chosen labels among themselves, or draw them ``"uniform"``-ly.
     """
 
     num_features = 2
@@ -40,6 +45,8 @@ class MoonsDataModule(pl.LightningDataModule):
         eval_batch_size: int = 1024,
         num_workers: int = 0,
         data_seed: int = 0,
+        label_noise: float = 0.0,
+        label_noise_mode: LabelNoiseMode = "shuffle",
     ) -> None:
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 3:
@@ -58,11 +65,18 @@ class MoonsDataModule(pl.LightningDataModule):
                 raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= 1")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"Invalid num_workers: {num_workers!r}; expected an integer >= 0")
+        if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0.0 <= label_noise < 1.0:
+            raise ValueError(f"Invalid label_noise: {label_noise!r}; expected 0 <= label_noise < 1")
+        if label_noise_mode not in LABEL_NOISE_MODES:
+            choices = ", ".join(map(repr, LABEL_NOISE_MODES))
+            raise ValueError(f"Invalid label_noise_mode: {label_noise_mode!r}; expected one of {choices}")
         self.save_hyperparameters()
         self.train_set = self.val_set = self.test_set = None
+        self.noisy_indices: torch.Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Generate the points and split them (the same on every call and every rank)."""
+        check_net(self, in_features=self.num_features)
         if self.train_set is not None:
             return
         h = self.hparams
@@ -75,6 +89,10 @@ class MoonsDataModule(pl.LightningDataModule):
         n_train = h.num_samples - n_val - n_test
         parts = torch.split(order, [n_train, n_val, n_test])
         self.train_set, self.val_set, self.test_set = (TensorDataset(x[i], y[i]) for i in parts)
+        if h.label_noise > 0:  # training labels only; validation and test stay clean
+            noisy, self.noisy_indices = corrupt_labels(y[parts[0]], h.label_noise, self.num_classes, h.data_seed,
+                                                       h.label_noise_mode)
+            self.train_set = TensorDataset(x[parts[0]], noisy)
 
     def train_dataloader(self) -> DataLoader:
         return make_loader(self.train_set, self.hparams.batch_size, shuffle=True, seed=self.hparams.data_seed,

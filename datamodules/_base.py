@@ -1,0 +1,113 @@
+"""What the data modules share: argument checks, the missing-data error and the split loaders."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, Dataset
+
+from ._loaders import make_loader
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A data set's files are missing (and may not or could not be downloaded).
+
+    The message names the exact path that was expected and how to get the data.
+    """
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """Return ``value`` if it is an integer ``>= minimum``, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= {minimum}")
+    return value
+
+
+def check_fraction(name: str, value: object) -> float:
+    """Return ``value`` if it is a number in [0, 1), else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
+        raise ValueError(f"Invalid {name}: {value!r}; expected 0 <= {name} < 1")
+    return float(value)
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ``ValueError``."""
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(map(repr, choices))}")
+    return value  # type: ignore[return-value]
+
+
+def check_finite(name: str, value: object, minimum: float = 0.0) -> float:
+    """Return ``value`` if it is a finite number ``>= minimum``, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r}; expected a finite {name} >= {minimum}")
+    return float(value)
+
+
+def missing_files(folder: Path, files: Sequence[str]) -> list[Path]:
+    """The paths of ``files`` under ``folder`` that are not regular files."""
+    return [folder / f for f in files if not (folder / f).is_file()]
+
+
+def data_not_found(title: str, missing: Sequence[Path], how: str, reason: str = "") -> DataNotFoundError:
+    """A :class:`DataNotFoundError` naming the first missing path, the count of the others and ``how``."""
+    more = f" (and {len(missing) - 1} more file(s) in the same folder)" if len(missing) > 1 else ""
+    why = f" {reason}" if reason else ""
+    return DataNotFoundError(f"{title} not found: missing {missing[0]}{more}.{why} {how}")
+
+
+def check_net(datamodule: pl.LightningDataModule, **expected: int) -> None:
+    """Refuse a model whose net was built for another input than this data's, before any batch runs.
+
+    When a trainer is attached, reads ``trainer.lightning_module.net`` and compares each integer
+    attribute named in ``expected`` (``in_channels``, ``image_size``, ``in_features``, ``dim``) that
+    the net has; a mismatch raises ``ValueError`` naming the config key to set. Nets without the
+    attribute (ResNet18 has no ``image_size``) are not checked for it.
+    """
+    trainer = getattr(datamodule, "trainer", None)
+    model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    net = getattr(model, "net", None)
+    if net is None:
+        return
+    for attr, value in expected.items():
+        got = getattr(net, attr, None)
+        if isinstance(got, int) and not isinstance(got, bool) and got != value:
+            raise ValueError(
+                f"Invalid net for {type(datamodule).__name__}: {type(net).__name__} has {attr}={got} but the data "
+                f"needs {attr}={value}; set model.init_args.net.init_args.{attr}: {value} in the config"
+            )
+
+
+class SplitDataModule(pl.LightningDataModule):
+    """Base of the data modules with ``train_set``/``val_set``/``test_set`` datasets built in ``setup``.
+
+    Provides the loaders: the training loader shuffles with a per-epoch permutation seeded by
+    ``data_seed`` (resumable, see :func:`~datamodules._loaders.make_loader`); the evaluation loaders
+    keep the order. Subclasses save ``batch_size``, ``eval_batch_size``, ``num_workers`` and
+    ``data_seed`` as hyperparameters.
+    """
+
+    train_set: Dataset | None = None
+    val_set: Dataset | None = None
+    test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, stage: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.{stage}_dataloader() called before setup()")
+        return make_loader(dataset, batch_size, shuffle=shuffle, seed=self.hparams.data_seed,
+                           num_workers=self.hparams.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, "train", self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, "val", self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, "test", self.hparams.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

@@ -1,0 +1,65 @@
+"""The factorised model U Uᵀ of overparametrised matrix sensing (seed 004, appendix B)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_choice, check_int, check_positive
+
+
+class MatrixFactorization(nn.Module):
+    """Predicts ``⟨A, U Uᵀ⟩`` for a batch of sensing matrices A: the matrix-sensing model.
+
+    Overparametrised matrix sensing (Li, Ma & Zhang, 2018; Dai, Ahn & Sra, 2023, appendix A;
+    seed 004, appendix B) recovers ``X* = U* U*ᵀ`` from ``b_i = ⟨A_i, X*⟩`` by minimising
+    ``(1/m) Σ_i (⟨A_i, U Uᵀ⟩ − b_i)²`` over ``U ∈ R^{d×width}`` (``Regressor``'s MSE); ``width ≥ r``
+    overparametrises it (``width = d`` by default). The forward pass computes
+    ``⟨A, U Uᵀ⟩ = Σ_jk (A U)_jk U_jk`` for a batch ``(B, d, d) → (B,)`` without forming ``U Uᵀ``.
+
+    Initialisation: ``"gaussian"`` draws ``U_0`` with i.i.d. N(0, init_scale²) entries,
+    ``"identity"`` sets ``U_0 = init_scale · I`` (the first ``min(d, width)`` columns); a small scale
+    is what makes the implicit regularisation of Li et al. work.
+
+    Args:
+        dim: Matrix dimension d (must match the data).
+        width: Number of columns of U (the factor's rank; ``≥ r`` overparametrises).
+        init: ``"gaussian"`` or ``"identity"``.
+        init_scale: Scale of ``U_0``.
+    """
+
+    def __init__(
+        self,
+        dim: int = 100,
+        width: int = 100,
+        init: Literal["gaussian", "identity"] = "gaussian",
+        init_scale: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        check_int("dim", dim)
+        check_int("width", width)
+        check_choice("init", init, ("gaussian", "identity"))
+        check_positive("init_scale", init_scale)
+        if init == "gaussian":
+            u = torch.randn(dim, width) * init_scale
+        else:
+            u = torch.eye(dim, width) * init_scale
+        self.U = nn.Parameter(u)
+        self.dim = dim
+        self.width = width
+        self.out_features = 1
+
+    def forward(self, a: Tensor) -> Tensor:
+        if a.ndim != 3 or a.shape[1:] != (self.dim, self.dim):
+            raise ValueError(
+                f"Invalid input for MatrixFactorization: shape {tuple(a.shape)}; "
+                f"expected (batch, {self.dim}, {self.dim})"
+            )
+        u = self.U
+        return ((a @ u) * u).sum(dim=(1, 2))
+
+    def product(self) -> Tensor:
+        """The recovered matrix ``U Uᵀ`` (d × d)."""
+        return self.U @ self.U.T
