@@ -1,0 +1,176 @@
+"""Worst-case (adaptive) m-sharpness by projected gradient ascent on the weights (torch only).
+
+Andriushchenko, Croce, Müller, Hein & Flammarion (2023), "A modern look at the relationship between
+sharpness and generalization": for a batch B and c = |w| (adaptive) or c = 1,
+
+    S_B = max_{‖δ ⊙ c⁻¹‖_p ≤ ρ} L_B(w + δ) − L_B(w),
+
+estimated per batch and averaged over batches (m-sharpness, m the batch size). All parameters are
+perturbed; the network runs in eval mode. The ascent works on one flat vector δ (never on the
+module), with sync-free tensor bookkeeping (no host round trip inside the iterations).
+
+* ``method="apgd"`` — the authors' APGD estimator (their ``eval_APGD_sharpness``): step η₀ = 2ρ,
+  z = Π(δ + η·dir), δ ← 0.75·z + 0.25·δ_prev (δ_prev the iterate before δ), dir = sign(g) ⊙ c for
+  p = ∞ and g/‖g‖₂ ⊙ c for p = 2; at the checkpoints of :func:`apgd_checkpoints` the step halves when
+  fewer than 75 % of the steps since the last checkpoint raised the best loss, or when neither the step
+  nor the best loss changed, and the iterate (with its gradient) is reset to the best point so far; the
+  value is the best loss over all iterates (δ = 0 included), so it is never negative.
+* ``method="pga"`` — seed 002's protocol: plain projected gradient ascent δ ← Π(δ + η·∇L) with η the
+  training learning rate, ``n_iters`` (5) steps, the best loss over the iterates after the first step
+  (so it can be negative when the ascent fails, as seed 002 reports).
+
+Projections: p = ∞ clamps δ to the box |δ| ≤ ρ·c; p = 2 without adaptivity rescales onto the ball;
+adaptive p = 2 projects onto the ellipsoid ‖δ/c‖₂ ≤ ρ exactly, δ = v·c²/(c² + λ) with λ ≥ 0 found by
+bisection. Coordinates with c = 0 (zero weights, adaptive) cannot move: δ = 0 there (the reference
+code divides by zero and silently skips the L2 projection).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ._core import FlatModel, LossFn
+
+Method = Literal["apgd", "pga"]
+_BISECTION_STEPS = 60
+
+
+def apgd_checkpoints(n_iters: int) -> list[int]:
+    """Iterations (0-based) at which APGD may halve its step, computed as in the authors' code.
+
+    p₀ = 0, p₁ = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06); checkpoints ⌈p_j·n_iters⌉ for
+    j ≥ 1 until they reach n_iters or repeat. For n_iters = 20: [5, 9, 12, 15, 16, 18, 19, 20].
+    """
+    p = [0.0, 0.22]
+    w = [0, math.ceil(n_iters * 0.22)]
+    while w[-1] < n_iters and w[-1] != w[-2]:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+        w.append(math.ceil(p[-1] * n_iters))
+    return w[1:]
+
+
+def project(delta: Tensor, rho: float, p: float, c: Tensor | None) -> Tensor:
+    """Euclidean projection of δ onto {‖δ ⊙ c⁻¹‖_p ≤ ρ} for p ∈ {2, ∞} (c None: the plain ball)."""
+    if math.isinf(p):
+        if c is None:
+            return delta.clamp(-rho, rho)
+        bound = rho * c
+        return torch.minimum(torch.maximum(delta, -bound), bound)
+    if c is None:
+        norm = torch.linalg.vector_norm(delta)
+        return delta * torch.where(norm > rho, rho / norm.clamp_min(torch.finfo(delta.dtype).tiny), 1.0)
+    return _project_ellipsoid(delta, rho, c)
+
+
+def _project_ellipsoid(v: Tensor, rho: float, c: Tensor) -> Tensor:
+    """argmin_δ ‖δ − v‖₂ s.t. ‖δ/c‖₂ ≤ ρ: δ = v·c²/(c² + λ), λ ≥ 0 by bisection (sync-free)."""
+    movable = c > 0
+    v = torch.where(movable, v, 0.0)
+    c2 = c.square()
+    rho2 = rho * rho
+
+    def scaled_norm2(lam: Tensor) -> Tensor:  # ‖δ(λ)/c‖² = Σ v²c²/(c²+λ)²
+        return torch.where(movable, v * c / (c2 + lam).clamp_min(torch.finfo(v.dtype).tiny), 0.0).square().sum()
+
+    zero = v.new_zeros(())
+    inside = scaled_norm2(zero) <= rho2
+    lo = zero
+    hi = torch.linalg.vector_norm(v * c) / rho  # ‖δ(hi)/c‖² ≤ Σ v²c²/hi² = ρ²
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        over = scaled_norm2(mid) > rho2
+        lo = torch.where(over, mid, lo)
+        hi = torch.where(over, hi, mid)
+    return torch.where(inside, v, v * c2 / (c2 + hi))
+
+
+def _direction(g: Tensor, p: float, c: Tensor | None) -> Tensor:
+    d = g.sign() if math.isinf(p) else g / (torch.linalg.vector_norm(g) + 1e-12)
+    return d if c is None else d * c
+
+
+def _apgd(fm: FlatModel, batch: Any, loss_fn: LossFn, rho: float, p: float, c: Tensor | None,
+          n_iters: int, step_size: float) -> Tensor:
+    zero = torch.zeros_like(fm.w0)
+    loss0, g = fm.loss_and_grad(fm.w0, batch, loss_fn)
+    delta, delta_prev = zero, zero
+    best, best_delta, best_grad = loss0, zero, g
+    step = loss0.new_tensor(step_size)
+    prev_step, prev_best = step, best
+    improvements = loss0.new_zeros(())
+    prev_checkpoint = 0
+    checkpoints = set(apgd_checkpoints(n_iters))
+    for i in range(n_iters):
+        z = project(delta + step * _direction(g, p, c), rho, p, c)
+        delta, delta_prev = 0.75 * z + 0.25 * delta_prev, delta
+        last = i == n_iters - 1
+        if last:
+            with torch.no_grad():
+                loss = fm.loss(fm.w0 + delta, batch, loss_fn).detach()
+        else:
+            loss, g = fm.loss_and_grad(fm.w0 + delta, batch, loss_fn)
+        improved = loss > best
+        best = torch.where(improved, loss, best)
+        improvements = improvements + improved
+        if last:
+            break
+        best_delta = torch.where(improved, delta, best_delta)
+        best_grad = torch.where(improved, g, best_grad)
+        if i in checkpoints:
+            few = improvements < 0.75 * (i - prev_checkpoint)
+            stalled = (prev_step == step) & (prev_best == best)
+            prev_step, prev_best, prev_checkpoint = step, best, i
+            improvements = loss0.new_zeros(())
+            halve = few | stalled
+            step = torch.where(halve, 0.5 * step, step)
+            delta = torch.where(halve, best_delta, delta)
+            delta_prev = torch.where(halve, best_delta, delta_prev)
+            g = torch.where(halve, best_grad, g)
+    return best - loss0
+
+
+def _pga(fm: FlatModel, batch: Any, loss_fn: LossFn, rho: float, p: float, c: Tensor | None,
+         n_iters: int, step_size: float) -> Tensor:
+    loss0, g = fm.loss_and_grad(fm.w0, batch, loss_fn)
+    delta = torch.zeros_like(fm.w0)
+    best = loss0.new_tensor(-math.inf)
+    for i in range(n_iters):
+        delta = project(delta + step_size * g, rho, p, c)
+        if i == n_iters - 1:
+            with torch.no_grad():
+                loss = fm.loss(fm.w0 + delta, batch, loss_fn).detach()
+        else:
+            loss, g = fm.loss_and_grad(fm.w0 + delta, batch, loss_fn)
+        best = torch.maximum(best, loss)
+    return best - loss0
+
+
+def worst_case_per_batch(
+    fm: FlatModel,
+    batches: Iterable[tuple[Any, Any]],
+    rho: float,
+    *,
+    p: float,
+    adaptive: bool,
+    n_iters: int,
+    method: Method,
+    step_size: float,
+    loss_fn: LossFn,
+) -> Tensor:
+    """Per-batch worst-case sharpness values (a 1-D tensor, one entry per batch, in order).
+
+    ``fm`` is the :class:`FlatModel` of a network already in the no-trace context; ``batches`` are
+    prepared ``(inputs, targets)`` pairs on its device. See the module docstring for the algorithms.
+    """
+    c = fm.w0.abs() if adaptive else None
+    run = _apgd if method == "apgd" else _pga
+    values = [
+        run(fm, batch, loss_fn, rho, p, c, n_iters, step_size) if rho > 0 else fm.w0.new_zeros(())
+        for batch in batches
+    ]
+    return torch.stack(values) if values else fm.w0.new_zeros(0)
