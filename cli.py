@@ -53,6 +53,22 @@ class FlatMinimaCLI(LightningCLI):
         # applied on parse are left out of them). The data modules refuse a net whose in_channels,
         # image_size, in_features or dim disagrees with the data, naming the key to set.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=True,
+            help="After fit, run the test loop on the final weights (when the data module has a test set).",
+        )
+
+    def after_fit(self) -> None:
+        """Report the test metrics of the final weights (``--test_after_fit false`` to skip)."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        datamodule = self.datamodule
+        if not config.get("test_after_fit", False) or self.trainer.fast_dev_run:
+            return
+        if datamodule is None or type(datamodule).test_dataloader is pl.LightningDataModule.test_dataloader:
+            return
+        if self.trainer.interrupted:
+            return
+        self.trainer.test(self.model, datamodule=datamodule)
 
 
 def _innermost(err: BaseException) -> BaseException:

@@ -84,3 +84,17 @@ def test_help_shows_the_one_line_summaries(capsys):
     out = capsys.readouterr().out
     assert "Classification with cross-entropy" in out
     assert "--model.minimizer" in out
+
+
+def test_fit_reports_test_metrics_then_test_reloads_the_saved_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    small = ["--data.init_args.num_samples=400", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"]
+    run = cli.main(["fit", *small])
+    assert "test/acc" in run.trainer.callback_metrics  # --test_after_fit (default true)
+    fitted = run.trainer.callback_metrics["test/acc"].item()
+    log_dir = tmp_path / "logs" / "moons_gsam" / "version_0"
+    (ckpt,) = (log_dir / "checkpoints").glob("*.ckpt")
+    again = cli.main(["test", "--config", str(log_dir / "config.yaml"), "--ckpt_path", str(ckpt)])
+    assert again.trainer.callback_metrics["test/acc"].item() == fitted
+    skipped = cli.main(["fit", *small, "--test_after_fit=false"])
+    assert "test/acc" not in skipped.trainer.callback_metrics
