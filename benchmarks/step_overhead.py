@@ -9,8 +9,10 @@ floor of a two-pass step, so a ratio of 2.0 is the target to beat only by Lightn
 per-step overhead. For reference the table also gives the same ratio for a plain PyTorch loop
 (``2 × forward-backward + step`` over ``forward-backward + step``), with no Lightning at all.
 
-Timing: the mean step time over windows of ``--window`` steps after ``--warmup`` steps (the GPU is
-synchronised only at window boundaries, so steps pipeline as in training); the median over windows.
+Timing: after ``--warmup`` steps, windows of ``--window`` steps alternate between the base step and
+the rule's step within one run (the module reads ``minimizer`` at every step), so slow drifts of the
+machine cancel out of the ratio; each kind's time is the median over its windows of the mean step
+time. The GPU is synchronised only at window boundaries, so steps pipeline as in training.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier  #
 from lightning_modules.networks import MLP  # noqa: E402
 
 RULES = {
-    "none": None,
     "SAM": lambda: SAM(0.05),
     "SAM-inf": lambda: SAM(0.05, p=float("inf")),
     "USAM": lambda: USAM(0.05),
@@ -86,60 +87,77 @@ class RepeatBatch(Dataset):
         return self.x, self.y
 
 
-class WindowTimer(pl.Callback):
-    """Wall time at the start of every ``window``-th step after ``warmup`` (synchronising the device)."""
+class AlternatingTimer(pl.Callback):
+    """Alternate windows of ``window`` steps with and without the rule; time each window.
 
-    def __init__(self, warmup: int, window: int) -> None:
-        self.warmup, self.window, self.marks = warmup, window, []
+    The module reads ``minimizer`` at every step, so switching it at a window boundary switches the
+    step. Interleaving base and rule windows in one run cancels the machine's drift from the ratio.
+    The device is synchronised at window boundaries only.
+    """
+
+    def __init__(self, rule, warmup: int, window: int) -> None:
+        self.rule, self.warmup, self.window = rule, warmup, window
+        self.times: dict[bool, list[float]] = {False: [], True: []}
+        self._start: float | None = None
+        self._with_rule = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx >= self.warmup and (batch_idx - self.warmup) % self.window == 0:
-            if pl_module.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.marks.append(time.perf_counter())
+        if batch_idx < self.warmup:  # warm both paths up: base first, then the rule
+            pl_module.minimizer = self.rule if batch_idx >= self.warmup // 2 else None
+            return
+        if (batch_idx - self.warmup) % self.window:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self._start is not None:
+            self.times[self._with_rule].append((now - self._start) / self.window)
+        self._with_rule = ((batch_idx - self.warmup) // self.window) % 2 == 1
+        pl_module.minimizer = self.rule if self._with_rule else None
+        self._start = now
 
-    def step_times(self) -> list[float]:
-        return [(b - a) / self.window for a, b in zip(self.marks, self.marks[1:])]
 
-
-def time_module(model_name: str, rule_name: str, device: str, warmup: int, window: int, windows: int) -> float:
+def time_module(model_name: str, rule_name: str, device: str, warmup: int, window: int, windows: int):
+    """Median step time (s) of the module without and with the rule, in interleaved windows of one run."""
     factory, shape, classes, batch = MODELS[model_name]
     torch.manual_seed(0)
     net = factory()
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
-    rule = RULES[rule_name]
-    model = Classifier(net, num_classes=classes, optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9),
-                       minimizer=None if rule is None else rule())
-    timer = WindowTimer(warmup, window)
-    steps = warmup + window * windows + 1
+    model = Classifier(net, num_classes=classes, optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9))
+    timer = AlternatingTimer(RULES[rule_name](), warmup, window)
+    steps = warmup + window * 2 * windows + 1
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )
     trainer.fit(model, DataLoader(RepeatBatch(x, y, steps), batch_size=None))
-    return statistics.median(timer.step_times())
+    return statistics.median(timer.times[False]), statistics.median(timer.times[True])
 
 
-def time_plain(model_name: str, passes: int, device: str, warmup: int, window: int, windows: int) -> float:
-    """A plain PyTorch loop: ``passes`` forward-backward passes then one SGD step."""
+def time_plain(model_name: str, device: str, warmup: int, window: int, windows: int):
+    """Median step time (s) of a bare PyTorch loop with 1 and with 2 forward-backward passes per step."""
     factory, shape, classes, batch = MODELS[model_name]
     torch.manual_seed(0)
     net = factory().to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
-    marks = []
-    for i in range(warmup + window * windows + 1):
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for i in range(warmup + window * 2 * windows + 1):
         if i >= warmup and (i - warmup) % window == 0:
             if device == "cuda":
                 torch.cuda.synchronize()
-            marks.append(time.perf_counter())
+            now = time.perf_counter()
+            if i > warmup:
+                times[passes].append((now - start) / window)
+            start = now
+        passes = 1 + (((i - warmup) // window) % 2 if i >= warmup else i % 2)
         for _ in range(passes):
             opt.zero_grad()
             F.cross_entropy(net(x), y).backward()
         opt.step()
-    return statistics.median((b - a) / window for a, b in zip(marks, marks[1:]))
+    return statistics.median(times[1]), statistics.median(times[2])
 
 
 def main() -> None:
@@ -147,14 +165,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default=None, help="comma list among mlp,cnn,resnet18")
     parser.add_argument("--rules", default="SAM,ASAM,GSAM", help=f"comma list among {','.join(RULES)}")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--window", type=int, default=20)
-    parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps (half base, half rule)")
+    parser.add_argument("--window", type=int, default=10, help="steps per timed window")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows of each kind (interleaved)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     models = args.models.split(",") if args.models else (["mlp", "cnn", "resnet18"] if args.device == "cuda"
                                                          else ["mlp", "cnn"])
-    rules = [r for r in args.rules.split(",") if r != "none"]
+    rules = args.rules.split(",")
     timing = dict(warmup=args.warmup, window=args.window, windows=args.windows)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device_name}; torch {torch.__version__}; lightning {pl.__version__}")
@@ -165,11 +183,9 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     results = []
     for m in models:
-        base = time_module(m, "none", args.device, **timing)
-        plain1 = time_plain(m, 1, args.device, **timing)
-        plain2 = time_plain(m, 2, args.device, **timing)
+        plain1, plain2 = time_plain(m, args.device, **timing)
         for r in rules:
-            t = time_module(m, r, args.device, **timing)
+            base, t = time_module(m, r, args.device, **timing)
             print(f"| {m} | {r} | {base * 1e3:.3f} | {t * 1e3:.3f} | {t / base:.3f} | {plain1 * 1e3:.3f} | "
                   f"{plain2 * 1e3:.3f} | {plain2 / plain1:.3f} |", flush=True)
             results.append(dict(model=m, rule=r, step_ms=t * 1e3, base_ms=base * 1e3, ratio=t / base,
