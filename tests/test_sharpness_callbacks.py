@@ -318,7 +318,8 @@ def test_cli_presets_compose_and_measure_at_the_end_of_fit(tmp_path):
         args += ["--config", str(ROOT / f"configs/callbacks/{name}.yaml")]
     args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1",
              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-             f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.num_samples=4000"]
+             f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.num_samples=4000",
+             "--test_after_fit=false"]
     cli = main(args)
     kinds = {type(c).__name__ for c in cli.trainer.callbacks}
     assert {"LearningRateMonitor", "LossThresholdCheckpoint", "MinimumSharpness", "AdaptiveSharpness",
