@@ -144,15 +144,17 @@ def time_plain(model_name: str, device: str, warmup: int, window: int, windows: 
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
     times: dict[int, list[float]] = {1: [], 2: []}
+    start, passes = None, 1
     for i in range(warmup + window * 2 * windows + 1):
-        if i >= warmup and (i - warmup) % window == 0:
+        if i < warmup:
+            passes = 1 + i % 2  # warm both kinds up
+        elif (i - warmup) % window == 0:  # a window boundary: time the window that ends here
             if device == "cuda":
                 torch.cuda.synchronize()
             now = time.perf_counter()
-            if i > warmup:
+            if start is not None:
                 times[passes].append((now - start) / window)
-            start = now
-        passes = 1 + (((i - warmup) // window) % 2 if i >= warmup else i % 2)
+            start, passes = now, 1 + ((i - warmup) // window) % 2
         for _ in range(passes):
             opt.zero_grad()
             F.cross_entropy(net(x), y).backward()
@@ -178,8 +180,8 @@ def main() -> None:
     print(f"device: {device_name}; torch {torch.__version__}; lightning {pl.__version__}")
     print("module: a Classifier training step with the rule ÷ the same step with minimizer=None")
     print("plain : a bare PyTorch loop, 2 forward-backward passes + step ÷ 1 pass + step (no Lightning)")
-    print(f"| model | rule | base step (ms) | rule step (ms) | module ratio | plain 1-pass (ms) | plain 2-pass (ms) "
-          f"| plain ratio |")
+    print("| model | rule | base step (ms) | rule step (ms) | module ratio | plain 1-pass (ms) | plain 2-pass (ms) "
+          "| plain ratio |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     results = []
     for m in models:

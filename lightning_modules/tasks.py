@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from .minimizers import Minimizer
-from .two_pass import NonFinitePolicy, TwoPassModule
+from .two_pass import TwoPassModule
 
 
 def _out_features(net: nn.Module) -> int | None:
@@ -32,7 +32,8 @@ class Classifier(TwoPassModule):
         minimizer: SAM-family rule, or None for the base optimizer alone.
         lr_scheduler: Optional lr scheduler factory.
         label_smoothing: Cross-entropy label smoothing in [0, 1).
-        **kwargs: Further :class:`TwoPassModule` options (ascent, gradient clipping, ...).
+        **kwargs: Further :class:`TwoPassModule` options (``lr_scheduler_interval``, ``ascent``,
+            ``gradient_clip_val``, ``on_nonfinite``, ``share_dropout_rng``, ``log_train_steps``, ...).
     """
 
     def __init__(
@@ -43,19 +44,9 @@ class Classifier(TwoPassModule):
         minimizer: Minimizer | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         label_smoothing: float = 0.0,
-        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
-        lr_scheduler_monitor: str = "val/loss",
-        ascent: Literal["replica", "global"] = "replica",
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
-        on_nonfinite: NonFinitePolicy = "raise",
-        share_dropout_rng: bool = False,
-        log_train_steps: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            net, optimizer, minimizer, lr_scheduler, lr_scheduler_interval, lr_scheduler_monitor, ascent,
-            gradient_clip_val, gradient_clip_algorithm, on_nonfinite, share_dropout_rng, log_train_steps,
-        )
+        super().__init__(net, optimizer, minimizer, lr_scheduler, **kwargs)
         out = _out_features(net)
         if num_classes is None:
             if out is None:
@@ -121,19 +112,9 @@ class Regressor(TwoPassModule):
         optimizer: OptimizerCallable = torch.optim.SGD,
         minimizer: Minimizer | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
-        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
-        lr_scheduler_monitor: str = "val/loss",
-        ascent: Literal["replica", "global"] = "replica",
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
-        on_nonfinite: NonFinitePolicy = "raise",
-        share_dropout_rng: bool = False,
-        log_train_steps: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            net, optimizer, minimizer, lr_scheduler, lr_scheduler_interval, lr_scheduler_monitor, ascent,
-            gradient_clip_val, gradient_clip_algorithm, on_nonfinite, share_dropout_rng, log_train_steps,
-        )
+        super().__init__(net, optimizer, minimizer, lr_scheduler, **kwargs)
         if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
             raise ValueError(f"Invalid num_outputs: {num_outputs!r}; expected an integer >= 1")
         out = _out_features(net)

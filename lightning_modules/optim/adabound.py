@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from ._validate import check_betas, check_non_negative
+from ._base import StepCountedOptimizer, check_betas, check_non_negative
 
 
-class AdaBound(Optimizer):
+class AdaBound(StepCountedOptimizer):
     """AdaBound (Luo, Xiong, Liu & Sun, ICLR 2019), exactly as the reference code Luolc/AdaBound.
 
     Paper: https://arxiv.org/abs/1902.09843. At step t with lr α (possibly scheduled) and the lr α₀
@@ -63,34 +62,13 @@ class AdaBound(Optimizer):
         for group in self.param_groups:
             group.setdefault("base_lr", group["lr"])
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one AdaBound step (one multi-tensor update per group and step count)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            by_step: dict[int, list[Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdaBound does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["amsbound"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                by_step.setdefault(state["step"], []).append(p)
-            for step, params in by_step.items():
-                self._update(group, params, step)
-        return loss
+    def init_state(self, group: dict, p: Tensor, state: dict) -> None:
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["amsbound"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _update(self, group: dict, params: list[Tensor], step: int) -> None:
+    def update(self, group: dict, params: list[Tensor], step: int) -> None:
         beta1, beta2 = group["betas"]
         states = [self.state[p] for p in params]
         exp_avg = [s["exp_avg"] for s in states]

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from ._validate import check_betas, check_non_negative
+from ._base import StepCountedOptimizer, check_betas, check_non_negative
 
 
-class AdaShift(Optimizer):
+class AdaShift(StepCountedOptimizer):
     """AdaShift (Zhou, Zhang, Lu, Wang, Zhang & Yu, ICLR 2019), the paper's windowed algorithm.
 
     Paper: https://arxiv.org/abs/1810.00143 (Algorithm 3). With a window of the last n = ``keep_num``
@@ -55,35 +53,13 @@ class AdaShift(Optimizer):
             raise ValueError(f"Invalid reduce: {reduce!r}; expected 'max' or 'none'")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), keep_num=keep_num, eps=eps, reduce=reduce))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one AdaShift step (multi-tensor updates per group and step count)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            n = group["keep_num"]
-            by_step: dict[int, list[Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdaShift does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["window"] = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    shape = () if group["reduce"] == "max" else p.shape
-                    state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-                state["step"] += 1
-                by_step.setdefault(state["step"], []).append(p)
-            for step, params in by_step.items():
-                self._update(group, params, step)
-        return loss
+    def init_state(self, group: dict, p: Tensor, state: dict) -> None:
+        state["window"] = torch.zeros((group["keep_num"], *p.shape), dtype=p.dtype, device=p.device)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        shape = () if group["reduce"] == "max" else p.shape
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
 
-    def _update(self, group: dict, params: list[Tensor], t: int) -> None:
+    def update(self, group: dict, params: list[Tensor], t: int) -> None:
         n = group["keep_num"]
         beta1, beta2 = group["betas"]
         weight_sum = sum(beta1**i for i in range(n))
