@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torchmetrics
 import torch.distributed as dist
+import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -144,11 +144,8 @@ class TwoPassModule(pl.LightningModule):
             raise TypeError(f"Invalid optimizer: the factory returned {type(optimizer).__name__}, not a torch Optimizer")
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        config = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
-        if isinstance(scheduler, ReduceLROnPlateau):
-            config["monitor"] = self.lr_scheduler_monitor
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        scheduler = self.lr_scheduler_factory(optimizer)  # stepped by this module, ReduceLROnPlateau included
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
 
     def setup(self, stage: str) -> None:
         """Refuse strategies whose parameters are sharded (the rules need whole local tensors)."""
@@ -263,18 +260,19 @@ class TwoPassModule(pl.LightningModule):
         self._log_epoch("test")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
+        logged = self._log_epoch("val")
         if self.trainer.sanity_checking or self.trainer.state.fn != "fit":
             return
         for config in self.trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, ReduceLROnPlateau):
-                value = self.trainer.callback_metrics.get(config.monitor)
+                monitor = self.lr_scheduler_monitor
+                value = logged.get(monitor, self.trainer.callback_metrics.get(monitor))
                 if value is None:
                     raise ValueError(
-                        f"Invalid lr_scheduler_monitor: {config.monitor!r} was not logged; logged metrics: "
-                        f"{sorted(self.trainer.callback_metrics)}"
+                        f"Invalid lr_scheduler_monitor: {monitor!r} was not logged; logged metrics: "
+                        f"{sorted(set(logged) | set(self.trainer.callback_metrics))}"
                     )
-                config.scheduler.step(value)
+                config.scheduler.step(float(value))
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._eval_step(batch, "val")
@@ -311,21 +309,23 @@ class TwoPassModule(pl.LightningModule):
         sums[1][:-1] += row
         sums[1][-1] += batch_size
 
-    def _log_epoch(self, stage: str) -> None:
-        """Log the stage's epoch means (weighted by batch size, over all ranks) and its metrics."""
+    def _log_epoch(self, stage: str) -> dict[str, Tensor]:
+        """Log the stage's epoch means (weighted by batch size, over all ranks) and its metrics; return them."""
         distributed = self._world_size() > 1
+        logged: dict[str, Tensor] = {}
         if stage in self._sums:
             keys, sums = self._sums.pop(stage)
             if distributed:
                 sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
             means = (sums[:-1] / sums[-1]).float()
-            for i, key in enumerate(keys):
-                self.log(f"{stage}/{key}", means[i], on_step=False, on_epoch=True, sync_dist=distributed,
-                         prog_bar=stage == "val" and key == "loss")
+            logged.update({f"{stage}/{key}": means[i] for i, key in enumerate(keys)})
         for name, metric in self.stage_metrics(stage).items():
             if metric.update_called:
-                self.log(f"{stage}/{name}", metric.compute(), on_step=False, on_epoch=True, sync_dist=distributed)
+                logged[f"{stage}/{name}"] = metric.compute()
             metric.reset()
+        for key, value in logged.items():
+            self.log(key, value, on_step=False, on_epoch=True, sync_dist=distributed, prog_bar=key == "val/loss")
+        return logged
 
     def _with_grads(self) -> tuple[list[Tensor], list[Tensor], list[str]]:
         params, names = self._params, self._names

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -262,3 +263,29 @@ def test_an_error_in_pass_two_leaves_the_weights_and_stats_unperturbed():
     assert all(torch.equal(a.detach(), b) for a, b in zip(model.net.parameters(), before[:len(list(net.parameters()))]))
     for a, b in zip(model.net.buffers(), reference.buffers()):
         assert torch.equal(a, b)
+
+
+def test_reduce_lr_on_plateau_sees_this_epochs_validation_loss():
+    batches = classification_batches(4, dtype=torch.float32)
+    seen = []
+
+    class Plateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        def step(self, metrics):
+            seen.append(metrics)
+            super().step(metrics)
+
+    val_losses = []
+
+    class Record(pl.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                val_losses.append(float(trainer.callback_metrics["val/loss"]))
+
+    # mode="max" on a falling loss: every epoch is "worse", so with patience 0 each one halves the lr
+    sched = partial(Plateau, mode="max", patience=0, factor=0.5)
+    model = Classifier(bn_mlp(dtype=torch.float32), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR),
+                       minimizer=SAM(0.05), lr_scheduler=sched)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[Record()], num_sanity_val_steps=1)
+    trainer.fit(model, fixed_batches(batches), fixed_batches(batches[:2]))
+    assert seen == pytest.approx(val_losses) and len(seen) == 3
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(LR * 0.5**2)
