@@ -9,6 +9,7 @@ sensing), which ``setup`` checks against the model's net. A missing file raises
 from ._base import DataNotFoundError
 from .abalone import AbaloneDataModule
 from .cifar10 import CIFAR10DataModule
+from .digits import DigitsDataModule
 from .matrix_sensing import MatrixSensingDataModule
 from .mnist import FashionMNISTDataModule, MNISTDataModule
 from .moons import MoonsDataModule
@@ -21,6 +22,7 @@ __all__ = [
     "CIFAR10DataModule",
     "FashionMNISTDataModule",
     "MNISTDataModule",
+    "DigitsDataModule",
     "MatrixSensingDataModule",
     "DataNotFoundError",
 ]

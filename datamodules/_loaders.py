@@ -1,10 +1,12 @@
-"""Loader helpers shared by the data modules: a resumable, seeded shuffle."""
+"""Loader helpers shared by the data modules: a resumable, seeded shuffle and whole-set batches."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
+from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 
@@ -50,3 +52,28 @@ def make_loader(
         generator=torch.Generator().manual_seed(seed),
         **kwargs,
     )
+
+
+def first(batch: list[Any]) -> Any:
+    """Collate a one-element batch into its element (a whole-set batch or a graph, not a list of one)."""
+    return batch[0]
+
+
+class FullBatch(Dataset):
+    """``steps`` items, each the whole training set ``tensors``: full-batch gradient steps, ``steps`` per epoch.
+
+    Load it with batch size 1 and :func:`first` as ``collate_fn``; every batch is then ``tensors``
+    itself (no copy). Measures that draw a subset of the training set get whole-set batches too.
+    """
+
+    def __init__(self, tensors: tuple[Tensor, ...], steps: int) -> None:
+        self.tensors = tensors
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        if not 0 <= index < self.steps:
+            raise IndexError(f"FullBatch has {self.steps} items; got index {index}")
+        return self.tensors

@@ -1,27 +1,35 @@
-"""Overparametrised matrix sensing (seed 004, appendix B): synthetic, seeded, no files."""
+"""Overparametrised matrix sensing (Dai, Ahn & Sra 2023, appendix A): synthetic, seeded, no files."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch.utils.data import TensorDataset
 
-from ._base import SplitDataModule, check_int, check_net
+from ._base import SplitDataModule, check_choice, check_int, check_net
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class MatrixSensingDataModule(SplitDataModule):
-    """Gaussian measurements ``b_i = ⟨A_i, X*⟩`` of a rank-r matrix ``X* = U* U*ᵀ`` (seed 004, appendix B).
+    """Gaussian measurements ``b_i = ⟨A_i, X*⟩`` of a rank-r matrix ``X* = U* U*ᵀ`` (Dai, Ahn & Sra 2023).
 
-    Following Dai, Ahn & Sra (2023, appendix A) as seed 004 does: the entries of ``U* ∈ R^{d×r}`` are
-    i.i.d. N(0, 1) and each column is then scaled to unit norm (so ``‖U*‖₂ ≈ 1``); the sensing matrices
-    ``A_i ∈ R^{d×d}`` have i.i.d. N(0, 1) entries; ``b_i = ⟨A_i, X*⟩ = Σ_jk A_ijk X*_jk``. The seed's
-    setting is d = 100, r = 5, m = 5·d·r = 2500 measurements, trained full batch
-    (``batch_size=None``). Use it with ``Regressor`` and :class:`~lightning_modules.networks.MatrixFactorization`:
-    the training loss is ``(1/m) Σ_i (⟨A_i, U Uᵀ⟩ − b_i)²``. Validation and test use fresh sensing
-    matrices of the same law, so their MSE estimates ``‖U Uᵀ − X*‖²_F`` (``E⟨A, Δ⟩² = ‖Δ‖²_F``).
+    Following Dai, Ahn & Sra (2023, appendix A), whose SAM-vs-USAM experiment Wong et al. repeat
+    (their appendix B): the entries of ``U* ∈ R^{d×r}`` are i.i.d. N(0, 1) and each column is then
+    scaled to unit norm (so ``‖U*‖₂ ≈ 1``); the sensing matrices ``A_i ∈ R^{d×d}`` have i.i.d. N(0, 1)
+    entries; ``b_i = ⟨A_i, X*⟩ = Σ_jk A_ijk X*_jk``. Their setting is d = 100, r = 5, m = 5·d·r = 2500
+    measurements, trained full batch (``batch_size=None``). Use it with ``Regressor`` and
+    :class:`~lightning_modules.networks.MatrixFactorization`: the training loss is
+    ``loss_scale · (1/m) Σ_i (⟨A_i, U Uᵀ⟩ − b_i)²`` (``loss_scale: 0.5`` is their ``1/(2m)``).
+    Validation and test use fresh sensing matrices of the same law, so their MSE estimates
+    ``‖U Uᵀ − X*‖²_F`` (``E⟨A, Δ⟩² = ‖Δ‖²_F``).
 
     Everything comes from one generator seeded with ``data_seed`` (the global RNG is untouched), so
-    every run and every rank sees the same data. Memory: ``4·d²·(m + num_val + num_test)`` bytes
-    (140 MB for the seed's setting with 500 + 500 evaluation matrices), held as float32.
+    every run and every rank sees the same data. ``dtype: float64`` draws and stores everything in
+    double precision (with ``trainer.precision: 64-true``, so that ``b_i`` is exact to float64 and a
+    diverging run stays representable longer). Memory: ``4·d²·(m + num_val + num_test)`` bytes in
+    float32 (140 MB for d = 100, m = 2500 and 500 + 500 evaluation matrices), twice that in float64.
 
     Args:
         dim: Matrix dimension d.
@@ -33,6 +41,7 @@ class MatrixSensingDataModule(SplitDataModule):
         eval_batch_size: Batch size of the validation and test loaders.
         num_workers: DataLoader worker processes.
         data_seed: Seed of X*, of the sensing matrices and of the shuffling.
+        dtype: ``"float32"`` or ``"float64"``: precision in which the data are drawn and stored.
     """
 
     num_outputs = 1
@@ -48,6 +57,7 @@ class MatrixSensingDataModule(SplitDataModule):
         eval_batch_size: int = 500,
         num_workers: int = 0,
         data_seed: int = 0,
+        dtype: Literal["float32", "float64"] = "float32",
     ) -> None:
         super().__init__()
         check_int("dim", dim, 1)
@@ -64,6 +74,7 @@ class MatrixSensingDataModule(SplitDataModule):
         check_int("batch_size", batch_size, 1)
         check_int("eval_batch_size", eval_batch_size, 1)
         check_int("num_workers", num_workers, 0)
+        check_choice("dtype", dtype, tuple(_DTYPES))
         self.save_hyperparameters()
         self.hparams.num_measurements = num_measurements
         self.hparams.batch_size = batch_size
@@ -78,13 +89,14 @@ class MatrixSensingDataModule(SplitDataModule):
             return
         h = self.hparams
         g = torch.Generator().manual_seed(h.data_seed)
-        u = torch.randn(h.dim, h.rank, generator=g)
+        dtype = _DTYPES[h.dtype]
+        u = torch.randn(h.dim, h.rank, generator=g, dtype=dtype)
         u = u / torch.linalg.vector_norm(u, dim=0, keepdim=True)
         x_star = u @ u.T
         self.u_star, self.x_star = u, x_star
 
         def measure(count: int) -> TensorDataset:
-            a = torch.randn(count, h.dim, h.dim, generator=g)
+            a = torch.randn(count, h.dim, h.dim, generator=g, dtype=dtype)
             return TensorDataset(a, torch.einsum("ijk,jk->i", a, x_star))
 
         self.train_set = measure(h.num_measurements)

@@ -1,4 +1,4 @@
-"""Two interleaving half circles (scikit-learn ``make_moons``): seed 003's toy study."""
+"""Two interleaving half circles (scikit-learn ``make_moons``): the Adaptive-GSAM toy study."""
 
 from __future__ import annotations
 
@@ -7,29 +7,43 @@ import torch
 from sklearn.datasets import make_moons
 from torch.utils.data import DataLoader, TensorDataset
 
-from ._base import check_net
+from ._base import check_choice, check_int, check_net
 from ._labels import LABEL_NOISE_MODES, LabelNoiseMode, corrupt_labels
 from ._loaders import make_loader
+from ._splits import SPLIT_METHODS, SplitMethod, sklearn_split, standardize
 
 
 class MoonsDataModule(pl.LightningDataModule):
-    """The moons data set of seed 003: 10000 points, noise 0.3, batch 64, a seeded split.
+    """The moons data set of Adaptive-GSAM's toy study: 10000 points, noise 0.3, batch 64, a seeded split.
 
-    The points are generated once from ``data_seed`` and split into train/val/test by a seeded
-    permutation, so every run (and every DDP rank) sees the same split.
+    The points are ``make_moons(num_samples, noise=noise, random_state=data_seed)`` and are split into
+    train/val/test once, so every run (and every DDP rank) sees the same split: by default by a
+    permutation seeded with ``data_seed`` (80/10/10); with ``split="sklearn"`` exactly as
+    ``train_test_split(X, y, test_size=test_fraction, random_state=split_seed)`` splits them
+    (``ceil(test_fraction · n)`` test points; validation points, if any, then split off the training
+    points the same way). With ``val_fraction=0`` the validation loader serves the test split (Keras'
+    ``validation_data=(x_test, y_test)``). ``standardize`` rescales both features with the training
+    points' mean and population standard deviation (scikit-learn's ``StandardScaler`` fitted on the
+    training split; ``feature_mean``/``feature_std`` after ``setup``).
+
+    The published Adaptive-GSAM setup (the authors' Keras notebook): ``data_seed=10``,
+    ``split="sklearn"``, ``split_seed=42``, ``test_fraction=0.3``, ``val_fraction=0``, ``standardize=True``.
 
     Args:
         num_samples: Number of points in total.
         noise: Standard deviation of the Gaussian noise added to the points.
-        val_fraction: Fraction of the points held out for validation.
+        val_fraction: Fraction of the points held out for validation (0: validate on the test split).
         test_fraction: Fraction of the points held out for the test.
         batch_size: Training batch size.
         eval_batch_size: Batch size for validation and test (default: 1024).
         num_workers: DataLoader worker processes.
-        data_seed: Seed of the generated points, of the split, of the label noise and of the shuffling.
+        data_seed: Seed of the generated points, of the permutation split, of the label noise and of the shuffling.
         label_noise: Fraction of the training labels to corrupt (seeded; 0 = clean labels); their
             positions in ``train_set`` are ``noisy_indices`` after ``setup``.
         label_noise_mode: ``"shuffle"`` the chosen labels among themselves, or draw them ``"uniform"``-ly.
+        split: ``"permutation"`` (seeded by ``data_seed``) or ``"sklearn"`` (``train_test_split`` with ``split_seed``).
+        split_seed: ``random_state`` of the ``"sklearn"`` split (None: ``data_seed``).
+        standardize: Standardise the features with the training split's statistics.
     """
 
     num_features = 2
@@ -47,6 +61,9 @@ class MoonsDataModule(pl.LightningDataModule):
         data_seed: int = 0,
         label_noise: float = 0.0,
         label_noise_mode: LabelNoiseMode = "shuffle",
+        split: SplitMethod = "permutation",
+        split_seed: int | None = None,
+        standardize: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 3:
@@ -70,9 +87,18 @@ class MoonsDataModule(pl.LightningDataModule):
         if label_noise_mode not in LABEL_NOISE_MODES:
             choices = ", ".join(map(repr, LABEL_NOISE_MODES))
             raise ValueError(f"Invalid label_noise_mode: {label_noise_mode!r}; expected one of {choices}")
+        check_choice("split", split, SPLIT_METHODS)
+        if split == "sklearn" and test_fraction <= 0:
+            raise ValueError(
+                f"Invalid test_fraction: {test_fraction!r}; expected 0 < test_fraction < 1 with split='sklearn'"
+            )
+        if split_seed is not None:
+            check_int("split_seed", split_seed, 0)
         self.save_hyperparameters()
         self.train_set = self.val_set = self.test_set = None
         self.noisy_indices: torch.Tensor | None = None
+        self.feature_mean: torch.Tensor | None = None
+        self.feature_std: torch.Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Generate the points and split them (the same on every call and every rank)."""
@@ -83,16 +109,26 @@ class MoonsDataModule(pl.LightningDataModule):
         x, y = make_moons(n_samples=h.num_samples, noise=h.noise, random_state=h.data_seed)
         x = torch.as_tensor(x, dtype=torch.float32)
         y = torch.as_tensor(y, dtype=torch.long)
-        order = torch.randperm(h.num_samples, generator=torch.Generator().manual_seed(h.data_seed))
-        n_val = int(round(h.val_fraction * h.num_samples))
-        n_test = int(round(h.test_fraction * h.num_samples))
-        n_train = h.num_samples - n_val - n_test
-        parts = torch.split(order, [n_train, n_val, n_test])
-        self.train_set, self.val_set, self.test_set = (TensorDataset(x[i], y[i]) for i in parts)
+        train, val, test = self._split()
+        if h.standardize:
+            x, self.feature_mean, self.feature_std = standardize(x, train)
+        self.train_set, self.val_set, self.test_set = (TensorDataset(x[i], y[i]) for i in (train, val, test))
+        if not len(val):
+            self.val_set = self.test_set
         if h.label_noise > 0:  # training labels only; validation and test stay clean
-            noisy, self.noisy_indices = corrupt_labels(y[parts[0]], h.label_noise, self.num_classes, h.data_seed,
+            noisy, self.noisy_indices = corrupt_labels(y[train], h.label_noise, self.num_classes, h.data_seed,
                                                        h.label_noise_mode)
-            self.train_set = TensorDataset(x[parts[0]], noisy)
+            self.train_set = TensorDataset(x[train], noisy)
+
+    def _split(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.hparams
+        n_val = int(round(h.val_fraction * h.num_samples))
+        if h.split == "sklearn":
+            seed = h.data_seed if h.split_seed is None else h.split_seed
+            return sklearn_split(h.num_samples, h.test_fraction, n_val, seed=seed)
+        order = torch.randperm(h.num_samples, generator=torch.Generator().manual_seed(h.data_seed))
+        n_test = int(round(h.test_fraction * h.num_samples))
+        return torch.split(order, [h.num_samples - n_val - n_test, n_val, n_test])
 
     def train_dataloader(self) -> DataLoader:
         return make_loader(self.train_set, self.hparams.batch_size, shuffle=True, seed=self.hparams.data_seed,

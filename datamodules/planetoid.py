@@ -1,15 +1,17 @@
-"""Planetoid citation graphs (Cora, CiteSeer, PubMed) as one full batch: seed 002's GAT data."""
+"""Planetoid citation graphs (Cora, CiteSeer, PubMed) as one full batch: the GAT data of Hammoud et al."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ._base import check_choice, check_int, check_net, data_not_found, missing_files
-from ._loaders import make_loader
+from ._loaders import first, make_loader
 
 # name: (node features, classes); known before the files are read, so the CLI can link them.
 PLANETOID = {"Cora": (1433, 7), "CiteSeer": (3703, 6), "PubMed": (500, 3)}
@@ -31,30 +33,65 @@ class FullGraph(Dataset):
         return self.data
 
 
-def first(batch: list[Any]) -> Any:
-    """Collate a one-element batch into its element (the graph itself, not a list)."""
-    return batch[0]
+class TrainNodes(Dataset):
+    """The training nodes of a graph, one item per node (its index): minibatches of nodes."""
+
+    def __init__(self, data: Any, mask: str = "train_mask") -> None:
+        self.nodes = getattr(data, mask).nonzero().flatten().tolist()
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __getitem__(self, index: int) -> int:
+        return self.nodes[index]
+
+
+class NodeBatch:
+    """Collate a list of node indices into the whole graph whose ``train_mask`` marks only those nodes.
+
+    The graph is a shallow copy (features and edges are shared, not copied); a node listed twice
+    counts once, as in a boolean mask.
+    """
+
+    def __init__(self, data: Any, mask: str = "train_mask") -> None:
+        self.data = data
+        self.mask = mask
+
+    def __call__(self, nodes: list[int]) -> Any:
+        mask = torch.zeros(self.data.num_nodes, dtype=torch.bool)
+        mask[torch.as_tensor(nodes, dtype=torch.long)] = True
+        batch = copy.copy(self.data)
+        setattr(batch, self.mask, mask)
+        return batch
 
 
 class CoraDataModule(pl.LightningDataModule):
     """A Planetoid citation graph (Cora by default) for full-batch node classification.
 
-    Seed 002 (Hammoud et al., section III.C) trains a GAT on Cora with the public split of Yang et al.
+    Hammoud et al. 2023 (section III.C) train a GAT on Cora with the public split of Yang et al.
     (2016): 140 training, 500 validation and 1000 test nodes (``train_mask``/``val_mask``/``test_mask``),
     2708 nodes, 1433 binary word features, 7 classes. Every loader yields the whole graph (a PyG
     ``Data`` with ``x``, ``edge_index``, ``y`` and the masks) as one batch; ``NodeClassifier`` picks the
-    stage's mask. The files are torch_geometric's ``Planetoid`` layout: the eight raw files
-    ``<data_dir>/<name>/raw/ind.<name>.{x,tx,allx,y,ty,ally,graph,test.index}``; Planetoid writes
-    ``<data_dir>/<name>/processed/`` beside them (``data_dir`` must be writable).
+    stage's mask. With ``train_batch_nodes = k`` the training loader instead yields, per epoch,
+    ``ceil(n_train / k)`` copies of the graph whose ``train_mask`` holds k training nodes each (the
+    last one the rest), shuffled per epoch from ``data_seed``: the authors' notebook takes three SGD
+    steps per epoch on masks of 64, 64 and 12 of the 140 training nodes (it pads the last mask with a
+    repeated node, which a boolean mask ignores). The files are torch_geometric's ``Planetoid`` layout:
+    the eight raw files ``<data_dir>/<name>/raw/ind.<name>.{x,tx,allx,y,ty,ally,graph,test.index}``;
+    Planetoid writes ``<data_dir>/<name>/processed/`` beside them (``data_dir`` must be writable).
 
     Args:
         data_dir: Root folder of the data (Planetoid's ``root``).
         name: ``"Cora"``, ``"CiteSeer"`` or ``"PubMed"``.
         split: Planetoid's ``"public"`` split (20 labelled nodes per class), or ``"full"`` (every node
             outside the validation and test sets trains).
-        normalize_features: Row-normalise the node features (the GAT paper does; seed 002 does not).
+        normalize_features: Row-normalise the node features (the GAT paper does; Hammoud et al.'s text
+            does not transform the data, and their notebook's ``NormalizeFeatures`` never takes effect:
+            it reads ``dataset.data.x``, which bypasses the dataset's transform).
         num_workers: DataLoader worker processes.
         download: Download the raw files from the Planetoid repository when missing (needs internet).
+        train_batch_nodes: Training nodes per training batch (None: the full training mask, one step per epoch).
+        data_seed: Seed of the per-epoch shuffling of the training nodes (with ``train_batch_nodes``).
     """
 
     def __init__(
@@ -65,11 +102,16 @@ class CoraDataModule(pl.LightningDataModule):
         normalize_features: bool = False,
         num_workers: int = 0,
         download: bool = False,
+        train_batch_nodes: int | None = None,
+        data_seed: int = 0,
     ) -> None:
         super().__init__()
         check_choice("name", name, tuple(PLANETOID))
         check_choice("split", split, ("public", "full"))
         check_int("num_workers", num_workers, 0)
+        if train_batch_nodes is not None:
+            check_int("train_batch_nodes", train_batch_nodes, 1)
+        check_int("data_seed", data_seed, 0)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.data: Any = None
@@ -144,7 +186,13 @@ class CoraDataModule(pl.LightningDataModule):
                            collate_fn=first)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader()
+        h = self.hparams
+        if h.train_batch_nodes is None:
+            return self._loader()
+        if self.data is None:
+            raise RuntimeError(f"{type(self).__name__} loaders called before setup()")
+        return make_loader(TrainNodes(self.data), h.train_batch_nodes, shuffle=True, seed=h.data_seed,
+                           num_workers=h.num_workers, collate_fn=NodeBatch(self.data))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader()

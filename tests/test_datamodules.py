@@ -15,6 +15,7 @@ from datamodules import (
     CIFAR10DataModule,
     CoraDataModule,
     DataNotFoundError,
+    DigitsDataModule,
     FashionMNISTDataModule,
     MatrixSensingDataModule,
     MNISTDataModule,
@@ -423,6 +424,16 @@ def test_cutout_zeroes_a_clipped_square():
         (MatrixSensingDataModule, {"dim": 3, "rank": 4}, "rank"),
         (MatrixSensingDataModule, {"batch_size": 0}, "batch_size"),
         (MoonsDataModule, {"label_noise": -0.1}, "label_noise"),
+        (MoonsDataModule, {"split": "random"}, "split"),
+        (MoonsDataModule, {"split": "sklearn", "test_fraction": 0.0}, "test_fraction"),
+        (AbaloneDataModule, {"split": "kfold"}, "split"),
+        (AbaloneDataModule, {"split_seed": -1}, "split_seed"),
+        (DigitsDataModule, {"test_fraction": 0.0}, "test_fraction"),
+        (DigitsDataModule, {"val_size": -1}, "val_size"),
+        (DigitsDataModule, {"label_noise": 1.0}, "label_noise"),
+        (DigitsDataModule, {"label_noise_mode": "flip"}, "label_noise_mode"),
+        (CoraDataModule, {"train_batch_nodes": 0}, "train_batch_nodes"),
+        (MatrixSensingDataModule, {"dtype": "float16"}, "dtype"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(factory, kwargs, name):
@@ -435,3 +446,162 @@ def test_validation_size_must_leave_training_images(tmp_path, monkeypatch):
     skip_md5(monkeypatch)
     with pytest.raises(ValueError, match="Invalid val_size: 5; expected val_size < 5"):
         CIFAR10DataModule(str(tmp_path), val_size=5).setup()
+
+
+# ---------------------------------------------------------------- digits (scikit-learn's load_digits, no files)
+def test_digits_split_and_normalization_against_sklearn():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    dm = DigitsDataModule(data_seed=3)
+    assert (dm.num_classes, dm.in_channels, dm.image_size) == (10, 1, 8)  # known before setup (CLI link, net check)
+    dm.setup("fit")
+    digits = load_digits()
+    x_tr, x_te, y_tr, y_te = train_test_split(digits.images / 16.0, digits.target, test_size=0.2, random_state=3,
+                                              stratify=digits.target)
+    mean, std = x_tr.mean(), x_tr.std()  # all training pixels, population std
+    x_train, y_train = dm.train_set.tensors
+    x_test, y_test = dm.test_set.tensors
+    assert x_train.shape == (1437, 1, 8, 8) and x_test.shape == (360, 1, 8, 8) and x_train.dtype == torch.float32
+    np.testing.assert_allclose(x_train[:, 0].numpy(), (x_tr - mean) / std, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_test[:, 0].numpy(), (x_te - mean) / std, rtol=1e-5, atol=1e-5)
+    assert y_train.tolist() == y_tr.tolist() and y_test.tolist() == y_te.tolist() and y_train.dtype == torch.long
+    assert (dm.pixel_mean, dm.pixel_std) == (pytest.approx(mean, rel=1e-5), pytest.approx(std, rel=1e-5))
+    assert dm.val_set is dm.test_set  # val_size=0: validate on the test split
+    # stratified: every class keeps its share (counts 174..183) in the test split
+    counts = np.bincount(y_test.numpy(), minlength=10)
+    np.testing.assert_allclose(counts / 360, np.bincount(digits.target) / 1797, atol=1.5 / 360)
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.shape == (128, 1, 8, 8) and yb.shape == (128,)
+    raw = DigitsDataModule(data_seed=3, normalize=False)
+    raw.setup()
+    np.testing.assert_allclose(raw.train_set.tensors[0][:, 0].numpy(), x_tr, rtol=1e-6)
+    assert raw.train_set.tensors[0].min() == 0.0 and raw.train_set.tensors[0].max() == 1.0
+
+
+def test_digits_plain_split_validation_and_label_noise():
+    from sklearn.model_selection import train_test_split
+
+    plain = DigitsDataModule(stratify=False, test_fraction=0.25, data_seed=1)
+    plain.setup()
+    train, test = train_test_split(np.arange(1797), test_size=0.25, random_state=1)
+    assert plain.split_indices["test"].tolist() == test.tolist()
+    assert plain.split_indices["train"].tolist() == train.tolist()
+    dm = DigitsDataModule(val_size=100, label_noise=0.2, data_seed=0)
+    dm.setup()
+    idx = dm.split_indices
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (1337, 100, 360)
+    assert sorted(torch.cat([idx["train"], idx["val"], idx["test"]]).tolist()) == list(range(1797))
+    clean = DigitsDataModule(val_size=100, data_seed=0)
+    clean.setup()
+    assert torch.equal(clean.val_set.tensors[1], dm.val_set.tensors[1])  # validation and test labels stay clean
+    assert torch.equal(clean.test_set.tensors[1], dm.test_set.tensors[1])
+    changed = (clean.train_set.tensors[1] != dm.train_set.tensors[1]).nonzero().flatten()
+    assert len(dm.noisy_indices) == round(0.2 * 1337) and set(changed.tolist()) <= set(dm.noisy_indices.tolist())
+    assert torch.equal(torch.bincount(dm.train_set.tensors[1]), torch.bincount(clean.train_set.tensors[1]))  # shuffle
+    other = DigitsDataModule(val_size=100, data_seed=1)
+    other.setup()
+    assert not torch.equal(other.split_indices["test"], idx["test"])
+    with pytest.raises(ValueError, match="Invalid val_size: 1437; expected val_size < 1437"):
+        DigitsDataModule(val_size=1437).setup()
+
+
+def test_digits_refuses_a_net_built_for_28x28_images():
+    import lightning.pytorch as pl
+
+    from lightning_modules import Classifier
+    from lightning_modules.networks import SimpleBatch
+
+    model = Classifier(SimpleBatch(in_channels=1, image_size=28))
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="image_size=28 but the data needs image_size=8; set "
+                                         "model.init_args.net.init_args.image_size: 8"):
+        trainer.fit(model, datamodule=DigitsDataModule())
+
+
+# ---------------------------------------------------------------- the authors' setups (moons, Abalone, Cora)
+def test_moons_published_split_is_sklearn_train_test_split_with_standard_scaler():
+    """The Adaptive-GSAM notebook: make_moons(10000, 0.3, random_state=10), train_test_split(0.3, 42), scaler."""
+    from sklearn.datasets import make_moons
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    dm = MoonsDataModule(data_seed=10, split="sklearn", split_seed=42, test_fraction=0.3, val_fraction=0.0,
+                         standardize=True)
+    dm.setup()
+    x, y = make_moons(n_samples=10000, noise=0.3, random_state=10)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=42)
+    scaler = StandardScaler()
+    x_train, x_test = scaler.fit_transform(x_train), scaler.transform(x_test)
+    np.testing.assert_allclose(dm.train_set.tensors[0].numpy(), x_train, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dm.test_set.tensors[0].numpy(), x_test, rtol=1e-5, atol=1e-6)
+    assert dm.train_set.tensors[1].tolist() == y_train.tolist() and dm.test_set.tensors[1].tolist() == y_test.tolist()
+    assert dm.val_set is dm.test_set  # Keras' validation_data=(x_test, y_test)
+    np.testing.assert_allclose(dm.feature_std.numpy(), scaler.scale_, rtol=1e-5)
+    default = MoonsDataModule(num_samples=200)  # the tuned default keeps its seeded 80/10/10 split, raw features
+    default.setup()
+    assert (len(default.train_set), len(default.val_set), len(default.test_set)) == (160, 20, 20)
+    assert default.feature_mean is None
+
+
+@needs_shared
+def test_abalone_notebook_setup_against_an_independent_reading(tmp_path):
+    """pandas' header eats the first row; train_test_split(test_size=0.2, random_state=42); rings standardised."""
+    from sklearn.model_selection import train_test_split
+
+    root = copy_abalone(tmp_path)
+    dm = AbaloneDataModule(str(root), split="sklearn", split_seed=42, skip_first_row=True, standardize_targets=True,
+                           full_batch=True)
+    dm.setup()
+    x, y = _abalone_numpy(root / "abalone" / "abalone.data")
+    x, y = x[1:], y[1:]
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=42)
+    assert (len(dm.train_set), len(dm.test_set)) == (3340, 836) and dm.val_set is dm.test_set
+    fx = lambda a: (a - x_tr.mean(0)) / x_tr.std(0)  # noqa: E731
+    fy = lambda a: (a - y_tr.mean()) / y_tr.std()  # noqa: E731
+    np.testing.assert_allclose(dm.train_set.tensors[0].numpy(), fx(x_tr), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dm.test_set.tensors[0].numpy(), fx(x_te), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dm.train_set.tensors[1].numpy(), fy(y_tr), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dm.test_set.tensors[1].numpy(), fy(y_te), rtol=1e-5, atol=1e-5)
+    assert (float(dm.target_mean), float(dm.target_std)) == (pytest.approx(y_tr.mean()), pytest.approx(y_tr.std()))
+    # full_batch: 53 = ceil(3340 / 64) steps per epoch, each on all 3340 training rows
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 53 and all(b[0] is dm.train_set.tensors[0] for b in batches)
+    assert batches[0][0].shape == (3340, 10) and batches[0][1].shape == (3340,)
+    default = AbaloneDataModule(str(root))  # the report's text: seeded permutation, raw rings, minibatches
+    default.setup()
+    assert len(default.train_set) == 4177 - 835 and default.target_mean is None
+    assert next(iter(default.train_dataloader()))[0].shape == (64, 10)
+
+
+def test_cora_minibatches_of_training_nodes(cora_root):
+    """The GAT notebook: three SGD steps per epoch on masks of 64, 64 and 12 of the 140 training nodes."""
+    dm = CoraDataModule(str(cora_root), train_batch_nodes=64, data_seed=0)
+    dm.setup()
+    loader = dm.train_dataloader()
+
+    def epoch(e):
+        loader.sampler.set_epoch(e)
+        return list(loader)
+
+    first, again, second = epoch(0), epoch(0), epoch(1)
+    sizes = [int(b.train_mask.sum()) for b in first]
+    assert sizes == [64, 64, 12]
+    union = torch.stack([b.train_mask for b in first]).sum(0)
+    assert torch.equal(union, dm.data.train_mask.long())  # every training node exactly once per epoch
+    assert all(b.x is dm.data.x and b.edge_index is dm.data.edge_index for b in first)  # shared, not copied
+    assert torch.equal(dm.data.train_mask.nonzero().flatten(), torch.arange(140))  # the original mask untouched
+    assert all(torch.equal(a.train_mask, b.train_mask) for a, b in zip(first, again))  # seeded
+    assert not torch.equal(first[0].train_mask, second[0].train_mask)  # reshuffled per epoch
+    assert all(b.val_mask is dm.data.val_mask for b in first)
+    assert list(dm.val_dataloader())[0] is dm.data  # evaluation stays full batch
+
+
+def test_matrix_sensing_float64():
+    dm = MatrixSensingDataModule(dim=6, rank=2, num_val=3, num_test=3, dtype="float64", data_seed=2)
+    dm.setup()
+    a, b = dm.train_set.tensors
+    assert a.dtype == b.dtype == dm.u_star.dtype == torch.float64
+    np.testing.assert_allclose(np.linalg.norm(dm.u_star.numpy(), axis=0), 1.0, rtol=1e-14)
+    expected = (a.numpy() * (dm.u_star.numpy() @ dm.u_star.numpy().T)).sum(axis=(1, 2))
+    np.testing.assert_allclose(b.numpy(), expected, rtol=1e-12, atol=1e-12)  # exact to float64
