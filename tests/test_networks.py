@@ -74,6 +74,19 @@ def convnet_count(cin: int, layers, image_size: int, hidden: list[int], classes:
     return total + linear(width, classes)
 
 
+def resnet_basic_count(cin: int, blocks: list[int], width: int, classes: int = 10) -> int:
+    """3x3 stem (no bias) + BN, basic blocks (two 3x3 conv + BN; 1x1 conv + BN projection when the shape changes)."""
+    total, c = conv(cin, width, 3, False) + bn(width), width
+    for i, n in enumerate(blocks):
+        out = width * 2**i
+        for j in range(n):
+            total += conv(c, out, 3, False) + bn(out) + conv(out, out, 3, False) + bn(out)
+            if (i > 0 and j == 0) or c != out:
+                total += conv(c, out, 1, False) + bn(out)
+            c = out
+    return total + linear(c, classes)
+
+
 def pyramidnet_basic_count(depth: int, alpha: float, classes: int = 10) -> int:
     n = (depth - 2) // 6
     widths = [round(16 + alpha * k / (3 * n)) for k in range(1, 3 * n + 1)]
@@ -89,6 +102,11 @@ LENET5_BY_HAND = (
     + conv(6, 16, 5, True) + bn(16)  # 2416 + 32
     + linear(16 * 5 * 5, 120) + linear(120, 84) + linear(84, 10)  # 48120 + 10164 + 850
 )
+LENET5_NOTEBOOK_BY_HAND = (
+    conv(1, 12, 5, True) + bn(12) + conv(12, 32, 5, True) + bn(32)  # 28 -> 24 -> 12 -> 8 -> 4
+    + linear(32 * 4 * 4, 256) + linear(256, 128) + linear(128, 10)
+)
+GAT_ONE_HEAD_BY_HAND = 1433 * 8 + 3 * 8 + 8 * 7 + 3 * 7  # lin + att_src/att_dst/bias per layer
 GAT_BY_HAND = (
     1433 * 64 + 64 + 64 + 64  # lin (no bias) + att_src + att_dst (8 heads x 8) + bias
     + 64 * 7 + 7 + 7 + 7  # output layer, 1 head, 7 classes
@@ -122,6 +140,25 @@ COUNTS = {
         lambda: ComplexBatch(3, 10, 32), convnet_count(3, COMPLEX_BATCH, 32, [256]), 0.0, "hand count",
     ),
     "MatrixFactorization": (MatrixFactorization, 100 * 100, 0.0, "U is d x width"),
+    "SimpleBatch digits": (lambda: SimpleBatch(1, 10, 8), convnet_count(1, SIMPLE_BATCH, 8, [256]), 0.0, "hand count"),
+    "MiddleBatch digits": (lambda: MiddleBatch(1, 10, 8), convnet_count(1, MIDDLE_BATCH, 8, [256]), 0.0, "hand count"),
+    "ComplexBatch digits": (
+        lambda: ComplexBatch(1, 10, 8), convnet_count(1, COMPLEX_BATCH, 8, [256]), 0.0, "hand count",
+    ),
+    "ResNet digits": (
+        lambda: ResNet(1, 10, [2, 2, 2, 2], 8), resnet_basic_count(1, [2, 2, 2, 2], 8), 0.0,
+        "hand count of configs/model/resnet_digits.yaml: 176,258",
+    ),
+    "ResNet18 hand": (ResNet18, resnet_basic_count(3, [2, 2, 2, 2], 64), 0.0, "hand count = 11,173,962"),
+    "LeNet5 notebook": (
+        lambda: LeNet5(channels=[12, 32], hidden=[256, 128], padding=0), LENET5_NOTEBOOK_BY_HAND, 0.0,
+        "hand count of Hammoud et al.'s notebook LeNet: 175,546",
+    ),
+    "GAT one head": (lambda: GAT(heads=1), GAT_ONE_HEAD_BY_HAND, 0.0, "hand count = PyG GAT(1433, 8, 2, 7): 11,565"),
+    "FCNN ELU output": (
+        lambda: FCNN(activation="elu", output_activation="elu"), linear(10, 64) + linear(64, 64) + linear(64, 1), 0.0,
+        "activations have no parameters",
+    ),
 }
 
 
@@ -138,6 +175,20 @@ def test_parameter_count(name):
 
 def test_lenet5_hand_count_is_61750():
     assert LENET5_BY_HAND == 61_750
+    assert LENET5_NOTEBOOK_BY_HAND == 175_546 and GAT_ONE_HEAD_BY_HAND == 11_565
+
+
+def test_digit_nets_pool_8x8_down_to_one_pixel():
+    """8 -> 4 -> 2 (SimpleBatch, two pools) and 8 -> 4 -> 2 -> 1 (MiddleBatch, ComplexBatch, ResNet stages 2-4)."""
+    for factory, side, channels in ((SimpleBatch, 2, 64), (MiddleBatch, 1, 128), (ComplexBatch, 1, 128)):
+        net = factory(1, 10, 8)
+        flat = [m for m in net if isinstance(m, nn.Linear)][0]
+        assert flat.in_features == channels * side * side
+    resnet = ResNet(1, 10, [2, 2, 2, 2], 8).eval()
+    maps = resnet.stages(resnet.stem(torch.randn(1, 1, 8, 8)))
+    assert maps.shape == (1, 64, 1, 1)
+    with pytest.raises(ValueError, match="Invalid image_size: 4"):
+        MiddleBatch(1, 10, 4)  # three poolings need image_size >= 8
 
 
 # ---------------------------------------------------------------- shapes and one SAM step
@@ -152,6 +203,11 @@ IMAGE_NETS = {  # name: (factory, input shape (C, H, W)); tiny inputs where the 
     "WideResNet": (WideResNet, (3, 8, 8)),
     "PyramidNet": (lambda: PyramidNet(depth=20, alpha=12), (3, 8, 8)),  # the default 110 layers cost seconds
     "PyramidNet bottleneck": (lambda: PyramidNet(depth=29, alpha=12, bottleneck=True), (3, 8, 8)),
+    "SimpleBatch digits": (lambda: SimpleBatch(1, 10, 8), (1, 8, 8)),
+    "MiddleBatch digits": (lambda: MiddleBatch(1, 10, 8), (1, 8, 8)),
+    "ComplexBatch digits": (lambda: ComplexBatch(1, 10, 8), (1, 8, 8)),
+    "ResNet digits": (lambda: ResNet(1, 10, [2, 2, 2, 2], 8), (1, 8, 8)),
+    "LeNet5 notebook": (lambda: LeNet5(channels=[12, 32], hidden=[256, 128], padding=0), (1, 28, 28)),
 }
 
 
@@ -264,6 +320,34 @@ def test_gat_layers():
     net = GAT()
     assert (net.conv1.heads, net.conv1.out_channels, net.conv1.concat, net.conv1.dropout) == (8, 8, True, 0.6)
     assert (net.conv2.heads, net.conv2.out_channels, net.conv2.concat) == (1, 7, False)
+    assert net.input_dropout == 0.6 and net.conv2.dropout == 0.6
+    split = GAT(dropout=0.5, input_dropout=0.0, attention_dropout=0.1)
+    assert (split.dropout, split.input_dropout, split.conv1.dropout, split.conv2.dropout) == (0.5, 0.0, 0.1, 0.1)
+
+
+def test_one_head_gat_is_pyg_gat_of_the_notebook():
+    """Hammoud et al.'s notebook builds torch_geometric.nn.GAT(1433, 8, 2, 7, dropout=0.6, act="elu")."""
+    from torch_geometric.nn import GAT as PygGAT
+
+    torch.manual_seed(0)
+    ours = GAT(heads=1, output_heads=1, dropout=0.6, input_dropout=0.0, attention_dropout=0.6)
+    ref = PygGAT(1433, 8, num_layers=2, out_channels=7, dropout=0.6, act="elu")
+    assert count(ours) == count(ref) == 11_565
+    assert [c.dropout for c in ref.convs] == [ours.conv1.dropout, ours.conv2.dropout]  # attention dropout 0.6
+    with torch.no_grad():
+        for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+            a.copy_(b.view_as(a))
+    x = torch.rand(30, 1433)
+    edge_index = torch.randint(0, 30, (2, 90))
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x, edge_index), ref(x, edge_index))
+
+
+def test_output_activation():
+    net = FCNN(activation="elu", output_activation="elu", weight_init="default")
+    assert [type(m) for m in net] == [nn.Linear, nn.ELU, nn.Linear, nn.ELU, nn.Linear, nn.ELU]
+    assert net(torch.randn(50, 10) * 100).min() >= -1.0  # ELU floor: the notebook's outputs cannot go below -1
+    assert type(FCNN()[-1]) is nn.Linear and type(MLP(out_features=1, weight_init="xavier")[-1]) is nn.Linear
 
 
 def test_wide_resnet_depth_gives_blocks():
@@ -302,6 +386,13 @@ def test_xavier_init_zeroes_biases():
         (GAT, {"heads": 0}, "heads"),
         (FCNN, {"hidden": [64, 0]}, "hidden"),
         (MLP, {"activation": "gelu"}, "activation"),
+        (MLP, {"output_activation": "sigmoid"}, "output_activation"),
+        (GAT, {"input_dropout": 1.0}, "input_dropout"),
+        (GAT, {"attention_dropout": -0.1}, "attention_dropout"),
+        (LeNet5, {"channels": [6]}, "channels"),
+        (LeNet5, {"hidden": [0]}, "hidden"),
+        (LeNet5, {"padding": -1}, "padding"),
+        (LeNet5, {"padding": 0, "image_size": 13}, "image_size"),
         (MatrixFactorization, {"init_scale": 0.0}, "init_scale"),
         (MatrixFactorization, {"init": "zeros"}, "init"),
     ],

@@ -1,4 +1,4 @@
-"""Fully connected networks: seed 003's moons MLP and seed 002's Abalone FCNN."""
+"""Fully connected networks: the moons MLP of the Adaptive-GSAM study and Hammoud et al.'s Abalone FCNN."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ from ._checks import check_choice, check_int, check_ints, check_probability
 from ._init import WEIGHT_INITS, WeightInit, init_weights
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU}
+Activation = Literal["relu", "tanh", "elu", "leaky_relu"]
 
 
 class MLP(nn.Sequential):
-    """Multi-layer perceptron: Linear → activation, repeated, then a Linear output layer.
+    """Multi-layer perceptron: Linear → activation, repeated, then a Linear output layer [→ activation].
 
-    The default is seed 003's moons network (2 → 32 → 32 → 32 → 2, ReLU). A feed-forward chain
-    (an ``nn.Sequential`` of Linear and activation layers), so layer-wise measures can walk it.
+    The default is the moons network of the Adaptive-GSAM study (2 → 32 → 32 → 32 → 2, ReLU); its
+    authors' Keras code has one sigmoid output instead (``out_features=1`` with ``BinaryClassifier``,
+    which applies the sigmoid inside its loss). A feed-forward chain (an ``nn.Sequential`` of Linear
+    and activation layers), so layer-wise measures can walk it::
+
+        x → [Linear → activation → Dropout]* → Linear [→ output_activation]
 
     Args:
         in_features: Input dimension (2 for moons, 10 for Abalone).
@@ -26,6 +31,8 @@ class MLP(nn.Sequential):
         activation: Nonlinearity after every hidden layer.
         dropout: Dropout probability after every hidden activation (0 = none).
         weight_init: ``"default"`` (PyTorch's) or ``"xavier"`` (Glorot uniform weights, zero biases).
+        output_activation: Nonlinearity after the output layer too (None: linear outputs). Hammoud
+            et al.'s notebook applies ELU after every layer of its Abalone FCNN, output included.
     """
 
     def __init__(
@@ -33,14 +40,17 @@ class MLP(nn.Sequential):
         in_features: int = 2,
         hidden: Sequence[int] = (32, 32, 32),
         out_features: int = 2,
-        activation: Literal["relu", "tanh", "elu", "leaky_relu"] = "relu",
+        activation: Activation = "relu",
         dropout: float = 0.0,
         weight_init: WeightInit = "default",
+        output_activation: Activation | None = None,
     ) -> None:
         check_int("in_features", in_features)
         check_int("out_features", out_features)
         hidden = check_ints("hidden", hidden)
         check_choice("activation", activation, sorted(_ACTIVATIONS))
+        if output_activation is not None:
+            check_choice("output_activation", output_activation, sorted(_ACTIVATIONS))
         check_probability("dropout", dropout)
         check_choice("weight_init", weight_init, WEIGHT_INITS)
         layers: list[nn.Module] = []
@@ -51,6 +61,8 @@ class MLP(nn.Sequential):
                 layers.append(nn.Dropout(dropout))
             width = h
         layers.append(nn.Linear(width, out_features))
+        if output_activation is not None:
+            layers.append(_ACTIVATIONS[output_activation]())
         super().__init__(*layers)
         init_weights(self, weight_init)
         self.in_features = in_features
@@ -58,10 +70,12 @@ class MLP(nn.Sequential):
 
 
 class FCNN(MLP):
-    """Seed 002's fully connected regression network for Abalone: 10 → 64 → 64 → 1 with ReLU.
+    """Hammoud et al.'s fully connected regression network for Abalone: 10 → 64 → 64 → 1 with ReLU.
 
-    The :class:`MLP` with other default sizes (Hammoud et al., "Adaptive Sharpness and
-    Generalization", seed 002, section III.A); train it with ``Regressor`` (mean squared error).
+    The :class:`MLP` with other default sizes (Hammoud et al. 2023, "Adaptive Sharpness and
+    Generalization", section III.A); train it with ``Regressor`` (mean squared error). Their notebook
+    uses ELU after every layer, output included (``activation: elu, output_activation: elu``), and
+    PyTorch's default initialisation; their text says ReLU and Xavier.
 
     Args:
         in_features: Input dimension (10 one-hot/standardised Abalone features).
@@ -69,7 +83,8 @@ class FCNN(MLP):
         out_features: Output dimension (1: the number of rings).
         activation: Nonlinearity after every hidden layer.
         dropout: Dropout probability after every hidden activation (0 = none).
-        weight_init: ``"default"`` (PyTorch's) or ``"xavier"`` (seed 002's Glorot initialisation).
+        weight_init: ``"default"`` (PyTorch's) or ``"xavier"`` (Glorot uniform weights, zero biases).
+        output_activation: Nonlinearity after the output layer (None: a linear output).
     """
 
     def __init__(
@@ -77,8 +92,9 @@ class FCNN(MLP):
         in_features: int = 10,
         hidden: Sequence[int] = (64, 64),
         out_features: int = 1,
-        activation: Literal["relu", "tanh", "elu", "leaky_relu"] = "relu",
+        activation: Activation = "relu",
         dropout: float = 0.0,
         weight_init: WeightInit = "default",
+        output_activation: Activation | None = None,
     ) -> None:
-        super().__init__(in_features, hidden, out_features, activation, dropout, weight_init)
+        super().__init__(in_features, hidden, out_features, activation, dropout, weight_init, output_activation)
