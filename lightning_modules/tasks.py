@@ -1,7 +1,8 @@
-"""Tasks on top of the two-pass step: classification, regression and node classification."""
+"""Tasks on top of the two-pass step: classification (multi-class and binary), regression, node classification."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -94,7 +95,13 @@ class Classifier(TwoPassModule):
 
 
 class Regressor(TwoPassModule):
-    """Regression with the mean squared error: logs ``{stage}/loss`` (MSE) and ``{stage}/mae``.
+    """Regression with the (scaled) mean squared error: logs ``{stage}/loss`` and ``{stage}/mae``.
+
+    The loss of a batch of n targets is ``loss_scale · (1/n) Σ_i (f(x_i) − y_i)²``. ``loss_scale=0.5``
+    gives the ``(1/2m) Σ_i (⟨A_i, U Uᵀ⟩ − b_i)²`` of matrix sensing (Dai, Ahn & Sra 2023; Wong et al.,
+    appendix B). The scale multiplies the gradients, so it changes plain SGD only as a learning-rate
+    factor would, but it changes USAM's ascent ε = ρ·∇L (SAM's normalised ascent does not see it).
+    The logged ``loss`` is the scaled one; ``mae`` is unscaled.
 
     Args:
         net: Network mapping inputs to ``num_outputs`` values (``out_features``).
@@ -102,6 +109,7 @@ class Regressor(TwoPassModule):
         optimizer: Base optimizer factory (see :class:`TwoPassModule`).
         minimizer: SAM-family rule, or None for the base optimizer alone.
         lr_scheduler: Optional lr scheduler factory.
+        loss_scale: Factor c > 0 of the loss c · MSE (0.5: the ``1/(2m)`` convention).
         **kwargs: Further :class:`TwoPassModule` options.
     """
 
@@ -112,11 +120,16 @@ class Regressor(TwoPassModule):
         optimizer: OptimizerCallable = torch.optim.SGD,
         minimizer: Minimizer | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
+        loss_scale: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(net, optimizer, minimizer, lr_scheduler, **kwargs)
         if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
             raise ValueError(f"Invalid num_outputs: {num_outputs!r}; expected an integer >= 1")
+        if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not (
+            math.isfinite(loss_scale) and loss_scale > 0
+        ):
+            raise ValueError(f"Invalid loss_scale: {loss_scale!r}; expected a finite loss_scale > 0")
         out = _out_features(net)
         if out is not None and out != num_outputs:
             raise ValueError(
@@ -124,6 +137,7 @@ class Regressor(TwoPassModule):
                 f"{num_outputs}; a classification net (one output per class) needs Classifier"
             )
         self.num_outputs = num_outputs
+        self.loss_scale = float(loss_scale)
         self.train_mae = torchmetrics.MeanAbsoluteError()
         self.val_mae = torchmetrics.MeanAbsoluteError()
         self.test_mae = torchmetrics.MeanAbsoluteError()
@@ -139,7 +153,10 @@ class Regressor(TwoPassModule):
                 f"{tuple(y.shape)}; a classification net (one output per class) needs Classifier"
             )
         y = y.to(pred.dtype)
-        return F.mse_loss(pred, y), pred, y, y.shape[0]
+        loss = F.mse_loss(pred, y)
+        if self.loss_scale != 1.0:
+            loss = loss * self.loss_scale
+        return loss, pred, y, y.shape[0]
 
     def update_metrics(self, stage: str, output: Tensor, target: Tensor) -> None:
         getattr(self, f"{stage}_mae").update(output, target)
@@ -149,6 +166,78 @@ class Regressor(TwoPassModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.net(batch[0])
+
+
+class BinaryClassifier(TwoPassModule):
+    """Binary classification from one logit per example: BCE with logits; logs ``{stage}/loss``, ``{stage}/acc``.
+
+    The net returns one value z per example (shape ``(batch,)`` or ``(batch, 1)``); the loss is the
+    binary cross-entropy of σ(z) against the 0/1 targets, computed stably from the logit
+    (``binary_cross_entropy_with_logits``); the prediction is class 1 when z > 0 (σ(z) > 0.5).
+    This is the Keras setup of the Adaptive-GSAM moons study: a single sigmoid output unit trained
+    with ``binary_crossentropy`` (Keras computes it from the logit as well). The keys logged are
+    those of :class:`Classifier`; ``predict`` returns σ(z).
+
+    Args:
+        net: Network with one output (``out_features`` 1).
+        num_classes: The data's number of classes (linked from the data module); must be 2.
+        optimizer: Base optimizer factory (see :class:`TwoPassModule`).
+        minimizer: SAM-family rule, or None for the base optimizer alone.
+        lr_scheduler: Optional lr scheduler factory.
+        **kwargs: Further :class:`TwoPassModule` options.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int = 2,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        minimizer: Minimizer | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(net, optimizer, minimizer, lr_scheduler, **kwargs)
+        if num_classes != 2 or isinstance(num_classes, bool):
+            raise ValueError(
+                f"Invalid num_classes: {num_classes!r}; expected 2 (BinaryClassifier; use Classifier for more classes)"
+            )
+        out = _out_features(net)
+        if out is not None and out != 1:
+            raise ValueError(
+                f"Invalid net for BinaryClassifier: {type(net).__name__} has out_features={out}; expected 1 "
+                "(one logit per example; set model.init_args.net.init_args.out_features: 1)"
+            )
+        self.num_classes = 2
+        self.train_acc = torchmetrics.classification.BinaryAccuracy(validate_args=False)
+        self.val_acc = self.train_acc.clone()
+        self.test_acc = self.train_acc.clone()
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The net's logits as a ``(batch,)`` tensor."""
+        z = self.net(x)
+        if z.ndim == 2 and z.shape[1] == 1:
+            z = z.squeeze(1)
+        if z.ndim != 1:
+            raise ValueError(
+                f"Invalid net output for BinaryClassifier: shape {tuple(z.shape)}; expected (batch,) or (batch, 1)"
+            )
+        return z
+
+    def forward_loss(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor, int]:
+        x, y = batch[0], batch[1]
+        z = self.logits(x)
+        loss = F.binary_cross_entropy_with_logits(z, y.to(z.dtype))
+        return loss, z, y, y.shape[0]
+
+    def update_metrics(self, stage: str, output: Tensor, target: Tensor) -> None:
+        # integer predictions: torchmetrics would read logits that happen to lie in [0, 1] as probabilities
+        getattr(self, f"{stage}_acc").update((output > 0).long(), target.long())
+
+    def stage_metrics(self, stage: str) -> dict[str, torchmetrics.Metric]:
+        return {"acc": getattr(self, f"{stage}_acc")}
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return torch.sigmoid(self.logits(batch[0]))
 
 
 class NodeClassifier(Classifier):
