@@ -28,6 +28,7 @@ _LIGHTNING = {
     "GradientNormSharpness": "sharpness",
     "HessianSpectrum": "sharpness",
     "LossThresholdCheckpoint": "checkpoint",
+    "RelativeLossStopping": "stopping",
 }
 
 __all__ = [
