@@ -61,6 +61,11 @@ PAIRS = [
     ("data/cifar10.yaml", "model/wideresnet.yaml"),
     ("data/cifar10.yaml", "model/pyramidnet.yaml"),
     ("data/matrix_sensing.yaml", "model/matrix_factorization.yaml"),
+    ("data/digits.yaml", "model/simplebatch_digits.yaml"),
+    ("data/digits.yaml", "model/middlebatch_digits.yaml"),
+    ("data/digits.yaml", "model/complexbatch_digits.yaml"),
+    ("data/digits.yaml", "model/resnet_digits.yaml"),
+    ("data/moons_published.yaml", "model/mlp_binary.yaml"),
 ]
 # data attribute -> net attribute that must agree
 SHAPE = {"in_channels": "in_channels", "image_size": "image_size", "num_features": "in_features", "dim": "dim"}
@@ -86,7 +91,8 @@ def test_data_and_model_presets_fit_together(data, model):
             checked += 1
     assert checked >= 1, f"{model} shares no input attribute with {data}"
     if hasattr(dm, "num_classes"):  # linked into the task; the task checks the net's outputs
-        assert c.model.num_classes == dm.num_classes == net.out_features
+        outputs = 1 if type(c.model).__name__ == "BinaryClassifier" else dm.num_classes  # one logit
+        assert c.model.num_classes == dm.num_classes and net.out_features == outputs
     else:
         assert net.out_features == 1 == c.model.num_outputs
 
@@ -122,6 +128,13 @@ EXPERIMENT_NETS = {
     "experiments/mnist_gsam.yaml": ("SmallCNN", "MNISTDataModule", "GSAM"),
     "experiments/sam_wrn_cifar10.yaml": ("WideResNet", "CIFAR10DataModule", "SAM"),
     "experiments/matrix_sensing_sam.yaml": ("MatrixFactorization", "MatrixSensingDataModule", "SAM"),
+    "experiments/matrix_sensing_published.yaml": ("MatrixFactorization", "MatrixSensingDataModule", "SAM"),
+    "experiments/moons_gsam_published.yaml": ("MLP", "MoonsDataModule", "GSAM"),
+    "experiments/adaptive_sharpness_abalone_notebook.yaml": ("FCNN", "AbaloneDataModule", None),
+    "experiments/adaptive_sharpness_cora_notebook.yaml": ("GAT", "CoraDataModule", None),
+    "experiments/adaptive_sharpness_fashion_mnist_notebook.yaml": ("LeNet5", "FashionMNISTDataModule", None),
+    "experiments/minsharp_digits.yaml": ("SimpleBatch", "DigitsDataModule", "SAM"),
+    "experiments/gradient_norm_digits.yaml": ("ResNet", "DigitsDataModule", "SAM"),
 }
 
 
@@ -200,12 +213,26 @@ FITS = {  # experiment -> extra CLI arguments that keep the run tiny
     "experiments/adaptive_sharpness_abalone.yaml": (),  # real data
     "experiments/adaptive_sharpness_cora.yaml": (),  # real data
     "experiments/gat_paper_cora.yaml": (),  # real data
+    "experiments/matrix_sensing_published.yaml": (
+        "--data.init_args.dim", "12", "--data.init_args.num_measurements", "60", "--data.init_args.num_val", "8",
+        "--data.init_args.num_test", "8", "--model.init_args.net.init_args.dim", "12",
+        "--model.init_args.net.init_args.width", "12",
+    ),
+    "experiments/moons_gsam_published.yaml": ("--data.init_args.num_samples", "200"),
+    "experiments/adaptive_sharpness_abalone_notebook.yaml": (),  # real data
+    "experiments/adaptive_sharpness_cora_notebook.yaml": (),  # real data
+    "experiments/adaptive_sharpness_fashion_mnist_notebook.yaml": (),
+    "experiments/minsharp_digits.yaml": (),
+    "experiments/gradient_norm_digits.yaml": (),
 }
 REAL = {
     "experiments/adaptive_sharpness_abalone.yaml": copy_abalone,
     "experiments/adaptive_sharpness_cora.yaml": copy_cora_raw,
     "experiments/gat_paper_cora.yaml": copy_cora_raw,
+    "experiments/adaptive_sharpness_abalone_notebook.yaml": copy_abalone,
+    "experiments/adaptive_sharpness_cora_notebook.yaml": copy_cora_raw,
 }
+GENERATED = ("matrix_sensing", "moons", "digits")  # no data_dir argument
 
 
 def fit(args: list[str]) -> cli.FlatMinimaCLI:
@@ -225,7 +252,7 @@ def test_experiment_fast_dev_run(config, data_root):
         if shared_datasets() is None:
             pytest.skip(SKIP_SHARED)
         REAL[config](data_root)
-    extra = () if "matrix_sensing" in config or "moons" in config else ("--data.init_args.data_dir", str(data_root))
+    extra = () if any(g in config for g in GENERATED) else ("--data.init_args.data_dir", str(data_root))
     result = fit(["--config", str(CONFIGS / config), *extra, *FITS[config]])
     assert torch.isfinite(result.trainer.callback_metrics["train/loss"])
 
