@@ -117,32 +117,46 @@ class AlternatingTimer(pl.Callback):
         self._start = now
 
 
-def time_module(model_name: str, rule_name: str, device: str, warmup: int, window: int, windows: int):
-    """Median step time (s) of the module without and with the rule, in interleaved windows of one run."""
-    factory, shape, classes, batch = MODELS[model_name]
+def _inputs(model_name: str, device: str, batch: int | None):
+    """A seeded network of ``MODELS[model_name]`` and one random batch on ``device``."""
+    factory, shape, classes, default_batch = MODELS[model_name]
+    batch = default_batch if batch is None else batch
     torch.manual_seed(0)
     net = factory()
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, classes, (batch,), device=device)
+    return net, x, y, classes
+
+
+def time_module(model_name: str, rule_name: str, device: str, warmup: int, window: int, windows: int,
+                batch: int | None = None, precision: str = "32-true"):
+    """Median step time (s) of the module without and with the rule, in interleaved windows of one run.
+
+    ``batch`` overrides the model's batch size; ``precision`` is the Trainer's (``"bf16-mixed"``, ...).
+    """
+    net, x, y, classes = _inputs(model_name, device, batch)
     model = Classifier(net, num_classes=classes, optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9))
     timer = AlternatingTimer(RULES[rule_name](), warmup, window)
     steps = warmup + window * 2 * windows + 1
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        precision=precision,
     )
     trainer.fit(model, DataLoader(RepeatBatch(x, y, steps), batch_size=None))
     return statistics.median(timer.times[False]), statistics.median(timer.times[True])
 
 
-def time_plain(model_name: str, device: str, warmup: int, window: int, windows: int):
-    """Median step time (s) of a bare PyTorch loop with 1 and with 2 forward-backward passes per step."""
-    factory, shape, classes, batch = MODELS[model_name]
-    torch.manual_seed(0)
-    net = factory().to(device)
+def time_plain(model_name: str, device: str, warmup: int, window: int, windows: int,
+               batch: int | None = None, precision: str = "32-true"):
+    """Median step time (s) of a bare PyTorch loop with 1 and with 2 forward-backward passes per step.
+
+    ``precision="bf16-mixed"`` runs the forward passes under ``torch.autocast`` in bfloat16.
+    """
+    net, x, y, _ = _inputs(model_name, device, batch)
+    net = net.to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, *shape, device=device)
-    y = torch.randint(0, classes, (batch,), device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     times: dict[int, list[float]] = {1: [], 2: []}
     start, passes = None, 1
     for i in range(warmup + window * 2 * windows + 1):
@@ -157,7 +171,9 @@ def time_plain(model_name: str, device: str, warmup: int, window: int, windows: 
             start, passes = now, 1 + ((i - warmup) // window) % 2
         for _ in range(passes):
             opt.zero_grad()
-            F.cross_entropy(net(x), y).backward()
+            with autocast:
+                loss = F.cross_entropy(net(x), y)
+            loss.backward()
         opt.step()
     return statistics.median(times[1]), statistics.median(times[2])
 
