@@ -335,7 +335,9 @@ class AdaptiveSharpness(SharpnessCallback):
         p: 2 or ``float("inf")``.
         adaptive: c = |w| (scale-invariant) instead of 1.
         n_iters: Ascent steps per batch.
-        method: ``"apgd"`` (the authors' estimator) or ``"pga"`` (seed 002).
+        method: ``"apgd"`` (the authors' estimator, as their code runs it), ``"apgd_reset"`` (the iterate
+            restarts from the best point at each step halving; this project's earlier default) or ``"pga"``
+            (seed 002).
         step_size: Initial (apgd, default 2ρ) or fixed (pga, default the current training lr) step.
         name: Metric name (default ``"adaptive"``).
         **kwargs: :class:`SharpnessCallback` options.
@@ -347,7 +349,7 @@ class AdaptiveSharpness(SharpnessCallback):
         p: float = math.inf,
         adaptive: bool = True,
         n_iters: int = 20,
-        method: Literal["apgd", "pga"] = "apgd",
+        method: Literal["apgd", "apgd_reset", "pga"] = "apgd",
         step_size: float | None = None,
         name: str = "adaptive",
         every_n_epochs: int | None = None,
@@ -366,7 +368,7 @@ class AdaptiveSharpness(SharpnessCallback):
         self.p = check_p(p, allowed=(2.0, math.inf))
         self.adaptive = adaptive
         self.n_iters = check_int("n_iters", n_iters, 1)
-        self.method = check_choice("method", method, ("apgd", "pga"))
+        self.method = check_choice("method", method, ("apgd", "apgd_reset", "pga"))
         self.step_size = None if step_size is None else check_float("step_size", step_size, strict=True)
 
     def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
