@@ -39,6 +39,9 @@ class TwoPassModule(pl.LightningModule):
     directions; rules whose descent uses g (GSAM) form d on each replica before averaging it.
     ``ascent="global"`` takes ε from the all-reduced gradient instead.
 
+    Rules whose radius follows the lr (GSAM with ``rho_min``) get the lr of this step and the peak of
+    the schedule (:func:`schedule_peak_lr`), both of the optimizer's first param group.
+
     During a step ``self.pass_index`` is 1 in pass 1 and 2 in pass 2 (0 outside), for callbacks
     that read gradients in ``on_after_backward`` (the pass-1 gradient is the clean one).
 
@@ -119,6 +122,7 @@ class TwoPassModule(pl.LightningModule):
         self._bn_buffers: list[Tensor] = []
         self._bn_backup: list[Tensor] = []
         self._sums: dict[str, tuple[tuple[str, ...], Tensor]] = {}
+        self._lr_peak: float | None = None
 
     # ------------------------------------------------------------------ task interface
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -157,6 +161,7 @@ class TwoPassModule(pl.LightningModule):
             )
 
     def on_fit_start(self) -> None:
+        self._lr_peak = None  # found at the first step, after a resume has restored the optimizer
         opt = self.trainer.optimizers[0]
         names = {id(p): n for n, p in self.named_parameters()}
         self._params = [p for group in opt.param_groups for p in group["params"]]
@@ -187,11 +192,10 @@ class TwoPassModule(pl.LightningModule):
         logs = {"loss": loss.detach(), "grad_norm": grad_norm if scale is None else grad_norm / scale}
 
         if rule is not None:
-            group = opt.optimizer.param_groups[0]
             with torch.no_grad():
                 eps = rule.perturbation(
                     params, grads, names=names if rule.uses_names else None, grad_norm=grad_norm,
-                    lr=float(group["lr"]), initial_lr=float(group.get("initial_lr", group["lr"])),
+                    lr=float(opt.optimizer.param_groups[0]["lr"]), lr_max=self._schedule_peak(),
                 )
                 if scale is not None and not rule.scale_invariant:
                     torch._foreach_div_(eps, scale)
@@ -355,6 +359,13 @@ class TwoPassModule(pl.LightningModule):
             return strategy.block_backward_sync()
         return contextlib.nullcontext()
 
+    def _schedule_peak(self) -> float:
+        """The peak lr of the first param group over the run (cached per fit; Python floats only)."""
+        if self._lr_peak is None:
+            configs = self.trainer.lr_scheduler_configs if self._trainer is not None else []
+            self._lr_peak = schedule_peak_lr(self.trainer.optimizers[0], [c.scheduler for c in configs])
+        return self._lr_peak
+
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
 
@@ -426,6 +437,31 @@ def _launched_by_cli() -> bool:
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(map(repr, choices))}")
+
+
+def schedule_peak_lr(optimizer: torch.optim.Optimizer, schedulers: list[Any]) -> float:
+    """The highest lr the first param group reaches under ``schedulers``, where it can be known.
+
+    OneCycleLR and CyclicLR: their ``max_lr``; SequentialLR: the highest of its schedulers' peaks; any
+    other scheduler (and no scheduler): the initial lr, which warmups such as LinearLR climb back to (a
+    LambdaLR whose factor exceeds 1 goes above it: GSAM then clamps and warns).
+    """
+    group = optimizer.param_groups[0]
+    initial = float(group.get("initial_lr", group["lr"]))
+    peaks = [_scheduler_peak(s, initial) for s in schedulers]
+    return max([initial] + [p for p in peaks if p is not None])
+
+
+def _scheduler_peak(scheduler: Any, initial: float) -> float | None:
+    sched = torch.optim.lr_scheduler
+    if isinstance(scheduler, sched.OneCycleLR):
+        return float(scheduler.optimizer.param_groups[0]["max_lr"])
+    if isinstance(scheduler, sched.CyclicLR):
+        return float(scheduler.max_lrs[0])
+    if isinstance(scheduler, sched.SequentialLR):
+        peaks = [_scheduler_peak(s, initial) for s in scheduler._schedulers]
+        return max(initial if p is None else p for p in peaks)
+    return None
 
 
 def _all_reduce_mean(tensors: list[Tensor]) -> None:
