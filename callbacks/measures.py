@@ -49,6 +49,7 @@ from .ggn import LayerTraces, UnsupportedNetworkError, feed_forward_layers, laye
 from .hessian import HessianOperator, TraceEstimate, hutchinson, lanczos_top
 
 __all__ = [
+    "check_batch",
     "minimum_sharpness",
     "adaptive_sharpness",
     "adaptive_sharpness_per_batch",
@@ -68,6 +69,23 @@ __all__ = [
     "TraceEstimate",
     "Reduce",
 ]
+
+
+# ---------------------------------------------------------------------------------------- input check
+def check_batch(model: nn.Module, batch: Any, loss_fn: LossFn | None = F.cross_entropy) -> None:
+    """Run ``model`` (and ``loss_fn``) once on ``batch`` as the measures would, to refuse bad input early.
+
+    ``batch`` must be an ``(inputs, targets)`` pair (or an input tensor); raises ``TypeError`` or
+    ``ValueError`` (or what the network raises) saying why a measure could not use it. Leaves no trace.
+    """
+    model = unwrap(model)
+    with evaluating(model), torch.no_grad():
+        fm = FlatModel(model)
+        inputs, targets = next(prepared([batch], fm.device, fm.dtype))
+        if loss_fn is None:
+            fm(fm.w0, inputs)
+        else:
+            fm.loss(fm.w0, (inputs, targets), loss_fn)
 
 
 # ---------------------------------------------------------------------------------------- minimum sharpness

@@ -159,6 +159,17 @@ class TwoPassModule(pl.LightningModule):
         """The stage's torchmetrics objects by name, logged as ``{stage}/{name}`` at the epoch end."""
         return {}
 
+    def epoch_metric_names(self, stage: str) -> set[str]:
+        """The epoch-level keys this module logs for ``stage`` (``train/loss``, ``train/acc``, ...).
+
+        Callbacks check the metrics they monitor against it before training (LossThresholdCheckpoint).
+        A subclass that logs more at the end of an epoch extends it.
+        """
+        keys = {"loss", *self.stage_metrics(stage)}
+        if stage == "train":
+            keys |= {"grad_norm"} | ({"loss_perturbed"} if self.minimizer is not None else set())
+        return {f"{stage}/{key}" for key in keys}
+
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> Any:
         """Build the base optimizer (and the lr scheduler, which this module steps itself)."""
@@ -182,7 +193,8 @@ class TwoPassModule(pl.LightningModule):
                 raise ValueError(
                     f"Invalid Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}): the two-pass step "
                     f"uses manual optimization; pass accumulate_grad_batches={trainer.accumulate_grad_batches} to "
-                    f"{type(self).__name__} instead (model.init_args.accumulate_grad_batches) and leave the Trainer's at 1"
+                    f"{type(self).__name__} instead (model.init_args.accumulate_grad_batches) and leave the "
+                    "Trainer's at 1"
                 )
             if trainer.gradient_clip_val is not None:
                 raise ValueError(
@@ -317,7 +329,8 @@ class TwoPassModule(pl.LightningModule):
         assert total is not None
         return total, batch_size
 
-    def _micro_ascent_step(self, opt: Any, parts: list[tuple[Any, float]]) -> tuple[dict[str, Tensor], list[Tensor], int]:
+    def _micro_ascent_step(self, opt: Any,
+                           parts: list[tuple[Any, float]]) -> tuple[dict[str, Tensor], list[Tensor], int]:
         """The ascent per micro-batch: d = Σᵢ wᵢ·dᵢ, each dᵢ a whole two-pass direction of micro-batch i.
 
         m-sharpness with m the micro-batch size (as DDP's per-replica ascent): εᵢ from the micro-batch's
