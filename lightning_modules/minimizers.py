@@ -343,9 +343,9 @@ class GSAM(SAM):
             return self.rho
         lr = float(lr)
         if not self.lr_min <= lr <= top:
-            self._warn_once(f"GSAM: lr {lr:.6g} is outside [lr_min, lr_max] = [{self.lr_min:.6g}, {top:.6g}]; rho_t is "
-                            f"clamped to [rho_min, rho] = [{self.rho_min}, {self.rho}] (set GSAM(lr_min=..., lr_max=...) "
-                            "to the schedule's range)")
+            self._warn_once(f"GSAM: lr {lr:.6g} is outside [lr_min, lr_max] = [{self.lr_min:.6g}, {top:.6g}]; "
+                            f"rho_t is clamped to [rho_min, rho] = [{self.rho_min}, {self.rho}] (set "
+                            "GSAM(lr_min=..., lr_max=...) to the schedule's range)")
             lr = min(max(lr, self.lr_min), top)
         return self.rho_min + (self.rho - self.rho_min) * (lr - self.lr_min) / (top - self.lr_min)
 

@@ -147,6 +147,29 @@ def test_explicit_names_and_a_single_instance_keep_their_keys(tmp_path):
     assert c.state_key == "MinimumSharpness{'name': 'minimum'}"  # unchanged for a default single instance
 
 
+def test_two_loss_threshold_checkpoints_keep_their_own_schedules_across_a_resume(tmp_path):
+    losses = [1.0, 0.4, 0.3, 0.009, 0.02, 0.008, 0.001, 0.001]
+
+    def run(name, epochs, ckpt_path=None, extra=()):
+        callbacks = [LossThresholdCheckpoint(threshold=0.5, every_n_epochs=2, dirpath=str(tmp_path / name / "a")),
+                     LossThresholdCheckpoint(threshold=0.01, every_n_epochs=3, dirpath=str(tmp_path / name / "b")),
+                     MinimumSharpness(num_samples=24)]
+        trainer = pl.Trainer(max_epochs=epochs, callbacks=[*callbacks, *extra], logger=False,
+                             default_root_dir=tmp_path / name, **QUIET)
+        trainer.fit(Plain(losses), _loader(), ckpt_path=ckpt_path)
+        return callbacks
+
+    full = run("full", 8)
+    assert [(s["epoch"], s["reason"]) for s in full[0].saved] == [(1, "threshold"), (3, "periodic"),
+                                                                  (5, "periodic"), (7, "periodic")]
+    assert [(s["epoch"], s["reason"]) for s in full[1].saved] == [(3, "threshold"), (6, "periodic"), (7, "end")]
+    run("first", 8, extra=[ModelCheckpoint(dirpath=tmp_path / "every", save_top_k=-1)])
+    resumed = run("resumed", 8, ckpt_path=str(tmp_path / "every" / "epoch=4-step=15.ckpt"))
+    for a, b in zip(full[:2], resumed[:2]):
+        assert [(s["epoch"], s["reason"]) for s in b.saved] == [(s["epoch"], s["reason"]) for s in a.saved]
+    assert resumed[2].history == full[2].history
+
+
 # ---------------------------------------------------------------------------------------- resume at an epoch's end
 def measured():
     return [MinimumSharpness(num_samples=24, batch_size=12, every_n_epochs=1), GradientNormSharpness(rho=0.05),
