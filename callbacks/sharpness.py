@@ -659,8 +659,11 @@ class GradientNormSharpness(SharpnessCallback):
     accumulation, before clipping), in manual optimization the gradient after each backward. Scaled
     16-mixed gradients are unscaled. Under DDP each rank logs its own per-batch value (the gradient it
     holds: per replica for the SAM module's per-replica ascent, all-reduced otherwise); the epoch mean is
-    averaged over ranks. (The listing of seed 001 divides the epoch sum by the last batch index; this is
-    the mean over batches.)
+    over all ranks' batches. (The listing of seed 001 divides the epoch sum by the last batch index; this
+    is the mean over batches.) The epoch's running sum is on the device (no host sync per batch) and in
+    the callback state, so a resume within an epoch keeps the batches before the checkpoint. With the
+    SAM module's gradient accumulation the value is read once the pass-1 gradient is complete (per
+    micro-batch with ``accumulate_ascent="micro"``).
 
     With ``on_checkpoint``/``every_n_epochs`` it also measures ρ‖∇L_B ⊙ c‖_q on the fixed subset
     (:func:`callbacks.measures.gradient_norm_sharpness`, one extra forward/backward per subset batch).

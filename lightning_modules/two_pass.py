@@ -185,7 +185,8 @@ class TwoPassModule(pl.LightningModule):
         """Refuse the Trainer options that manual optimization cannot honour, naming this module's own.
 
         Lightning calls this hook before it checks the Trainer against manual optimization, whose own
-        message ("switch to automatic optimization") does not apply to the two-pass step.
+        message ("switch to automatic optimization") does not apply to the two-pass step. A subclass
+        that returns callbacks here calls ``super().configure_callbacks()`` first.
         """
         trainer = self.trainer
         if trainer.state.fn == "fit":
