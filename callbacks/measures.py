@@ -49,6 +49,7 @@ from .ggn import LayerTraces, UnsupportedNetworkError, feed_forward_layers, laye
 from .hessian import HessianOperator, TraceEstimate, hutchinson, lanczos_top
 
 __all__ = [
+    "check_batch",
     "minimum_sharpness",
     "adaptive_sharpness",
     "adaptive_sharpness_per_batch",
@@ -68,6 +69,23 @@ __all__ = [
     "TraceEstimate",
     "Reduce",
 ]
+
+
+# ---------------------------------------------------------------------------------------- input check
+def check_batch(model: nn.Module, batch: Any, loss_fn: LossFn | None = F.cross_entropy) -> None:
+    """Run ``model`` (and ``loss_fn``) once on ``batch`` as the measures would, to refuse bad input early.
+
+    ``batch`` must be an ``(inputs, targets)`` pair (or an input tensor); raises ``TypeError`` or
+    ``ValueError`` (or what the network raises) saying why a measure could not use it. Leaves no trace.
+    """
+    model = unwrap(model)
+    with evaluating(model), torch.no_grad():
+        fm = FlatModel(model)
+        inputs, targets = next(prepared([batch], fm.device, fm.dtype))
+        if loss_fn is None:
+            fm(fm.w0, inputs)
+        else:
+            fm.loss(fm.w0, (inputs, targets), loss_fn)
 
 
 # ---------------------------------------------------------------------------------------- minimum sharpness
@@ -120,7 +138,7 @@ def _check_worst_case(rho: float, p: float, n_iters: int, method: str, step_size
     rho = check_float("rho", rho)
     p = check_p(p, allowed=(2.0, math.inf))
     check_int("n_iters", n_iters, 1)
-    check_choice("method", method, ("apgd", "pga"))
+    check_choice("method", method, ("apgd", "apgd_reset", "pga"))
     if step_size is None:
         if method == "pga":
             raise ValueError(
@@ -176,8 +194,10 @@ def adaptive_sharpness(
         S = mean_B [ max_{‖δ ⊙ c⁻¹‖_p ≤ ρ} L_B(w + δ) − L_B(w) ],   c = |w| if adaptive else 1,
 
     all parameters perturbed, the model in eval mode, m = the batch size. ``method="apgd"`` is the
-    authors' APGD estimator (initial step 2ρ or ``step_size``, momentum 0.75/0.25, step halving at
-    :func:`apgd_checkpoints`, value = best loss over all iterates, never negative); ``method="pga"`` is
+    authors' APGD estimator as their code runs it (initial step 2ρ or ``step_size``, momentum 0.75/0.25,
+    step halving at :func:`apgd_checkpoints` with the next gradient taken at the best point, value = best
+    loss over all iterates, never negative); ``method="apgd_reset"`` restarts the iterate itself from the
+    best point at a halving (this project's earlier variant, see :mod:`callbacks.adaptive`); ``method="pga"`` is
     seed 002's projected gradient ascent δ ← Π(δ + η·∇L) with η = ``step_size`` (the training learning
     rate; seed 002: ``n_iters=5``, p = ∞, adaptive, 50 batches of m = 64), which can be negative.
 
@@ -188,8 +208,8 @@ def adaptive_sharpness(
         p: 2 or ``float("inf")``.
         adaptive: c = |w| (scale-invariant) instead of c = 1.
         n_iters: Ascent steps per batch (≥ 1).
-        method: ``"apgd"`` or ``"pga"``.
-        step_size: Initial (apgd) or fixed (pga, required) step size.
+        method: ``"apgd"`` (the authors' code), ``"apgd_reset"`` or ``"pga"``.
+        step_size: Initial (apgd, apgd_reset) or fixed (pga, required) step size.
         loss_fn: ``loss_fn(outputs, targets)``, a mean-reduced scalar.
         reduce: Cross-process sum hook (None on one process).
 

@@ -11,9 +11,12 @@ when a :class:`~callbacks.checkpoint.LossThresholdCheckpoint` saves) and *where 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import random
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -64,18 +67,87 @@ def _rank_zero_buffers(network: nn.Module, trainer: pl.Trainer) -> Iterator[None
 
 
 @contextlib.contextmanager
-def _preserved_rng() -> Iterator[None]:
-    """Fork torch's CPU RNG and Python's/NumPy's global RNGs (dataset transforms may draw from them)."""
+def _seeded_rng(seed: int) -> Iterator[None]:
+    """Seed torch's CPU RNG and Python's/NumPy's global RNGs (dataset transforms may draw from them), then restore.
+
+    The subset's batches are then the same whenever they are drawn (first measurement, early check, resume).
+    """
     python = random.getstate()
     numpy = sys.modules.get("numpy")
     numpy_state = numpy.random.get_state() if numpy is not None else None
     with torch.random.fork_rng(devices=[]):
         try:
+            torch.manual_seed(seed)
+            random.seed(seed)
+            if numpy is not None:
+                numpy.random.seed(seed)
             yield
         finally:
             random.setstate(python)
             if numpy_state is not None:
                 numpy.random.set_state(numpy_state)
+
+
+def pending_epoch_end(trainer: pl.Trainer | None, batch_epoch: int, ended_epoch: int,
+                      restored: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The (epoch, step) whose epoch-end work a checkpoint written now would leave undone, or None.
+
+    That is the case after the last batch of an epoch whose batches ran here (``batch_epoch``) and whose
+    end the callback has not handled (``ended_epoch``): a step-based ModelCheckpoint at the last batch, or
+    one saved at validation end. A ``restored`` pending epoch end not yet handled stays pending.
+    """
+    if restored is not None:
+        return restored
+    if trainer is None or trainer.state.fn != "fit" or trainer.sanity_checking:
+        return None
+    if batch_epoch == trainer.current_epoch and trainer.is_last_batch and ended_epoch < trainer.current_epoch:
+        return trainer.current_epoch, trainer.global_step
+    return None
+
+
+def _label(field: str, value: Any) -> str:
+    """A readable token for one argument value in a metric name: ``l2``/``linf`` for p, ``rho0.001``, ``pga``."""
+    if field == "p":
+        return "linf" if math.isinf(value) else f"l{value:g}"
+    if isinstance(value, bool):
+        return field if value else f"no{field}"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return f"{field}{value:g}"
+    return f"{field}{value}"
+
+
+def _metric_names(callbacks: list[Any]) -> dict[int, str]:
+    """The metric name of every SharpnessCallback (by ``id``), with same-named instances told apart.
+
+    Instances of one class sharing a ``name`` get ``<name>_<token>_...`` from the arguments whose values
+    differ among them (see :func:`_label`); a name shared across classes, or two instances whose names
+    stay equal, is a ``ValueError``.
+    """
+    groups: dict[str, list[SharpnessCallback]] = {}
+    for c in callbacks:
+        if isinstance(c, SharpnessCallback):
+            groups.setdefault(c.name, []).append(c)
+    names: dict[int, str] = {}
+    for name, group in groups.items():
+        kinds = sorted({type(c).__name__ for c in group})
+        if len(kinds) > 1:
+            raise ValueError(f"Invalid name: {name!r} is used by {', '.join(kinds)}; give each callback its own name")
+        values = [c.identity() for c in group]
+        differ = [f for f in values[0] if len({repr(v[f]) for v in values}) > 1]
+        for c, v in zip(group, values):
+            names[id(c)] = "_".join([name] + [_label(f, v[f]) for f in differ])
+    taken: dict[str, SharpnessCallback] = {}
+    for c in callbacks:
+        if isinstance(c, SharpnessCallback):
+            other = taken.setdefault(names[id(c)], c)
+            if other is not c:
+                raise ValueError(
+                    f"Invalid name: two {type(c).__name__} callbacks named {c.name!r} measure the same thing (same "
+                    f"arguments, metric sharpness/{names[id(c)]}); remove one or pass distinct name=... values"
+                )
+    return names
 
 
 class SharpnessCallback(Callback):
@@ -88,6 +160,20 @@ class SharpnessCallback(Callback):
     callback state, so it survives a resume) and written into the checkpoint saved at the same step
     under ``checkpoint["sharpness"][key]``.
 
+    Several instances of one measure (a sweep over ρ, ...) may share a Trainer: the callback state is
+    keyed on the arguments, and instances of one class with the same ``name`` log under
+    ``sharpness/<name>_<tokens>``, one token per argument whose value differs among them (``l2``/``linf``
+    for p, ``rho0.001``, ``n_iters5``, ``pga``, ``noadaptive``, ...), e.g. ``sharpness/adaptive_rho0.001``
+    and ``sharpness/adaptive_rho0.01``; a single instance keeps ``sharpness/<name>``. Pass distinct
+    ``name`` values to choose the names yourself. Two instances that would measure the same thing are
+    refused (``ValueError`` naming ``name``).
+
+    Before the first training batch the subset is drawn and one of its batches goes through
+    ``batch_to_inputs``, the network and the loss, so a batch the measure cannot use is reported then.
+    A resume from a checkpoint written after an epoch's last batch but before that epoch's end (a
+    step-based ``ModelCheckpoint``, or one saved at validation end) runs the epoch-end measurement
+    Lightning skips, on the restored (identical) weights, so the history equals the uninterrupted run's.
+
     Args:
         name: Metric name: the callback logs ``sharpness/<name>`` (and derived keys).
         every_n_epochs: Measure at the end of every N-th training epoch (None: only at checkpoints).
@@ -95,7 +181,8 @@ class SharpnessCallback(Callback):
         num_samples: Size of the fixed random subset of the training set (None: all of it), drawn once
             with ``seed`` and stored in the callback state.
         batch_size: Batch size of the subset's batches (the m of m-sharpness).
-        seed: Seed of the subset (and of random probes where the measure uses them).
+        seed: Seed of the subset (and of random probes where the measure uses them, and of the dataset's
+            random transforms while the subset is drawn).
         loss_fn: ``loss_fn(outputs, targets)``, a mean-reduced scalar loss.
         batch_to_inputs: Converts a collated training batch into ``(inputs, targets)``; inputs given as a
             tuple are passed as ``network(*inputs)``. For a PyG ``Data`` graph with masks use
@@ -103,6 +190,10 @@ class SharpnessCallback(Callback):
         network: Dotted attribute path of the network inside the LightningModule (default: ``net`` when
             the module has an ``nn.Module`` attribute of that name, else the LightningModule itself).
     """
+
+    #: The arguments that define what is measured (besides ``name``): the state key and the metric-name
+    #: tokens come from them. Subclasses prepend their own.
+    identity_args: tuple[str, ...] = ("num_samples", "batch_size", "seed")
 
     def __init__(
         self,
@@ -131,6 +222,7 @@ class SharpnessCallback(Callback):
         if batch_to_inputs is not None and not callable(batch_to_inputs):
             raise TypeError(f"Invalid batch_to_inputs: {batch_to_inputs!r}; expected a callable or None")
         self.name = name
+        self.metric_name = name  # sharpness/<metric_name>; told apart from same-named instances at setup
         self.every_n_epochs = every_n_epochs
         self.on_checkpoint = on_checkpoint
         self.num_samples = num_samples
@@ -144,6 +236,12 @@ class SharpnessCallback(Callback):
         self._batches: list[Any] | None = None
         self._last: tuple[tuple[int, int], dict[str, float]] | None = None
         self._warn_without_trigger = True
+        self._state_key: str | None = None  # set once setup has checked this instance against its siblings
+        self._trainer_ref: Callable[[], pl.Trainer | None] = lambda: None
+        self._measures_subset = False
+        self._batch_epoch = -1  # the epoch whose batches this process last ran
+        self._ended_epoch = -1  # the last epoch whose end this callback has handled
+        self._pending: tuple[int, int] | None = None  # restored: (epoch, step) whose end is still due
 
     # ------------------------------------------------------------------ to implement
     def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
@@ -151,23 +249,50 @@ class SharpnessCallback(Callback):
         """Run the measure on this rank's share of the batches; return ``{metric key: value}``."""
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ Lightning plumbing
+    def check_batch(self, network: nn.Module, batch: Any) -> None:
+        """Take one prepared ``(inputs, targets)`` batch through what :meth:`compute` uses (the loss)."""
+        measures.check_batch(network, batch, self.loss_fn)
+
+    # ------------------------------------------------------------------ identity and state
+    def identity(self) -> dict[str, Any]:
+        """The values of :attr:`identity_args`, in order."""
+        return {field: getattr(self, field) for field in self.identity_args}
+
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+        # Until setup has compared the instances itself, the object's id keeps Lightning's constructor check
+        # (one state per key) from refusing identical twins with a message that does not say what to change.
+        return self._state_key if self._state_key is not None else f"{self._arguments_key()}#{id(self):x}"
+
+    def _arguments_key(self) -> str:
+        """``Class{'name': ..., <identity arguments that differ from the defaults>}``."""
+        defaults = _defaults(type(self))
+        fields = {f: v for f, v in self.identity().items() if f not in defaults or repr(defaults[f]) != repr(v)}
+        return self._generate_state_key(name=self.name, **fields)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"indices": self._indices, "history": [dict(h) for h in self.history]}
+        return {"indices": self._indices, "history": [dict(h) for h in self.history], "pending": self._pending_now()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._indices = state_dict.get("indices")
         self.history = [dict(h) for h in state_dict.get("history", [])]
+        pending = state_dict.get("pending")
+        self._pending = None if pending is None else (int(pending[0]), int(pending[1]))
         self._batches = None
 
+    def _pending_now(self) -> tuple[int, int] | None:
+        return pending_epoch_end(self._trainer_ref(), self._batch_epoch, self._ended_epoch, self._pending)
+
+    # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from .checkpoint import LossThresholdCheckpoint
 
+        self.metric_name = _metric_names(trainer.callbacks)[id(self)]
+        self._state_key = self._arguments_key()
+        self._trainer_ref = weakref.ref(trainer)
+        self._batch_epoch, self._ended_epoch, self._pending = -1, -1, None
         triggered = self.on_checkpoint and any(isinstance(c, LossThresholdCheckpoint) for c in trainer.callbacks)
+        self._measures_subset = self.every_n_epochs is not None or triggered
         if stage == "fit" and self.every_n_epochs is None and not triggered and self._warn_without_trigger:
             rank_zero_warn(
                 f"{type(self).__name__}({self.name!r}) will not measure: it has every_n_epochs=None and "
@@ -175,18 +300,60 @@ class SharpnessCallback(Callback):
                 + "; add callbacks.LossThresholdCheckpoint or set every_n_epochs"
             )
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catch_up(trainer, pl_module)
+        if self._measures_subset:
+            self._check_first_batch(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catch_up(trainer, pl_module)  # a resume at the very end runs no training hook at all
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._batch_epoch = trainer.current_epoch
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.measure_now(trainer, pl_module)
+        self._ended_epoch, self._pending = trainer.current_epoch, None
+        self.epoch_end(trainer, pl_module, trainer.current_epoch, trainer.global_step)
+
+    def epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, step: int, *,
+                  via_logger: bool = False) -> None:
+        """The work at the end of training epoch ``epoch`` (at ``step``): measure every N epochs."""
+        if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
+            self.measure_now(trainer, pl_module, via_logger=via_logger, at=(epoch, step))
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        if self._last is not None and self._last[0] == (trainer.current_epoch, trainer.global_step):
+        if self._last is not None and self._last[0][1] == trainer.global_step:  # measured on exactly these weights
             checkpoint.setdefault("sharpness", {}).update(self._last[1])
+
+    def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run the end of the epoch a resumed checkpoint was written in, when Lightning went past it.
+
+        (When Lightning replays that epoch's end instead, after a checkpoint saved at validation end,
+        ``on_train_epoch_end`` does the work.)
+        """
+        pending = self._pending
+        if pending is not None and trainer.current_epoch > pending[0]:
+            self._pending, self._ended_epoch = None, pending[0]
+            self.epoch_end(trainer, pl_module, *pending, via_logger=True)
+
+    def _check_first_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Draw the subset and take one batch through the measure now, before training: one clear line if not."""
+        batches = self.local_batches(trainer, pl_module)
+        if not batches:
+            return
+        try:
+            self.check_batch(self.resolve_network(pl_module), batches[0])
+        except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
+            hint = ("pass batch_to_inputs, a callable turning a training batch into (inputs, targets)"
+                    if self.batch_to_inputs is None else "check batch_to_inputs, loss_fn and network")
+            raise ValueError(f"{type(self).__name__}({self.name!r}) cannot measure on the training batches: "
+                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; {hint}") from err
 
     # ------------------------------------------------------------------ measuring
     def measure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *,
-                    via_logger: bool = False) -> dict[str, float]:
+                    via_logger: bool = False, at: tuple[int, int] | None = None) -> dict[str, float]:
         """Measure now on every rank (collective under DDP), log, record; cached per (epoch, step).
 
         Args:
@@ -194,8 +361,9 @@ class SharpnessCallback(Callback):
             pl_module: The (unwrapped) LightningModule.
             via_logger: Log through ``trainer.loggers`` directly (for hooks where ``self.log`` is
                 forbidden, e.g. ``on_train_end``) instead of ``pl_module.log``.
+            at: The (epoch, step) the measurement belongs to (default: the trainer's current ones).
         """
-        key = (trainer.current_epoch, trainer.global_step)
+        key = at if at is not None else (trainer.current_epoch, trainer.global_step)
         if self._last is not None and self._last[0] == key:
             return self._last[1]
         network = self.resolve_network(pl_module)
@@ -206,7 +374,7 @@ class SharpnessCallback(Callback):
         self.history.append({"epoch": key[0], "step": key[1], **values})
         if via_logger:
             for logger in trainer.loggers:
-                logger.log_metrics(values, step=trainer.global_step)
+                logger.log_metrics(values, step=key[1])
         else:
             for metric, value in values.items():
                 pl_module.log(metric, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max",
@@ -254,13 +422,24 @@ class SharpnessCallback(Callback):
         elif self._indices and max(self._indices) >= n:
             raise ValueError(f"{type(self).__name__}: the stored subset indexes {max(self._indices)} but the training "
                              f"set has {n} examples (it changed since the subset was drawn)")
-        with _preserved_rng():
+        with _seeded_rng(self.seed):
             subset = DataLoader(Subset(dataset, self._indices), batch_size=self.batch_size, shuffle=False,
                                 collate_fn=loader.collate_fn, num_workers=0)
             batches = list(subset)
         if self.batch_to_inputs is not None:
-            batches = [self.batch_to_inputs(b) for b in batches]
+            try:
+                batches = [self.batch_to_inputs(b) for b in batches]
+            except Exception as err:
+                raise ValueError(f"Invalid batch_to_inputs: {self.batch_to_inputs!r} failed on a training batch of "
+                                 f"{type(self).__name__}({self.name!r}): {type(err).__name__}: {err}") from err
         return batches
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(cls: type) -> dict[str, Any]:
+    """The constructor's default argument values of a callback class."""
+    return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 class MinimumSharpness(SharpnessCallback):
@@ -285,6 +464,8 @@ class MinimumSharpness(SharpnessCallback):
         name: Metric name (default ``"minimum"``).
         **kwargs: :class:`SharpnessCallback` options (data, schedule, network).
     """
+
+    identity_args = ("solver", "lr", "steps", "decay", "retries") + SharpnessCallback.identity_args
 
     def __init__(
         self,
@@ -311,12 +492,17 @@ class MinimumSharpness(SharpnessCallback):
         self.decay = check_float("decay", decay)
         self.retries = check_int("retries", retries, 0)
 
+    def check_batch(self, network: nn.Module, batch: Any) -> None:
+        """The network must be a supported feed-forward chain, and run on the batch's inputs."""
+        measures.feed_forward_layers(network)
+        measures.check_batch(network, batch, None)
+
     def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
                 trainer: pl.Trainer) -> dict[str, float]:
         traces = measures.layer_traces(network, batches, reduce=reduce)
         value = measures.minimize_scaled_trace(traces.weight, traces.bias, solver=self.solver, lr=self.lr,
                                                steps=self.steps, decay=self.decay, retries=self.retries)
-        return {f"sharpness/{self.name}": value, f"sharpness/{self.name}_trace": traces.total}
+        return {f"sharpness/{self.metric_name}": value, f"sharpness/{self.metric_name}_trace": traces.total}
 
 
 class AdaptiveSharpness(SharpnessCallback):
@@ -335,11 +521,15 @@ class AdaptiveSharpness(SharpnessCallback):
         p: 2 or ``float("inf")``.
         adaptive: c = |w| (scale-invariant) instead of 1.
         n_iters: Ascent steps per batch.
-        method: ``"apgd"`` (the authors' estimator) or ``"pga"`` (seed 002).
+        method: ``"apgd"`` (the authors' estimator, as their code runs it), ``"apgd_reset"`` (the iterate
+            restarts from the best point at each step halving; this project's earlier default) or ``"pga"``
+            (seed 002).
         step_size: Initial (apgd, default 2ρ) or fixed (pga, default the current training lr) step.
         name: Metric name (default ``"adaptive"``).
         **kwargs: :class:`SharpnessCallback` options.
     """
+
+    identity_args = ("rho", "p", "adaptive", "n_iters", "method", "step_size") + SharpnessCallback.identity_args
 
     def __init__(
         self,
@@ -347,7 +537,7 @@ class AdaptiveSharpness(SharpnessCallback):
         p: float = math.inf,
         adaptive: bool = True,
         n_iters: int = 20,
-        method: Literal["apgd", "pga"] = "apgd",
+        method: Literal["apgd", "apgd_reset", "pga"] = "apgd",
         step_size: float | None = None,
         name: str = "adaptive",
         every_n_epochs: int | None = None,
@@ -366,7 +556,7 @@ class AdaptiveSharpness(SharpnessCallback):
         self.p = check_p(p, allowed=(2.0, math.inf))
         self.adaptive = adaptive
         self.n_iters = check_int("n_iters", n_iters, 1)
-        self.method = check_choice("method", method, ("apgd", "pga"))
+        self.method = check_choice("method", method, ("apgd", "apgd_reset", "pga"))
         self.step_size = None if step_size is None else check_float("step_size", step_size, strict=True)
 
     def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
@@ -380,7 +570,7 @@ class AdaptiveSharpness(SharpnessCallback):
             network, batches, self.rho, p=self.p, adaptive=self.adaptive, n_iters=self.n_iters, method=self.method,
             step_size=step_size, loss_fn=self.loss_fn, reduce=reduce,
         )
-        return {f"sharpness/{self.name}": value}
+        return {f"sharpness/{self.metric_name}": value}
 
 
 class HessianSpectrum(SharpnessCallback):
@@ -405,6 +595,8 @@ class HessianSpectrum(SharpnessCallback):
         name: Metric prefix (default ``"hessian"``).
         **kwargs: :class:`SharpnessCallback` options.
     """
+
+    identity_args = ("k", "tol", "max_iter", "trace", "n_probes") + SharpnessCallback.identity_args
 
     def __init__(
         self,
@@ -445,14 +637,14 @@ class HessianSpectrum(SharpnessCallback):
             values = measures.hessian_eigenvalues(network, batches, self.k, loss_fn=self.loss_fn, tol=self.tol,
                                                   max_iter=self.max_iter, seed=self.seed,
                                                   cache_graphs=self.cache_graphs, reduce=reduce)
-            out.update({f"sharpness/{self.name}_eig{i + 1}": v for i, v in enumerate(values)})
+            out.update({f"sharpness/{self.metric_name}_eig{i + 1}": v for i, v in enumerate(values)})
         if self.trace == "hutchinson":
             estimate = measures.hutchinson_trace(network, batches, n_probes=self.n_probes, loss_fn=self.loss_fn,
                                                  seed=self.seed, cache_graphs=self.cache_graphs, reduce=reduce)
-            out[f"sharpness/{self.name}_trace"] = estimate.value
-            out[f"sharpness/{self.name}_trace_stderr"] = estimate.stderr
+            out[f"sharpness/{self.metric_name}_trace"] = estimate.value
+            out[f"sharpness/{self.metric_name}_trace_stderr"] = estimate.stderr
         elif self.trace == "exact":
-            out[f"sharpness/{self.name}_trace"] = measures.layer_traces(network, batches, reduce=reduce).total
+            out[f"sharpness/{self.metric_name}_trace"] = measures.layer_traces(network, batches, reduce=reduce).total
         return out
 
 
@@ -467,8 +659,11 @@ class GradientNormSharpness(SharpnessCallback):
     accumulation, before clipping), in manual optimization the gradient after each backward. Scaled
     16-mixed gradients are unscaled. Under DDP each rank logs its own per-batch value (the gradient it
     holds: per replica for the SAM module's per-replica ascent, all-reduced otherwise); the epoch mean is
-    averaged over ranks. (The listing of seed 001 divides the epoch sum by the last batch index; this is
-    the mean over batches.)
+    over all ranks' batches. (The listing of seed 001 divides the epoch sum by the last batch index; this
+    is the mean over batches.) The epoch's running sum is on the device (no host sync per batch) and in
+    the callback state, so a resume within an epoch keeps the batches before the checkpoint. With the
+    SAM module's gradient accumulation the value is read once the pass-1 gradient is complete (per
+    micro-batch with ``accumulate_ascent="micro"``).
 
     With ``on_checkpoint``/``every_n_epochs`` it also measures ρ‖∇L_B ⊙ c‖_q on the fixed subset
     (:func:`callbacks.measures.gradient_norm_sharpness`, one extra forward/backward per subset batch).
@@ -488,6 +683,8 @@ class GradientNormSharpness(SharpnessCallback):
             the training-time values cost nothing, the subset one does).
         **kwargs: :class:`SharpnessCallback` options.
     """
+
+    identity_args = ("rho", "p", "adaptive") + SharpnessCallback.identity_args
 
     def __init__(
         self,
@@ -514,6 +711,29 @@ class GradientNormSharpness(SharpnessCallback):
         self.log_every_step = log_every_step
         self._warn_without_trigger = on_checkpoint  # the training-time values need no trigger
         self._params: list[Tensor] = []
+        self._sum: Tensor | None = None  # this epoch's per-batch values, summed on the device
+        self._count = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(epoch_sum=0.0 if self._sum is None else float(self._sum), epoch_count=self._count)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        count = int(state_dict.get("epoch_count", 0))
+        trainer = self._trainer_ref()
+        rank = 0 if trainer is None else trainer.global_rank
+        if count and trainer is not None and trainer.world_size > 1:
+            rank_zero_warn(f"{type(self).__name__}({self.name!r}): resumed within an epoch under DDP; only rank 0's "
+                           "values before the checkpoint are in the checkpoint, so that epoch's mean omits the "
+                           "other ranks' values before it")
+        self._count = count if rank == 0 else 0
+        self._sum = torch.tensor(float(state_dict.get("epoch_sum", 0.0)), dtype=torch.float64) if self._count else None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._sum, self._count = None, 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._params = [p for p in pl_module.parameters() if p.requires_grad]
@@ -542,13 +762,32 @@ class GradientNormSharpness(SharpnessCallback):
             if scaler is not None and scaler.is_enabled():
                 scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else scaler.get_scale()
                 value = value / scale
-        key = f"sharpness/{self.name}"
         if self.log_every_step:
-            pl_module.log(f"{key}_step", value, on_step=True, on_epoch=False, batch_size=1)
-        pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+            pl_module.log(f"sharpness/{self.metric_name}_step", value, on_step=True, on_epoch=False, batch_size=1)
+        value = value.detach().to(torch.float64)
+        self._sum = value if self._sum is None else self._sum.to(value.device) + value
+        self._count += 1
+
+    def epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, step: int, *,
+                  via_logger: bool = False) -> None:
+        """Log the epoch's mean of the per-batch values (over all ranks), then measure the subset if due."""
+        total = torch.zeros((), dtype=torch.float64) if self._sum is None else self._sum
+        total = total.to(pl_module.device)
+        packed = torch.stack([total, total.new_tensor(float(self._count))])
+        if trainer.world_size > 1:
+            packed = trainer.strategy.reduce(packed, reduce_op="sum")
+        self._sum, self._count = None, 0
+        if float(packed[1]) > 0:
+            key, mean = f"sharpness/{self.metric_name}", (packed[0] / packed[1]).float()
+            if via_logger:
+                for logger in trainer.loggers:
+                    logger.log_metrics({key: float(mean)}, step=step)
+            else:
+                pl_module.log(key, mean, on_step=False, on_epoch=True, sync_dist=True, batch_size=1)
+        super().epoch_end(trainer, pl_module, epoch, step, via_logger=via_logger)
 
     def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
                 trainer: pl.Trainer) -> dict[str, float]:
         value = measures.gradient_norm_sharpness(network, batches, self.rho, p=self.p, adaptive=self.adaptive,
                                                  loss_fn=self.loss_fn, reduce=reduce)
-        return {f"sharpness/{self.name}_subset": value}
+        return {f"sharpness/{self.metric_name}_subset": value}

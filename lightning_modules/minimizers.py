@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
@@ -119,7 +120,7 @@ class Minimizer:
         self.rho = rho
         self.eps = eps
 
-    def current_rho(self, lr: float | None = None, initial_lr: float | None = None) -> float:
+    def current_rho(self, lr: float | None = None, lr_max: float | None = None) -> float:
         """The radius used in a step taken at learning rate ``lr`` (constant unless a subclass schedules it)."""
         return self.rho
 
@@ -131,7 +132,7 @@ class Minimizer:
         names: Sequence[str] | None = None,
         grad_norm: Tensor | None = None,
         lr: float | None = None,
-        initial_lr: float | None = None,
+        lr_max: float | None = None,
     ) -> list[Tensor]:
         """The ascent ε (one tensor per parameter) from the weights and the pass-1 gradient.
 
@@ -140,8 +141,9 @@ class Minimizer:
             grads: Their pass-1 gradients g, in the same order.
             names: Their names (``model.named_parameters()``), for rules that use them.
             grad_norm: ``global_norm(grads)`` if the caller already has it (saves one reduction).
-            lr: The learning rate of this step (group 0), for rules whose radius follows it.
-            initial_lr: The learning rate the schedule started from.
+            lr: The learning rate of this step (a Python float), for rules whose radius follows it.
+            lr_max: The schedule's peak learning rate, used by rules that follow the lr and have no
+                ``lr_max`` of their own.
         """
         raise NotImplementedError
 
@@ -180,7 +182,7 @@ class SAM(Minimizer):
         _check("p", p, p == 2.0 or p == math.inf, "p = 2 or p = inf")
         self.p = p
 
-    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
+    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, lr_max=None):
         if self.p == math.inf:
             eps = list(torch._foreach_sign(grads))
             torch._foreach_mul_(eps, self.rho)
@@ -206,7 +208,7 @@ class USAM(Minimizer):
     def __init__(self, rho: float = 0.05) -> None:
         super().__init__(rho)
 
-    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
+    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, lr_max=None):
         norm = self._grad_norm(grads, grad_norm)
         rho = torch.where(torch.isfinite(norm), torch.full_like(norm, self.rho), torch.zeros_like(norm))
         return list(torch._foreach_mul(grads, rho))
@@ -242,7 +244,7 @@ class ASAM(Minimizer):
         self.eta = eta
         self.scope = scope
 
-    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
+    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, lr_max=None):
         if self.scope == "all":
             adapt = [True] * len(params)
         else:
@@ -284,15 +286,20 @@ class GSAM(SAM):
 
     The radius may follow the learning rate (the paper's schedule, set ``rho_min``)::
 
-        ρ_t = ρ_min + (ρ − ρ_min) · (lr_t − lr_min) / (lr_max − lr_min)
+        ρ_t = ρ_min + (ρ − ρ_min) · (clamp(lr_t, lr_min, lr_max) − lr_min) / (lr_max − lr_min)
 
-    from the lr of the step being taken; ``lr_max`` defaults to the lr the schedule started from.
+    from the lr of the step being taken, so ρ_min ≤ ρ_t ≤ ρ under every schedule. ``lr_max`` is the
+    peak of the schedule: given here, or else passed by the caller (:class:`~lightning_modules.TwoPassModule`
+    passes the first param group's peak: ``max_lr`` of OneCycleLR and CyclicLR, the initial lr for
+    other schedulers). An lr outside [lr_min, lr_max] (a warmup that starts below ``lr_min``, a
+    LambdaLR whose factor exceeds 1, ...) is clamped, with one warning per rule. With per-group
+    learning rates the first param group drives ρ_t.
 
     Args:
         rho: Radius ρ (ρ_max when ``rho_min`` is set) ≥ 0.
         alpha: Weight α ∈ [0, 1] of the surrogate-gap direction.
         rho_min: ρ at ``lr_min``; None keeps ρ constant.
-        lr_max: The lr at which the radius is ``rho`` (default: the initial lr).
+        lr_max: The lr at which the radius is ``rho`` (default: the schedule's peak, see above).
         lr_min: The lr at which the radius is ``rho_min``.
         eps: Added to ‖g‖₂.
     """
@@ -323,17 +330,32 @@ class GSAM(SAM):
         self.rho_min = rho_min
         self.lr_max = lr_max
         self.lr_min = lr_min
+        self._warned = False
 
-    def current_rho(self, lr: float | None = None, initial_lr: float | None = None) -> float:
+    def current_rho(self, lr: float | None = None, lr_max: float | None = None) -> float:
+        """ρ_t at learning rate ``lr`` (Python floats, no host sync), clamped to [rho_min, rho]."""
         if self.rho_min is None or lr is None:
             return self.rho
-        lr_max = self.lr_max if self.lr_max is not None else initial_lr
-        if lr_max is None or lr_max <= self.lr_min:
+        top = self.lr_max if self.lr_max is not None else lr_max
+        if top is None or top <= self.lr_min:
+            self._warn_once(f"GSAM cannot follow the lr: lr_max={top!r} is not above lr_min={self.lr_min}; "
+                            f"using rho={self.rho} (set GSAM(lr_max=...))")
             return self.rho
-        return self.rho_min + (self.rho - self.rho_min) * (float(lr) - self.lr_min) / (lr_max - self.lr_min)
+        lr = float(lr)
+        if not self.lr_min <= lr <= top:
+            self._warn_once(f"GSAM: lr {lr:.6g} is outside [lr_min, lr_max] = [{self.lr_min:.6g}, {top:.6g}]; "
+                            f"rho_t is clamped to [rho_min, rho] = [{self.rho_min}, {self.rho}] (set "
+                            "GSAM(lr_min=..., lr_max=...) to the schedule's range)")
+            lr = min(max(lr, self.lr_min), top)
+        return self.rho_min + (self.rho - self.rho_min) * (lr - self.lr_min) / (top - self.lr_min)
 
-    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
-        rho = self.current_rho(lr, initial_lr)
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, lr_max=None):
+        rho = self.current_rho(lr, lr_max)
         return list(torch._foreach_mul(grads, _safe_scale(rho, self._grad_norm(grads, grad_norm), self.eps)))
 
     def descent(self, grads: Sequence[Tensor], perturbed_grads: Sequence[Tensor]) -> None:
@@ -386,8 +408,8 @@ class AdaptiveGSAM(GSAM):
         _check("gamma", gamma, math.isfinite(gamma) and gamma >= 0, "a finite gamma >= 0")
         self.gamma = gamma
 
-    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, initial_lr=None):
-        rho = self.current_rho(lr, initial_lr)
+    def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, lr_max=None):
+        rho = self.current_rho(lr, lr_max)
         scale = _safe_scale(rho, self._grad_norm(grads, grad_norm), self.eps)
         eps = list(torch._foreach_abs(params))
         torch._foreach_add_(eps, self.gamma)

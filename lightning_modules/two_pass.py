@@ -39,8 +39,13 @@ class TwoPassModule(pl.LightningModule):
     directions; rules whose descent uses g (GSAM) form d on each replica before averaging it.
     ``ascent="global"`` takes ε from the all-reduced gradient instead.
 
+    Rules whose radius follows the lr (GSAM with ``rho_min``) get the lr of this step and the peak of
+    the schedule (:func:`schedule_peak_lr`), both of the optimizer's first param group.
+
     During a step ``self.pass_index`` is 1 in pass 1 and 2 in pass 2 (0 outside), for callbacks
-    that read gradients in ``on_after_backward`` (the pass-1 gradient is the clean one).
+    that read gradients in ``on_after_backward`` (the pass-1 gradient is the clean one). With gradient
+    accumulation it is 1 (2) during the backward that completes the pass's gradient and -1 (-2) during
+    the micro-batches before it, whose gradient is still partial.
 
     Subclasses implement :meth:`forward_loss` (and may override :meth:`update_metrics`).
 
@@ -60,6 +65,16 @@ class TwoPassModule(pl.LightningModule):
         share_dropout_rng: Draw the same dropout masks in both passes (default: fresh masks, as the
             PyTorch reference implementations do).
         log_train_steps: Also log the per-step training values under ``train_step/*``.
+        accumulate_grad_batches: Split each loader batch into this many micro-batches (along the first
+            dimension; sizes nᵢ differing by at most one) and accumulate their gradients, weighted by
+            nᵢ/N, into one optimizer step: the memory of a micro-batch, the step of the whole batch.
+            Lightning's own ``Trainer(accumulate_grad_batches=...)`` is refused (manual optimization).
+        accumulate_ascent: With accumulation, where the ascent is taken. ``"accumulated"``: ε from the
+            accumulated gradient of the whole batch, then the perturbed gradient accumulated likewise,
+            so the step equals the step on the whole batch (m-sharpness with m = the loader batch;
+            BatchNorm statistics aside, which see micro-batches). ``"micro"``: each micro-batch takes
+            its own two-pass direction dᵢ (εᵢ from its own gradient, m = the micro-batch size) and
+            d = Σ nᵢ/N·dᵢ.
     """
 
     def __init__(
@@ -76,6 +91,8 @@ class TwoPassModule(pl.LightningModule):
         on_nonfinite: NonFinitePolicy = "raise",
         share_dropout_rng: bool = False,
         log_train_steps: bool = False,
+        accumulate_grad_batches: int = 1,
+        accumulate_ascent: Literal["accumulated", "micro"] = "accumulated",
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -91,6 +108,10 @@ class TwoPassModule(pl.LightningModule):
         _choice("ascent", ascent, ("replica", "global"))
         _choice("gradient_clip_algorithm", gradient_clip_algorithm, ("norm", "value"))
         _choice("on_nonfinite", on_nonfinite, ("raise", "stop", "skip", "ignore"))
+        _choice("accumulate_ascent", accumulate_ascent, ("accumulated", "micro"))
+        if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) \
+                or accumulate_grad_batches < 1:
+            raise ValueError(f"Invalid accumulate_grad_batches: {accumulate_grad_batches!r}; expected an integer >= 1")
         if gradient_clip_val is not None and not (math.isfinite(gradient_clip_val) and gradient_clip_val > 0):
             raise ValueError(f"Invalid gradient_clip_val: {gradient_clip_val!r}; expected None or a finite value > 0")
         # Under LightningCLI the hparams are the parsed config (net and optimizer as class paths), so
@@ -109,16 +130,18 @@ class TwoPassModule(pl.LightningModule):
         self.on_nonfinite = on_nonfinite
         self.share_dropout_rng = share_dropout_rng
         self.log_train_steps = log_train_steps
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.accumulate_ascent = accumulate_ascent
         self.automatic_optimization = False
         self.pass_index = 0
         self.skipped_steps = 0
         self._params: list[Tensor] = []
         self._names: list[str] = []
-        self._backup: list[Tensor] = []
-        self._backup_key: tuple[int, ...] = ()
+        self._scratch: dict[str, tuple[tuple[int, ...], list[Tensor]]] = {}
         self._bn_buffers: list[Tensor] = []
         self._bn_backup: list[Tensor] = []
         self._sums: dict[str, tuple[tuple[str, ...], Tensor]] = {}
+        self._lr_peak: float | None = None
 
     # ------------------------------------------------------------------ task interface
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -136,6 +159,17 @@ class TwoPassModule(pl.LightningModule):
         """The stage's torchmetrics objects by name, logged as ``{stage}/{name}`` at the epoch end."""
         return {}
 
+    def epoch_metric_names(self, stage: str) -> set[str]:
+        """The epoch-level keys this module logs for ``stage`` (``train/loss``, ``train/acc``, ...).
+
+        Callbacks check the metrics they monitor against it before training (LossThresholdCheckpoint).
+        A subclass that logs more at the end of an epoch extends it.
+        """
+        keys = {"loss", *self.stage_metrics(stage)}
+        if stage == "train":
+            keys |= {"grad_norm"} | ({"loss_perturbed"} if self.minimizer is not None else set())
+        return {f"{stage}/{key}" for key in keys}
+
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> Any:
         """Build the base optimizer (and the lr scheduler, which this module steps itself)."""
@@ -147,6 +181,30 @@ class TwoPassModule(pl.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)  # stepped by this module, ReduceLROnPlateau included
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Refuse the Trainer options that manual optimization cannot honour, naming this module's own.
+
+        Lightning calls this hook before it checks the Trainer against manual optimization, whose own
+        message ("switch to automatic optimization") does not apply to the two-pass step. A subclass
+        that returns callbacks here calls ``super().configure_callbacks()`` first.
+        """
+        trainer = self.trainer
+        if trainer.state.fn == "fit":
+            if trainer.accumulate_grad_batches != 1:
+                raise ValueError(
+                    f"Invalid Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}): the two-pass step "
+                    f"uses manual optimization; pass accumulate_grad_batches={trainer.accumulate_grad_batches} to "
+                    f"{type(self).__name__} instead (model.init_args.accumulate_grad_batches) and leave the "
+                    "Trainer's at 1"
+                )
+            if trainer.gradient_clip_val is not None:
+                raise ValueError(
+                    f"Invalid Trainer(gradient_clip_val={trainer.gradient_clip_val}): the two-pass step uses manual "
+                    f"optimization; pass gradient_clip_val to {type(self).__name__} instead "
+                    "(model.init_args.gradient_clip_val), which clips the final direction d"
+                )
+        return []
+
     def setup(self, stage: str) -> None:
         """Refuse strategies whose parameters are sharded (the rules need whole local tensors)."""
         strategy = type(self.trainer.strategy).__name__
@@ -157,6 +215,7 @@ class TwoPassModule(pl.LightningModule):
             )
 
     def on_fit_start(self) -> None:
+        self._lr_peak = None  # found at the first step, after a resume has restored the optimizer
         opt = self.trainer.optimizers[0]
         names = {id(p): n for n, p in self.named_parameters()}
         self._params = [p for group in opt.param_groups for p in group["params"]]
@@ -174,74 +233,150 @@ class TwoPassModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
-        rule = self.minimizer
-        rng = _rng_state() if rule is not None and self.share_dropout_rng else None
-
-        self.pass_index = 1
-        with self._no_sync(rule is not None and self.ascent == "replica"):
-            loss, output, target, batch_size = self.forward_loss(batch, "train")
-            self.manual_backward(loss)
-        params, grads, names = self._with_grads()
-        scale = self._loss_scale()
-        grad_norm = global_norm(grads)
-        logs = {"loss": loss.detach(), "grad_norm": grad_norm if scale is None else grad_norm / scale}
-
-        if rule is not None:
-            group = opt.optimizer.param_groups[0]
-            with torch.no_grad():
-                eps = rule.perturbation(
-                    params, grads, names=names if rule.uses_names else None, grad_norm=grad_norm,
-                    lr=float(group["lr"]), initial_lr=float(group.get("initial_lr", group["lr"])),
-                )
-                if scale is not None and not rule.scale_invariant:
-                    torch._foreach_div_(eps, scale)
-                backup = self._backup_buffers(params)
-                torch._foreach_copy_(backup, params)
-                torch._foreach_add_(params, eps)
-                del eps
-                if self._bn_buffers:
-                    torch._foreach_copy_(self._bn_backup, self._bn_buffers)
-            clean = grads if rule.uses_clean_grad else None
-            del grads
-            opt.zero_grad(set_to_none=True)
-            if rng is not None:
-                _set_rng_state(rng)
-            manual_average = self.ascent == "replica" and rule.uses_clean_grad and self._world_size() > 1
-
-            self.pass_index = 2
-            try:
-                with self._no_sync(manual_average):
-                    loss_p, _, _, _ = self.forward_loss(batch, "train")
-                    self.manual_backward(loss_p)
-            finally:  # also when pass 2 raises (out of memory, ...): never leave the weights at w + ε
-                with torch.no_grad():
-                    if self._bn_buffers:
-                        torch._foreach_copy_(self._bn_buffers, self._bn_backup)
-                    torch._foreach_copy_(params, backup)
-                self.pass_index = 0
-            with torch.no_grad():
-                grads_p = self._perturbed_grads(params)
-                if clean is not None:
-                    rule.descent(clean, grads_p)
-                    del clean
-                if manual_average:
-                    _all_reduce_mean(grads_p)
-            logs["loss_perturbed"] = loss_p.detach()
-            final = grads_p
+        parts = self._micro_batches(batch)
+        if self.minimizer is not None and self.accumulate_ascent == "micro" and len(parts) > 1:
+            logs, final, batch_size = self._micro_ascent_step(opt, parts)
         else:
-            final = grads
+            logs, _, final, batch_size = self._step_direction(opt, parts)
         self.pass_index = 0
 
-        self._check_finite(loss, final, scale, opt)
+        self._check_finite(logs["loss"], final, self._loss_scale(), opt)
         opt.step()
         self._sync_lr_schedulers(epoch=self.current_epoch)
         self._accumulate("train", logs, batch_size)
-        self.update_metrics("train", output.detach(), target)
         self.log("loss", logs["loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=batch_size)
         if self.log_train_steps:
             self.log_dict({f"train_step/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False,
                           batch_size=batch_size)
-        return loss.detach()
+        return logs["loss"]
+
+    def _step_direction(self, opt: Any, parts: list[tuple[Any, float]], *,
+                        micro: bool = False) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
+        """Pass 1 (and, with a rule, the ascent and pass 2) over ``parts``: ``(logs, params, d, batch size)``.
+
+        ``parts`` is the batch, or its micro-batches whose gradients accumulate (weighted by size) into
+        one clean gradient g and one perturbed gradient g_p. ``micro``: one micro-batch of the per-micro-
+        batch ascent (pass 2 without DDP sync, no averaging here: the caller averages the sum of the d).
+        """
+        rule = self.minimizer
+        rngs: list[dict[str, Any]] | None = [] if rule is not None and self.share_dropout_rng else None
+        loss, batch_size = self._accumulated_pass(parts, 1, rule is not None and self.ascent == "replica", rngs)
+        params, grads, names = self._with_grads()
+        scale = self._loss_scale()
+        grad_norm = global_norm(grads)
+        logs = {"loss": loss, "grad_norm": grad_norm if scale is None else grad_norm / scale}
+        if rule is None:
+            return logs, params, grads, batch_size
+        with torch.no_grad():
+            eps = rule.perturbation(
+                params, grads, names=names if rule.uses_names else None, grad_norm=grad_norm,
+                lr=float(opt.optimizer.param_groups[0]["lr"]), lr_max=self._schedule_peak(),
+            )
+            if scale is not None and not rule.scale_invariant:
+                torch._foreach_div_(eps, scale)
+            backup = self._scratch_buffers("_backup", params)
+            torch._foreach_copy_(backup, params)
+            torch._foreach_add_(params, eps)
+            del eps
+            if self._bn_buffers:
+                torch._foreach_copy_(self._bn_backup, self._bn_buffers)
+        clean = grads if rule.uses_clean_grad else None
+        del grads
+        opt.zero_grad(set_to_none=True)
+        manual_average = not micro and self.ascent == "replica" and rule.uses_clean_grad and self._world_size() > 1
+        try:
+            logs["loss_perturbed"], _ = self._accumulated_pass(parts, 2, micro or manual_average, rngs)
+        finally:  # also when pass 2 raises (out of memory, ...): never leave the weights at w + ε
+            with torch.no_grad():
+                if self._bn_buffers:
+                    torch._foreach_copy_(self._bn_buffers, self._bn_backup)
+                torch._foreach_copy_(params, backup)
+            self.pass_index = 0
+        with torch.no_grad():
+            grads_p = self._perturbed_grads(params)
+            if clean is not None:
+                rule.descent(clean, grads_p)
+                del clean
+            if manual_average:
+                _all_reduce_mean(grads_p)
+        return logs, params, grads_p, batch_size
+
+    def _accumulated_pass(self, parts: list[tuple[Any, float]], index: int, block_sync: bool,
+                          rngs: list[dict[str, Any]] | None) -> tuple[Tensor, int]:
+        """Forward-backward of each part, gradients summed in ``.grad`` with the parts' weights.
+
+        Returns the weighted loss (detached) and the total batch size. ``pass_index`` is ``index``
+        during the backward that completes the pass's gradient, ``-index`` during earlier micro-batches.
+        Under DDP the gradients are all-reduced once, at the last part, unless ``block_sync``. With
+        ``rngs`` (shared dropout masks) pass 1 records the RNG state before each part and pass 2 replays it.
+        """
+        total: Tensor | None = None
+        batch_size = 0
+        last = len(parts) - 1
+        for i, (part, weight) in enumerate(parts):
+            if rngs is not None and index == 1:
+                rngs.append(_rng_state())
+            elif rngs is not None:
+                _set_rng_state(rngs[i])
+            self.pass_index = index if i == last else -index
+            with self._no_sync(block_sync or i < last):
+                loss, output, target, size = self.forward_loss(part, "train")
+                self.manual_backward(loss if last == 0 else loss * weight)
+            if index == 1:
+                self.update_metrics("train", output.detach(), target)
+            loss = loss.detach() if last == 0 else loss.detach() * weight
+            total = loss if total is None else total + loss
+            batch_size += size
+        assert total is not None
+        return total, batch_size
+
+    def _micro_ascent_step(self, opt: Any,
+                           parts: list[tuple[Any, float]]) -> tuple[dict[str, Tensor], list[Tensor], int]:
+        """The ascent per micro-batch: d = Σᵢ wᵢ·dᵢ, each dᵢ a whole two-pass direction of micro-batch i.
+
+        m-sharpness with m the micro-batch size (as DDP's per-replica ascent): εᵢ from the micro-batch's
+        own gradient gᵢ. The logs are the weighted means over micro-batches (``grad_norm``: of the ‖gᵢ‖).
+        """
+        acc: list[Tensor] = []
+        key: tuple[int, ...] = ()
+        logs: dict[str, Tensor] = {}
+        batch_size = 0
+        for part, weight in parts:
+            opt.zero_grad(set_to_none=True)
+            part_logs, params, final, size = self._step_direction(opt, [(part, 1.0)], micro=True)
+            if not acc:
+                key = tuple(map(id, params))
+                acc = self._scratch_buffers("_accumulated", params)
+                torch._foreach_zero_(acc)
+            elif tuple(map(id, params)) != key:
+                raise RuntimeError(
+                    "accumulate_ascent='micro' needs every micro-batch to give gradients to the same parameters; "
+                    "use accumulate_ascent='accumulated'"
+                )
+            torch._foreach_add_(acc, final, alpha=weight)
+            logs = {k: v * weight + logs[k] if k in logs else v * weight for k, v in part_logs.items()}
+            batch_size += size
+        torch._foreach_copy_(final, acc)  # the last micro-batch's .grad tensors hold d
+        if self._world_size() > 1:
+            _all_reduce_mean(final)
+        return logs, final, batch_size
+
+    def _micro_batches(self, batch: Any) -> list[tuple[Any, float]]:
+        """The batch as ``accumulate_grad_batches`` micro-batches with weights nᵢ/N (the batch alone when 1)."""
+        k = self.accumulate_grad_batches
+        if k == 1:
+            return [(batch, 1.0)]
+        n = _leading_size(batch, k)
+        k = min(k, n)
+        sizes = [n // k + (i < n % k) for i in range(k)]  # torch.tensor_split's chunk sizes
+        return [(part, size / n) for part, size in zip(self.split_batch(batch, k), sizes)]
+
+    def split_batch(self, batch: Any, k: int) -> list[Any]:
+        """Split a training batch into ``k`` micro-batches along the first dimension of its tensors.
+
+        Handles tensors and (named) tuples, lists and dicts of them; override for other batch types.
+        """
+        return _split(batch, k)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip the final direction d (after AMP unscaling), never the ascent."""
@@ -342,18 +477,26 @@ class TwoPassModule(pl.LightningModule):
                 p.grad = torch.zeros_like(p)
         return [p.grad for p in params]
 
-    def _backup_buffers(self, params: list[Tensor]) -> list[Tensor]:
+    def _scratch_buffers(self, name: str, params: list[Tensor]) -> list[Tensor]:
+        """Per-step scratch tensors shaped like ``params`` (``_backup``, ``_accumulated``), kept while they match."""
         key = tuple(map(id, params))
-        if key != self._backup_key:
-            self._backup = [torch.empty_like(p) for p in params]
-            self._backup_key = key
-        return self._backup
+        cached = self._scratch.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._scratch[name] = (key, [torch.empty_like(p) for p in params])
+        return cached[1]
 
     def _no_sync(self, block: bool) -> contextlib.AbstractContextManager:
         strategy = self.trainer.strategy
         if block and hasattr(strategy, "block_backward_sync"):
             return strategy.block_backward_sync()
         return contextlib.nullcontext()
+
+    def _schedule_peak(self) -> float:
+        """The peak lr of the first param group over the run (cached per fit; Python floats only)."""
+        if self._lr_peak is None:
+            configs = self.trainer.lr_scheduler_configs if self._trainer is not None else []
+            self._lr_peak = schedule_peak_lr(self.trainer.optimizers[0], [c.scheduler for c in configs])
+        return self._lr_peak
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
@@ -426,6 +569,68 @@ def _launched_by_cli() -> bool:
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(map(repr, choices))}")
+
+
+def schedule_peak_lr(optimizer: torch.optim.Optimizer, schedulers: list[Any]) -> float:
+    """The highest lr the first param group reaches under ``schedulers``, where it can be known.
+
+    OneCycleLR and CyclicLR: their ``max_lr``; SequentialLR: the highest of its schedulers' peaks; any
+    other scheduler (and no scheduler): the initial lr, which warmups such as LinearLR climb back to (a
+    LambdaLR whose factor exceeds 1 goes above it: GSAM then clamps and warns).
+    """
+    group = optimizer.param_groups[0]
+    initial = float(group.get("initial_lr", group["lr"]))
+    peaks = [_scheduler_peak(s, initial) for s in schedulers]
+    return max([initial] + [p for p in peaks if p is not None])
+
+
+def _scheduler_peak(scheduler: Any, initial: float) -> float | None:
+    sched = torch.optim.lr_scheduler
+    if isinstance(scheduler, sched.OneCycleLR):
+        return float(scheduler.optimizer.param_groups[0]["max_lr"])
+    if isinstance(scheduler, sched.CyclicLR):
+        return float(scheduler.max_lrs[0])
+    if isinstance(scheduler, sched.SequentialLR):
+        peaks = [_scheduler_peak(s, initial) for s in scheduler._schedulers]
+        return max(initial if p is None else p for p in peaks)
+    return None
+
+
+def _leading_size(batch: Any, k: int) -> int:
+    """The common first dimension of the batch's tensors, or a ValueError saying why it cannot be split."""
+    sizes: set[int] = set()
+
+    def visit(obj: Any) -> bool:
+        if isinstance(obj, Tensor):
+            if obj.ndim > 0:
+                sizes.add(obj.shape[0])
+            return obj.ndim > 0
+        if isinstance(obj, (tuple, list)):
+            return all(visit(o) for o in obj)
+        if isinstance(obj, dict):
+            return all(visit(o) for o in obj.values())
+        return False
+
+    if not visit(batch) or len(sizes) != 1:
+        what = type(batch).__name__ if len(sizes) <= 1 else f"tensors with first dimensions {sorted(sizes)}"
+        raise ValueError(
+            f"Invalid accumulate_grad_batches: {k}; it splits each batch along the first dimension of its tensors, "
+            f"and this batch ({what}) cannot be split that way. Use accumulate_grad_batches=1 (a larger batch "
+            "needs more memory) or override split_batch"
+        )
+    return sizes.pop()
+
+
+def _split(obj: Any, k: int) -> list[Any]:
+    if isinstance(obj, Tensor):
+        return list(obj.tensor_split(k))
+    if isinstance(obj, dict):
+        columns = {key: _split(v, k) for key, v in obj.items()}
+        return [type(obj)({key: c[i] for key, c in columns.items()}) for i in range(k)]
+    rows = zip(*(_split(o, k) for o in obj))
+    if hasattr(obj, "_fields"):  # namedtuple
+        return [type(obj)(*row) for row in rows]
+    return [type(obj)(row) for row in rows]
 
 
 def _all_reduce_mean(tensors: list[Tensor]) -> None:

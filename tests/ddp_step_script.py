@@ -2,7 +2,8 @@
 
 Run by tests/test_ddp.py as ``python tests/ddp_step_script.py OUT_DIR``; Lightning's ``ddp``
 strategy re-executes this script for rank 1. For GSAM with each ascent mode
-and for SAM with the per-replica ascent it writes ``OUT_DIR/<name>_rank<r>.pt`` with the initial weights, every batch the rank trained on, the
+and for SAM with the per-replica ascent (and both again with
+gradient accumulation in the module) it writes ``OUT_DIR/<name>_rank<r>.pt`` with the initial weights, every batch the rank trained on, the
 rank's pass-1 gradient of every step, and the final weights.
 """
 
@@ -45,14 +46,15 @@ class Record(pl.Callback):
         self.data["world_size"] = trainer.world_size
 
 
-def run(out: Path, name: str, mode: str, rule) -> None:
+def run(out: Path, name: str, mode: str, rule, accumulate: int = 1) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 3, generator=g)
     y = (x @ torch.randn(3, 3, generator=g)).argmax(1)
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
-    model = Classifier(net, num_classes=3, optimizer=partial(torch.optim.SGD, lr=0.1), minimizer=rule, ascent=mode)
+    model = Classifier(net, num_classes=3, optimizer=partial(torch.optim.SGD, lr=0.1), minimizer=rule, ascent=mode,
+                       accumulate_grad_batches=accumulate)
     record = Record()
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", precision="64-true", max_steps=STEPS, logger=False,
@@ -67,3 +69,5 @@ if __name__ == "__main__":
     run(out_dir, "replica", "replica", GSAM(rho=0.05, alpha=0.3))
     run(out_dir, "global", "global", GSAM(rho=0.05, alpha=0.3))
     run(out_dir, "replica_sam", "replica", SAM(rho=0.05))
+    run(out_dir, "global_acc", "global", GSAM(rho=0.05, alpha=0.3), accumulate=2)
+    run(out_dir, "replica_sam_acc", "replica", SAM(rho=0.05), accumulate=4)

@@ -27,7 +27,7 @@ def runs(tmp_path_factory):
                           cwd=SCRIPT.parents[1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)]
-            for name in ("replica", "global", "replica_sam")}
+            for name in ("replica", "global", "replica_sam", "global_acc", "replica_sam_acc")}
 
 
 def _net():
@@ -111,3 +111,16 @@ def test_ddp_sam_per_replica_ascent_equals_an_independent_replay(runs):
     for a, b, c in zip(r0["final"], r1["final"], _replay(runs["replica_sam"], "replica", rule="sam")):
         assert torch.equal(a, b)
         assert torch.allclose(a, c, rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, reference", [("global_acc", "global"), ("replica_sam_acc", "replica_sam")])
+def test_ddp_with_accumulation_in_the_module_equals_the_step_on_the_whole_sub_batch(runs, name, reference):
+    # micro-batches under no_sync, the DDP all-reduce once at the last one: the same step as without accumulation
+    for a, b in zip(runs[name][0]["final"], runs[reference][0]["final"]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    for a, b in zip(runs[name][0]["final"], runs[name][1]["final"]):
+        assert torch.equal(a, b)
+    assert len(runs[name][0]["grads1"]) == len(runs[reference][0]["grads1"]) == 3  # read once per step, complete
+    for g, h in zip(runs[name][0]["grads1"], runs[reference][0]["grads1"]):
+        assert torch.allclose(g, h, rtol=0, atol=1e-12)

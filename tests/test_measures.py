@@ -450,7 +450,10 @@ def test_adaptive_linf_sharpness_is_invariant_to_relu_rescaling():
 
 
 def _reference_apgd(net, x, y, rho, n_iters, p, adaptive):
-    """APGD for one batch from the issue's description, with Python floats and plain tensors."""
+    """APGD with the iterate reset to the best point at a halving (``method="apgd_reset"``), for one batch.
+
+    The authors' own loop (``method="apgd"``) is re-implemented from their code in test_apgd_reference.py.
+    """
     names, shapes, numels, w0 = flat_params(net)
     c = w0.abs() if adaptive else torch.ones_like(w0)
 
@@ -487,11 +490,11 @@ def _reference_apgd(net, x, y, rho, n_iters, p, adaptive):
 
 
 @pytest.mark.parametrize("p, adaptive", [(math.inf, True), (2.0, True), (2.0, False)])
-def test_apgd_matches_a_straightforward_implementation(p, adaptive):
+def test_apgd_reset_matches_a_straightforward_implementation(p, adaptive):
     net = mlp(seed=2).eval()
     x, y = data(n=8, shape=(5,), seed=3)
     expected = _reference_apgd(net, x, y, 0.2, 20, p, adaptive)
-    got = measures.adaptive_sharpness(net, [(x, y)], 0.2, p=p, adaptive=adaptive, n_iters=20)
+    got = measures.adaptive_sharpness(net, [(x, y)], 0.2, p=p, adaptive=adaptive, n_iters=20, method="apgd_reset")
     assert got == pytest.approx(expected, rel=1e-10)
 
 

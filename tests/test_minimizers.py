@@ -124,10 +124,10 @@ def test_gsam_zero_perturbed_gradient_is_safe(tensors):
 
 def test_gsam_rho_follows_the_lr():
     rule = GSAM(rho=0.1, alpha=0.1, rho_min=0.02, lr_min=0.0)
-    assert rule.current_rho(lr=0.05, initial_lr=0.1) == pytest.approx(0.02 + 0.08 * 0.5)
-    assert rule.current_rho(lr=0.1, initial_lr=0.1) == pytest.approx(0.1)
+    assert rule.current_rho(lr=0.05, lr_max=0.1) == pytest.approx(0.02 + 0.08 * 0.5)
+    assert rule.current_rho(lr=0.1, lr_max=0.1) == pytest.approx(0.1)
     assert GSAM(rho=0.1, rho_min=0.0, lr_max=0.2).current_rho(lr=0.05) == pytest.approx(0.025)
-    assert GSAM(rho=0.1).current_rho(lr=0.001, initial_lr=0.1) == 0.1  # no rho_min: constant
+    assert GSAM(rho=0.1).current_rho(lr=0.001, lr_max=0.1) == 0.1  # no rho_min: constant
 
 
 def test_adaptive_gsam(tensors):
@@ -212,3 +212,14 @@ def test_type_errors_name_the_argument():
 def test_repr_shows_the_configuration():
     assert repr(SAM(0.1, p=math.inf)) == "SAM(rho=0.1, p=inf)"
     assert "scope='all'" in repr(ASAM(0.5, 0.0, "all"))
+
+
+def test_gsam_rho_is_clamped_to_its_range_and_warns_once():
+    rule = GSAM(rho=0.1, alpha=0.1, rho_min=0.02, lr_min=0.01)
+    with pytest.warns(UserWarning, match=r"lr 0.5 is outside \[lr_min, lr_max\] = \[0.01, 0.1\]") as record:
+        assert rule.current_rho(lr=0.5, lr_max=0.1) == 0.1
+        assert rule.current_rho(lr=0.001, lr_max=0.1) == 0.02  # below lr_min: rho_min, not less
+        assert rule.current_rho(lr=0.055, lr_max=0.1) == pytest.approx(0.06)
+    assert len([w for w in record if "outside" in str(w.message)]) == 1
+    with pytest.warns(UserWarning, match="cannot follow the lr"):
+        assert GSAM(rho=0.1, rho_min=0.0, lr_min=0.2).current_rho(lr=0.1, lr_max=0.1) == 0.1
