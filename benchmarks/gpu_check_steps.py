@@ -111,7 +111,7 @@ def formula_errors(rule, r: dict) -> dict[str, float]:
     g = [t / r["scale"] for t in r["g"]]
     gp = [t / r["scale"] for t in r["gp"]]
     with torch.no_grad():
-        eps = rule.perturbation(w, g, names=r["names"] if rule.uses_names else None, lr=LR, initial_lr=LR)
+        eps = rule.perturbation(w, g, names=r["names"] if rule.uses_names else None, lr=LR, lr_max=LR)
         d = [t.clone() for t in gp]
         if rule.uses_clean_grad:
             rule.descent(g, d)
