@@ -131,14 +131,14 @@ class RunSummary(Callback):
         self._tapped = []
 
     def _record(self, trainer: pl.Trainer, metrics: dict[str, Any], step: int | None) -> None:
-        epoch = metrics.get("epoch", trainer.current_epoch)
-        epoch = int(_float(epoch)) if _float(epoch) is not None else trainer.current_epoch
+        epoch = _float(metrics.get("epoch"))  # Lightning adds it to epoch-level logs; direct calls lack it
+        epoch = trainer.current_epoch if epoch is None else int(epoch)
         step = trainer.global_step if step is None else int(step)
         for key, value in metrics.items():
             number = _float(value)
-            if key in ("epoch", "step") or number is None and not _is_nonfinite(value):
-                continue
-            self._last[key] = number
+            if key in ("epoch", "step") or (number is None and not _is_nonfinite(value)):
+                continue  # not a number: nothing to summarise
+            self._last[key] = number  # None for NaN/inf (strict JSON)
             if not key.endswith("_step") and not key.startswith("train_step/"):
                 self._history.setdefault(key, {})[epoch] = (step, number)
 
