@@ -1,8 +1,8 @@
 """One progress line over the runs of a study: done / failed / remaining, and the time left.
 
 On a terminal the line is rewritten in place (``\\r``); otherwise (a log file, CI) one line is printed per
-finished run. The estimate is the mean wall time of the runs finished so far, divided among the runs
-in flight: elapsed / finished × remaining.
+finished run. The time left is the mean wall time of the recent runs (the last two per parallel slot, so
+the slower first run of each worker fades out) × the runs left / the runs seen in flight at once.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ class Progress:
         self.total, self.skipped = total, skipped
         self.finished = self.failed = 0
         self.running: set[str] = set()
+        self.parallel = 1
+        self.durations: list[float] = []
         self.start = time.perf_counter()
         self._width = 0
 
@@ -39,12 +41,14 @@ class Progress:
     def started(self, run_id: str) -> None:
         """A run started."""
         self.running.add(run_id)
+        self.parallel = max(self.parallel, len(self.running))
         if self.tty:
             self._draw(f"running {run_id}")
 
     def ended(self, result: dict[str, Any]) -> None:
         """A run ended (``result`` has ``id``, ``status``, ``seconds`` and, when failed, ``error``)."""
         self.running.discard(result["id"])
+        self.durations.append(float(result.get("seconds") or 0.0))
         if result["status"] == "finished":
             self.finished += 1
         else:
@@ -73,8 +77,9 @@ class Progress:
                 f"{self.remaining} left")
         if self.skipped:
             text += f", {self.skipped} skipped (finished before)"
-        if eta and self.remaining and ended:
-            text += f", ETA {_duration((time.perf_counter() - self.start) / ended * self.remaining)}"
+        if eta and self.remaining and self.durations:
+            recent = self.durations[-2 * self.parallel:]
+            text += f", ETA {_duration(sum(recent) / len(recent) * self.remaining / self.parallel)}"
         return text
 
     def _draw(self, what: str) -> None:
