@@ -33,8 +33,9 @@ def tasks_of(study: Study, out: str | Path) -> list[dict[str, Any]]:
     return [runner.make_task(run, out, study.resources.threads, Path.cwd()) for run in study.runs()]
 
 
-def dry_run(study: Study, out: str | Path, stream: TextIO = sys.stdout) -> int:
+def dry_run(study: Study, out: str | Path, stream: TextIO | None = None) -> int:
     """Print one ``python cli.py fit ...`` command per run (to run from the current directory); write nothing."""
+    stream = stream or sys.stdout
     stream.write(f"# {study.name}: {len(study.runs())} runs; run each command from {Path.cwd()}\n")
     for task in tasks_of(study, out):
         stream.write(runner.command_line(task) + "\n")
@@ -43,8 +44,9 @@ def dry_run(study: Study, out: str | Path, stream: TextIO = sys.stdout) -> int:
 
 def run(study: Study, out: str | Path, *, engine: str = "local", workers: int | None = None,
         address: str | None = None, timeout: float | None = None, analyze_after: bool = True,
-        stream: TextIO = sys.stderr) -> int:
+        stream: TextIO | None = None) -> int:
     """Run the runs not finished yet, then analyse the folder; 0 if every run finished, else 1."""
+    stream = stream or sys.stderr
     out = Path(out)
     tasks = tasks_of(study, out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,8 +95,9 @@ def with_resources(study: Study, cpu: float | None, gpu: float | None) -> Study:
 
 def analyze(directory: str | Path, x: list[str] | None = None, y: list[str] | None = None,
             groups: list[str] | None = None, bootstrap: int | None = None, figures: bool = True,
-            stream: TextIO = sys.stderr) -> dict[str, Any]:
+            stream: TextIO | None = None) -> dict[str, Any]:
     """Analyse ``DIR/runs/*/summary.json``; write results.csv, analysis.json/md, figures and TensorBoard."""
+    stream = stream or sys.stderr
     directory = Path(directory)
     summaries = pool.load(directory)
     if not summaries:

@@ -212,3 +212,17 @@ def test_analyze_flags_replace_the_study_file_keys(tmp_path):
                             [s["metrics"]["test/acc"] for s in finished])
     assert result["kendall"][0]["tau"] == pytest.approx(want.statistic) == pytest.approx(-1.0)
     assert math.isclose(result["granulated"][0]["psi"], -1.0)  # test/acc decreases with the sharpness in every run
+
+
+def test_the_analyze_command_line(tmp_path, capsys):
+    from studies.cli import main
+
+    directory = synthetic_study(tmp_path, with_file=False)
+    assert main(["analyze", str(directory), "--x", "sharpness/adaptive", "--y", "gap/acc", "--groups", "optim",
+                 "--bootstrap", "0"]) == 0
+    result = json.loads((directory / "analysis.json").read_text())
+    assert {r["group"] for r in result["kendall"]} == {"all", "optim=sgd", "optim=adam"}
+    assert all(r["ci95"] is None for r in result["kendall"])
+    assert "analysis.md" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "nothing")]) == 2
+    assert "no runs/*/summary.json to analyse" in capsys.readouterr().err

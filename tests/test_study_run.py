@@ -194,3 +194,15 @@ def test_ray_engine_runs_a_pool_and_writes_the_same_files(pool, tmp_path):
         assert (folder / "log.txt").is_file() and list(folder.glob("events.out.tfevents.*"))
     assert (tmp_path / "ray_out" / "analysis.json").is_file()
     assert "[4/4] 4 done, 0 failed, 0 left" in log.getvalue()
+
+
+def test_a_run_over_the_timeout_is_killed_and_recorded(pool, tmp_path):
+    study, _, _, _ = pool
+    text = study_text(failing=False).replace("trainer.max_epochs: 2", "trainer.max_epochs: 10000")
+    (tmp_path / "long.yaml").write_text(text)
+    long = load(tmp_path / "long.yaml")
+    task = commands.tasks_of(long, tmp_path / "out")[0]
+    (result,) = LocalEngine(workers=1, timeout=3.0).run([task])
+    assert result["status"] == "failed" and result["error"] == "timed out after 3 s (worker killed)"
+    s = json.loads((tmp_path / "out" / "runs" / task["id"] / "summary.json").read_text())
+    assert s["status"] == "failed" and s["error"] == result["error"] and s["id"] == task["id"]
