@@ -1,4 +1,4 @@
-"""flatminima command line: ``python cli.py fit|validate|test|predict --config ...``.
+"""flatminima command line: ``python cli.py fit|validate|test|predict --config ...`` (and ``study run|analyze``).
 
 With no ``--config``, ``fit`` trains the embedded default: seed 003's moons study with GSAM
 (``configs/experiments/moons_gsam.yaml``). Configs compose: later files override earlier ones, e.g.
@@ -11,6 +11,11 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
+
+if __name__ == "__main__" and sys.argv[1:2] == ["study"]:  # studies/cli.py: this process needs no Lightning
+    from studies.cli import main as study_main
+
+    sys.exit(study_main(sys.argv[2:]))
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI

@@ -2,8 +2,8 @@
 
 ``callbacks.measures`` (and ``ggn``, ``alpha``, ``adaptive``, ``hessian``) import torch only; the
 Lightning callbacks (``MinimumSharpness``, ``AdaptiveSharpness``, ``GradientNormSharpness``,
-``HessianSpectrum``, ``LossThresholdCheckpoint``) are imported on first access, so the pure math stays
-usable without Lightning installed.
+``HessianSpectrum``, ``LossThresholdCheckpoint``, ``RunSummary``) are imported on first access, so the
+pure math stays usable without Lightning installed.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ _LIGHTNING = {
     "HessianSpectrum": "sharpness",
     "LossThresholdCheckpoint": "checkpoint",
     "RelativeLossStopping": "stopping",
+    "RunSummary": "summary",
 }
 
 __all__ = [

@@ -1,0 +1,1 @@
+"""Engines that run a study's tasks: ``local`` (reused worker processes) and ``ray`` (Ray Tune trials)."""

@@ -1,0 +1,160 @@
+"""The study figures (matplotlib, Agg): scatter with τ, per-group distributions, training curves.
+
+Each function takes finished run summaries and returns a ``matplotlib.figure.Figure`` (or None when
+there is nothing to draw); :func:`make_all` builds the whole set under stable names, which
+:mod:`studies.report` saves as PNG and :mod:`studies.board` writes to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .analysis import group_by, value  # noqa: E402
+
+Summary = dict[str, Any]
+MARKERS = "osD^vP*Xh<>p"
+
+
+def make_all(runs: Sequence[Summary], result: dict[str, Any]) -> list[tuple[str, Figure]]:
+    """Every figure of an analysis ``result`` (``analysis.json`` content) as ``(name, figure)``."""
+    groups = result.get("groups") or []
+    figures: list[tuple[str, Figure]] = []
+    overall = {(r["x"], r["y"]): r for r in result.get("kendall", []) if r["group"] == "all"}
+    for (x, y), row in overall.items():
+        figures.append((f"scatter-{slug(x)}-vs-{slug(y)}", scatter(runs, x, y, groups, row)))
+    keys = list(dict.fromkeys([*result.get("x", []), *result.get("y", [])]))
+    for axis in groups:
+        fig = distributions(runs, axis, keys)
+        if fig is not None:
+            figures.append((f"distributions-{slug(axis)}", fig))
+    for axis in groups or [None]:
+        fig = curves(runs, axis)
+        if fig is not None:
+            figures.append((f"curves-{slug(axis or 'all')}", fig))
+    return figures
+
+
+def slug(key: str) -> str:
+    """A file-name-safe form of a key: ``sharpness/adaptive`` → ``sharpness_adaptive``."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", key).strip("_")
+
+
+def scatter(runs: Sequence[Summary], x: str, y: str, group_axes: Sequence[str], row: dict[str, Any]) -> Figure:
+    """``y`` against ``x``, one colour per value of the first group axis (marker: the second); τ in the title."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=100)
+    colour_axis = group_axes[0] if group_axes else None
+    marker_axis = group_axes[1] if len(group_axes) > 1 else None
+    colours = _palette(group_by(runs, colour_axis) if colour_axis else {"all": list(runs)})
+    markers = {v: MARKERS[i % len(MARKERS)] for i, v in enumerate(group_by(runs, marker_axis))} if marker_axis else {}
+    for run in runs:
+        vx, vy = value(run, x), value(run, y)
+        if vx is None or vy is None:
+            continue
+        axes = run.get("axes") or {}
+        ax.scatter(vx, vy, color=colours[axes.get(colour_axis, "all") if colour_axis else "all"],
+                   marker=markers.get(axes.get(marker_axis), "o"), s=36, alpha=0.85, edgecolors="none")
+    handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=f"{colour_axis}={v}") for v, c in colours.items()
+               if colour_axis]
+    handles += [plt.Line2D([], [], ls="", marker=m, color="0.3", label=f"{marker_axis}={v}")
+                for v, m in markers.items()]
+    if handles:
+        ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.7)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(f"{y} vs {x}\n{_tau_text(row)}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def distributions(runs: Sequence[Summary], axis: str, keys: Sequence[str]) -> Figure | None:
+    """Box plots of each key per value of ``axis``, values sorted by mean (the runs drawn on top)."""
+    groups = group_by(runs, axis)
+    keys = [k for k in keys if any(value(r, k) is not None for r in runs)]
+    if not groups or not keys:
+        return None
+    fig, axs = plt.subplots(1, len(keys), figsize=(max(4.0, 1.1 * len(groups) + 1.5) * len(keys), 3.8), dpi=100,
+                            squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, key in zip(axs[0], keys):
+        data = {v: [x for x in (value(r, key) for r in members) if x is not None] for v, members in groups.items()}
+        data = {v: d for v, d in data.items() if d}
+        order = sorted(data, key=lambda v: float(np.mean(data[v])))
+        ax.boxplot([data[v] for v in order], showmeans=True, showfliers=False, widths=0.6)
+        for i, v in enumerate(order, start=1):
+            ax.scatter(i + rng.uniform(-0.12, 0.12, len(data[v])), data[v], s=10, color="0.25", alpha=0.7, zorder=3)
+        ax.set_xticks(range(1, len(order) + 1), order, rotation=30 if len(order) > 4 else 0, fontsize=8)
+        ax.set_xlabel(axis)
+        ax.set_title(key, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"per {axis}, sorted by mean", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def curves(runs: Sequence[Summary], axis: str | None) -> Figure | None:
+    """Per-epoch ``train/loss`` and ``sharpness/*`` (from the summaries' histories): group mean and range."""
+    keys = ["train/loss"] + sorted({k for r in runs for k in (r.get("history") or {})
+                                    if k.startswith("sharpness/") and not k.endswith("_step")})
+    keys = [k for k in keys if any((r.get("history") or {}).get(k) for r in runs)]
+    if not keys:
+        return None
+    groups = group_by(runs, axis) if axis else {"all": list(runs)}
+    colours = _palette(groups)
+    fig, axs = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.6), dpi=100, squeeze=False)
+    for ax, key in zip(axs[0], keys):
+        for name, members in groups.items():
+            epochs, mean, low, high = _band(members, key)
+            if not epochs:
+                continue
+            label = f"{axis}={name}" if axis else name
+            ax.plot(epochs, mean, color=colours[name], label=label, marker="." if len(epochs) < 3 else None)
+            ax.fill_between(epochs, low, high, color=colours[name], alpha=0.15, linewidth=0)
+        ax.set_xlabel("epoch")
+        ax.set_title(key, fontsize=9)
+        ax.grid(alpha=0.3)
+        if key == "train/loss" and all(v > 0 for v in _all_values(runs, key)):
+            ax.set_yscale("log")
+    axs[0][0].legend(fontsize=7, framealpha=0.7)
+    fig.suptitle("mean over runs (band: min to max)" + (f", per {axis}" if axis else ""), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _band(runs: Sequence[Summary], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    per_epoch: dict[int, list[float]] = {}
+    for run in runs:
+        for epoch, _step, v in (run.get("history") or {}).get(key, []):
+            if v is not None and math.isfinite(v):
+                per_epoch.setdefault(int(epoch), []).append(float(v))
+    epochs = sorted(per_epoch)
+    return (epochs, [float(np.mean(per_epoch[e])) for e in epochs], [min(per_epoch[e]) for e in epochs],
+            [max(per_epoch[e]) for e in epochs])
+
+
+def _all_values(runs: Sequence[Summary], key: str) -> list[float]:
+    return [v for r in runs for _, _, v in (r.get("history") or {}).get(key, []) if v is not None]
+
+
+def _palette(groups: dict[str, Any]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    return {name: cmap(i % cmap.N) for i, name in enumerate(groups)}
+
+
+def _tau_text(row: dict[str, Any]) -> str:
+    if row.get("tau") is None:
+        return f"τ undefined (n = {row.get('n', 0)})"
+    text = f"Kendall τ = {row['tau']:.3f} (p = {row['p']:.3g}, n = {row['n']})"
+    if row.get("ci95"):
+        text += f", 95% CI [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}]"
+    return text
