@@ -29,6 +29,7 @@ _LIGHTNING = {
     "HessianSpectrum": "sharpness",
     "LossThresholdCheckpoint": "checkpoint",
     "RelativeLossStopping": "stopping",
+    "EpochLines": "progress",
 }
 
 __all__ = [
