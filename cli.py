@@ -45,7 +45,7 @@ from callbacks.progress import EpochLines
 from cli_support import compose, errors
 from cli_support.help import DESCRIPTION, HelpFormatter, presets_epilog
 from cli_support.hparams import HParamsWriter, readable_hparams
-from cli_support.quiet import quiet_noise
+from cli_support.quiet import HeldRecords, quiet_noise
 from cli_support.report import StepCounter, final_metrics, run_folder, table
 from lightning_modules import TwoPassModule
 
@@ -100,8 +100,10 @@ class FlatMinimaCLI(LightningCLI):
     ``error: model.init_args.minimizer (lightning_modules.minimizers.SAM): Invalid rho: -0.1; ...``.
     """
 
-    def __init__(self, *args, plan: compose.Plan | None = None, **kwargs) -> None:
+    def __init__(self, *args, plan: compose.Plan | None = None, seed_line: HeldRecords | None = None,
+                 **kwargs) -> None:
         self.plan = plan or compose.Plan([])
+        self._seed_line = seed_line
         self._steps = StepCounter()
         super().__init__(*args, **kwargs)
 
@@ -177,6 +179,10 @@ class FlatMinimaCLI(LightningCLI):
             key, class_path = errors.locate(cause, self._section())
             where = f"{key} ({class_path})" if key else "configuration"
             self.parser.exit(2, f"error: {where}: {cause}\n")
+
+    def after_instantiate_classes(self) -> None:
+        if self._seed_line is not None:  # the classes are built: no config error can follow
+            self._seed_line.release()
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -257,7 +263,7 @@ def main(args: list[str] | None = None, run: bool = True) -> FlatMinimaCLI:
     if from_command_line:  # rewrite sys.argv itself: DDP re-executes it for the other ranks
         sys.argv[1:] = plan.args
     wants_help = any(a in ("-h", "--help") for a in raw)
-    with quiet_noise():
+    with quiet_noise() as seed_line:
         return FlatMinimaCLI(
             TwoPassModule,
             pl.LightningDataModule,
@@ -273,6 +279,7 @@ def main(args: list[str] | None = None, run: bool = True) -> FlatMinimaCLI:
             args=None if from_command_line else plan.args,
             run=run,
             plan=plan,
+            seed_line=seed_line,
         )
 
 

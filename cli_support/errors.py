@@ -159,8 +159,8 @@ def _leaf_line(leaf: Leaf, siblings: list[Leaf], given: dict, configs) -> str | 
         accepted = _accepted_args(leaf.class_path)
         owner = (leaf.class_path or "").rpartition(".")[2] or "it"
         listed = f"; accepted: {', '.join(accepted)}" if accepted else ""
-        return f"{full}: {owner} takes no argument {m.group(1)!r}{_where(full, configs)}{listed}" + _did_you_mean(
-            m.group(1), accepted)
+        return f"{full}: Option {m.group(1)!r} is not accepted by {owner}{_where(full, configs)}{listed}" + (
+            _did_you_mean(m.group(1), accepted))
     if m := _NO_ATTR.search(leaf.text):
         module, name = m.group(1), m.group(2)
         return f"{_object_key(leaf)}: no class {module}.{name}{_where(_object_key(leaf), configs)}" + _did_you_mean(
@@ -253,15 +253,19 @@ def _did_you_mean(word: str, candidates, prefix: str = "") -> str:
 
 
 def _accepted_args(class_path: str | None) -> list[str]:
-    """The ``__init__`` argument names of ``class_path`` (empty when it cannot be imported)."""
+    """The ``__init__`` argument names of ``class_path``, with its parents' where it passes ``**kwargs`` on."""
     cls = _import(class_path)
-    if cls is None:
-        return []
-    try:
-        params = inspect.signature(cls).parameters.values()
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "params"]
+    names: list[str] = []
+    for klass in getattr(cls, "__mro__", ())[:-1]:
+        try:
+            params = inspect.signature(klass.__init__).parameters.values()
+        except (TypeError, ValueError):
+            break
+        names += [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                  and p.name not in ("self", "params") and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
 
 
 def _import(class_path: str | None) -> Any:

@@ -33,13 +33,23 @@ class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """jsonargparse's formatter that keeps the description's and epilog's line breaks."""
 
 
-def header(path: Path) -> str:
-    """The first comment line of a YAML file, without ``#`` (empty when the file starts otherwise)."""
+def header(path: Path, limit: int = 100) -> str:
+    """The one-line summary of a YAML file: its first comment line (continued until a sentence ends, then cut
+    to ``limit`` characters at a word); empty when the file does not start with a comment."""
     try:
-        first = path.read_text(encoding="utf-8").splitlines()[0]
-    except (OSError, IndexError, UnicodeDecodeError):
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
         return ""
-    return first.lstrip("#").strip() if first.startswith("#") else ""
+    text = ""
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        text = f"{text} {line.lstrip('#').strip()}".strip()
+        if text.endswith((".", ")", '"')):
+            break
+    if len(text) > limit:
+        text = text[: limit - 1].rsplit(" ", 1)[0].rstrip(" ,;:(") + "…"
+    return text
 
 
 def presets_epilog(configs: Path, name_width: int = 24) -> str:
@@ -51,7 +61,8 @@ def presets_epilog(configs: Path, name_width: int = 24) -> str:
         files = sorted(folder.glob("*.yaml"))
         if not files:
             continue
-        lines.append(f"  {folder.name}/")
+        usage = " (python cli.py study run configs/studies/<name>.yaml)" if folder.name == "studies" else ""
+        lines.append(f"  {folder.name}/{usage}")
         pad = min(max(len(f.stem) for f in files), name_width)
         for f in files:
             if len(f.stem) > pad:

@@ -28,11 +28,11 @@ NOISE: tuple[tuple[str, type[Warning]], ...] = (
     (r"LightningCLI's args parameter is intended", Warning),
 )
 
-#: Lightning's INFO records dropped: adverts for other products, and "Seed set to N", which would open
-#: every error message (the seed is in the final table's title and in the run's config.yaml).
-DROPPED = ("💡 Tip:", "Seed set to")
+#: Lightning's INFO records dropped: adverts for other products.
+DROPPED = ("💡 Tip:",)
 LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                      "lightning.fabric.utilities.seed")
+SEED_LOGGER = "lightning.fabric.utilities.seed"
 
 
 class _DropRecords(logging.Filter):
@@ -41,18 +41,47 @@ class _DropRecords(logging.Filter):
         return not any(text in message for text in DROPPED)
 
 
+class HeldRecords(logging.Filter):
+    """Holds back a logger's records that contain ``text`` until :meth:`release` hands them on.
+
+    ``Seed set to N`` is logged before the classes are built: held until they are, a config error
+    that ends the call there stays one line, and a run that starts still shows its seed.
+    """
+
+    def __init__(self, logger: logging.Logger, text: str) -> None:
+        super().__init__()
+        self.logger, self.text, self.held, self.holding = logger, text, [], True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.holding and self.text in str(record.msg):
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        """Stop holding and emit what was held, in order."""
+        self.holding = False
+        held, self.held = self.held, []
+        for record in held:
+            self.logger.handle(record)
+
+
 @contextlib.contextmanager
-def quiet_noise() -> Iterator[None]:
-    """Within the block: the :data:`NOISE` warnings and :data:`DROPPED` records are dropped; restored after."""
-    advert_filter = _DropRecords()
+def quiet_noise() -> Iterator[HeldRecords]:
+    """Within the block: the :data:`NOISE` warnings and :data:`DROPPED` records are dropped, and the seed
+    line is held (release it with the yielded :class:`HeldRecords`); everything is restored after."""
+    dropper = _DropRecords()
     loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    seed = HeldRecords(logging.getLogger(SEED_LOGGER), "Seed set to")
     with warnings.catch_warnings():
         for pattern, category in NOISE:
             warnings.filterwarnings("ignore", message=pattern, category=category)
         for logger in loggers:
-            logger.addFilter(advert_filter)
+            logger.addFilter(dropper)
+        seed.logger.addFilter(seed)
         try:
-            yield
+            yield seed
         finally:
+            seed.logger.removeFilter(seed)
             for logger in loggers:
-                logger.removeFilter(advert_filter)
+                logger.removeFilter(dropper)

@@ -16,6 +16,7 @@ from lightning.pytorch.core import LightningDataModule
 
 import cli
 from cli_support import compose
+from cli_support.help import GROUPS, header
 from lightning_modules import SAM, USAM, Classifier, Regressor, TwoPassModule
 from lightning_modules.optim import AdaShift
 
@@ -161,7 +162,8 @@ def test_plan_names_runs_after_the_base_and_the_files_that_changed_it():
     ("args", "needles"),
     [
         (["--model.init_args.minimizer.init_args.rh", "0.1"],
-         ["model.init_args.minimizer.init_args.rh:", "accepted: rho, alpha", "did you mean rho?"]),
+         ["model.init_args.minimizer.init_args.rh: Option 'rh' is not accepted by GSAM", "accepted: rho, alpha",
+          "did you mean rho?"]),
         (["--model.init_args.minimizer.init_args.rho", "abc"],
          ["model.init_args.minimizer.init_args.rho: got 'abc'", "expected a float"]),
         (["--model.init_args.optimizer.class_path", "torch.optim.Adamm"],
@@ -172,9 +174,12 @@ def test_plan_names_runs_after_the_base_and_the_files_that_changed_it():
          ["model.init_args.on_nonfinite: got 'explode'", "'raise', 'stop', 'skip', 'ignore'"]),
         (["--model", "lightning_modules.Classifierr"], ["model: no class", "did you mean lightning_modules.Classifier?"]),
         (["--data.init_args.batch_siz", "3"], ["data.init_args.batch_siz:", "did you mean batch_size?"]),
+        (["--model.init_args.gradient_clip_vale", "1"],  # arguments the task passes on through **kwargs count
+         ["Option 'gradient_clip_vale' is not accepted by Classifier", "did you mean gradient_clip_val?"]),
         (["--model.init_args.optimizer.init_args.lr=inf"], ["optimizer.init_args.lr: got 'inf'", ".inf"]),
     ],
-    ids=["unknown-key", "wrong-type", "unknown-class", "unknown-option", "int", "choice", "task", "data-key", "inf"],
+    ids=["unknown-key", "wrong-type", "unknown-class", "unknown-option", "int", "choice", "task", "data-key", "kwargs",
+         "inf"],
 )
 def test_a_config_error_is_one_line_naming_the_key(capsys, args, needles):
     line = one_error_line(capsys, ["fit", *args])
@@ -269,13 +274,23 @@ def test_help_describes_the_project_subcommands_and_presets(capsys):
     assert "sharpness-aware training" in out and "study run|analyze" in out
     for subcommand in ("fit", "validate, test", "predict"):
         assert f"\n  {subcommand} " in out
-    for group in ("data", "model", "optim", "minimizer", "callbacks", "trainer", "experiments"):
+    for group in GROUPS:
         assert f"\n  {group}/\n" in out
     assert "    sam       SAM on the L2 ball, rho 0.05 (Foret et al. 2021)." in out
-    for path in CONFIGS.rglob("*.yaml"):  # every preset is listed with its one-line header
-        first = path.read_text().splitlines()[0]
-        assert first.startswith("# ") and len(first) <= 101, path
-        assert first[2:] in out, path
+    for group in GROUPS:  # every preset is listed with its one-line header
+        for path in (CONFIGS / group).glob("*.yaml"):
+            first = path.read_text().splitlines()[0]
+            assert first.startswith("# ") and len(first) <= 101 and first.endswith((".", ")", '"')), path
+            assert f"    {path.stem}" in out and first[2:] in out, path
+
+
+def test_a_header_that_runs_on_is_cut_at_a_word(tmp_path):
+    long = tmp_path / "long.yaml"
+    long.write_text("# A quick study on moons: 3 base optimizers x (alone, SAM) x 2 seeds = 12 small runs (5 epochs on "
+                    "2000\n# points; about a minute on a 2-core laptop). More text.\nname: x\n")
+    text = header(long)
+    assert text.endswith("…") and len(text) <= 100 and text.startswith("A quick study on moons: 3 base")
+    assert header(CONFIGS / "minimizer/sam.yaml") == "SAM on the L2 ball, rho 0.05 (Foret et al. 2021)."
 
 
 def test_fit_help_shows_the_one_line_summaries(capsys):

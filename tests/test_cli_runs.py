@@ -234,6 +234,7 @@ def test_the_command_line_output_is_concise(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     for noise in ("torch.jit", "Tip:", "LeafSpec", "logging interval", "Warning"):
         assert noise not in proc.stderr, proc.stderr
+    assert proc.stderr.count("Seed set to 0") == 1  # held until the classes are built, then shown
     assert "\r" not in proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["1/2", "2/2"]
