@@ -152,7 +152,8 @@ class FlatMinimaCLI(LightningCLI):
     def _place_run(self, config) -> None:
         """Name the run's folder, or put test/validate/resume output into the checkpoint's run folder."""
         trainer, explicit = config.trainer, self.plan.explicit
-        name = config.get("name") or self.plan.name
+        named = "name" in explicit  # --name on the command line or in a preset (a base's name is its name)
+        name = config.get("name") if named else self.plan.name
         folder = compose.run_folder(config.get("ckpt_path"))
         logger = trainer.get("logger")
         if hasattr(logger, "get") and logger.get("class_path") and "logger" not in explicit:
@@ -160,12 +161,12 @@ class FlatMinimaCLI(LightningCLI):
             if init is None or "name" not in init:
                 return
             set_by_user = explicit & {"logger.name", "logger.save_dir", "logger.version"}
-            if folder is not None and not config.get("name") and not set_by_user:
+            if folder is not None and not named and not set_by_user:
                 same = Path(init.get("save_dir") or ".").resolve() == folder.parent.parent.resolve()
                 init.save_dir = init.save_dir if same else str(folder.parent.parent)  # as the run wrote it
                 init.name, init.version = folder.parent.name, folder.name
                 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-            elif name and (config.get("name") or "logger.name" not in explicit):
+            elif name and (named or "logger.name" not in explicit):
                 init.name = name
         elif logger in (False, None) and "default_root_dir" not in explicit and (name or folder):
             parent = Path(LOG_ROOT) / name if name else None

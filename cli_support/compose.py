@@ -53,8 +53,8 @@ class Plan:
         subcommand: ``fit``/``validate``/``test``/``predict``, or None (``run=False``, ``--help``).
         base: ``"experiment"`` (rule 1), ``"run"`` (rule 2) or ``"default"`` (rule 3).
         name: The run's name: the base's name followed by ``+<stem>`` of each file that changed it.
-        explicit: What the user set on the command line or in a non-base file, among ``logger``
-            (the whole logger), ``logger.name``, ``logger.save_dir``, ``logger.version``,
+        explicit: What the user set on the command line or in a non-base file, among ``name``,
+            ``logger`` (the whole logger), ``logger.name``, ``logger.save_dir``, ``logger.version``,
             ``default_root_dir`` and ``enable_progress_bar``: those are honoured exactly.
         configs: ``(label, content)`` of every ``--config`` given (for error messages).
         verbose: Show the full parser output and tracebacks (``--verbose_errors`` or ``FLATMINIMA_DEBUG=1``).
@@ -143,6 +143,7 @@ _CLI_EXPLICIT = [
     (re.compile(r"^--trainer\.logger\.(init_args\.)?version(=|$)"), "logger.version"),
     (re.compile(r"^--trainer\.default_root_dir(=|$)"), "default_root_dir"),
     (re.compile(r"^--trainer\.enable_progress_bar(=|$)"), "enable_progress_bar"),
+    (re.compile(r"^--name(=|$)"), "name"),
 ]
 
 
@@ -153,10 +154,13 @@ def explicit_on_command_line(args: list[str]) -> set[str]:
 
 def explicit_in_file(content: Any) -> set[str]:
     """Which of the logger/output settings a (non-base) config file sets."""
-    trainer = content.get("trainer") if isinstance(content, dict) else None
-    if not isinstance(trainer, dict):
+    if not isinstance(content, dict):
         return set()
-    found = {key for key in ("default_root_dir", "enable_progress_bar") if key in trainer}
+    named = {"name"} if content.get("name") else set()
+    trainer = content.get("trainer")
+    if not isinstance(trainer, dict):
+        return named
+    found = named | {key for key in ("default_root_dir", "enable_progress_bar") if key in trainer}
     logger = trainer.get("logger", ...)
     if logger is ...:
         return found
@@ -248,7 +252,9 @@ def _variant_suffix(base: dict, later: list[tuple[str, Any]], *, replace: bool) 
 
 
 def _name_of(label: str, content: dict) -> str:
-    """The base's name: its TensorBoard logger's ``name``, else the file's stem."""
+    """The base's name: its ``name`` (a run saved with ``--name``), its logger's ``name``, else the file's stem."""
+    if isinstance(content.get("name"), str) and content["name"]:
+        return content["name"]
     logger = (content.get("trainer") or {}).get("logger") if isinstance(content.get("trainer"), dict) else None
     if isinstance(logger, dict):
         name = (logger.get("init_args") or {}).get("name")

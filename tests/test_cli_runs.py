@@ -96,6 +96,15 @@ def test_test_and_resume_stay_in_the_run_they_belong_to(composed, tmp_path, monk
     assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == ["4/4"]
 
 
+def test_a_named_run_is_tested_in_its_own_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_cli(["fit", "--name", "mine", "--data.init_args.num_samples=200", "--trainer.max_epochs=1"])
+    (ckpt,) = Path("logs/mine/version_0/checkpoints").glob("*.ckpt")
+    run_cli(["test", "--ckpt_path", str(ckpt)])
+    assert sorted(p.name for p in Path("logs").iterdir()) == ["mine"]
+    assert [p.name for p in Path("logs/mine").iterdir()] == ["version_0"]
+
+
 # ---------------------------------------------------------------- item 7: output
 def test_one_line_per_epoch_then_a_final_table_with_sharpness(composed):
     _, _, out, err = composed
