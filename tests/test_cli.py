@@ -7,6 +7,7 @@ Each test looks at what a user sees: the exit code, the number of stderr lines a
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -262,6 +263,18 @@ def test_name_and_an_explicit_logger_decide_the_folder(tmp_path, monkeypatch):
                       "--trainer.default_root_dir=out/runs/run-1"], run=False)
     assert study.trainer.logger.log_dir.rstrip("/") == "out/runs/run-1"
     assert study.trainer.default_root_dir.endswith("out/runs/run-1")
+
+
+# ---------------------------------------------------------------- item 7: a progress bar only on a terminal
+def test_a_progress_bar_only_on_a_terminal_unless_asked(monkeypatch):
+    """Epoch lines replace the bar off a terminal (``test_cli_runs.py`` checks the lines themselves)."""
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    run = cli.main(["--trainer.logger=false"], run=False)
+    assert run.trainer.progress_bar_callback is None and run.config["trainer"]["enable_progress_bar"] is False
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert cli.main(["--trainer.logger=false"], run=False).trainer.progress_bar_callback is not None
+    asked = cli.main(["--trainer.logger=false", "--trainer.enable_progress_bar=false"], run=False)
+    assert asked.trainer.progress_bar_callback is None
 
 
 # ---------------------------------------------------------------- item 9: --help
