@@ -1,15 +1,40 @@
-"""flatminima command line: ``python cli.py fit|validate|test|predict --config ...`` (and ``study run|analyze``).
+"""flatminima command line: ``python cli.py fit|validate|test|predict`` (LightningCLI) and ``study run|analyze``.
 
-With no ``--config``, ``fit`` trains the embedded default: seed 003's moons study with GSAM
-(``configs/experiments/moons_gsam.yaml``). Configs compose: later files override earlier ones, e.g.
-``--config configs/data/moons.yaml --config configs/model/mlp.yaml --config configs/optim/adam.yaml
---config configs/minimizer/sam.yaml``. ``--print_config`` shows the merged result.
+**Composition.** ``python cli.py fit`` alone trains the embedded default, GSAM on moons
+(``configs/experiments/moons_gsam.yaml``). Preset files of ``configs/{data,model,optim,minimizer,callbacks,
+trainer}/`` layer on the default: ``fit --config configs/minimizer/sam.yaml`` is the default with SAM as
+the rule. An object a preset sets (the data module, the network, the optimizer, the rule, the lr
+scheduler, the logger) replaces the default's object entirely (``optim/sgd.yaml`` is plain SGD, not the
+default's momentum 0.9); a model preset changes the task class and the network and keeps the default's
+optimizer and rule; ``callbacks+:`` appends to the callbacks; everything else merges key by key. A config
+that defines a whole run (``model`` and ``data`` classes: an experiment, a run's ``config.yaml``)
+replaces the default entirely, and files then compose exactly as LightningCLI composes them. With
+``--ckpt_path <run>/checkpoints/<file>.ckpt`` and no whole-run config, the run's ``config.yaml`` is the
+base. Later files and ``--key value`` override earlier ones; ``--print_config`` shows the result.
+(:mod:`cli_support.compose` has the rule in code.)
+
+**Runs and folders.** A run logs to ``logs/<name>/version_<n>/`` (TensorBoard events, ``config.yaml``,
+``checkpoints/``), ``<name>`` being the base's name followed by ``+<stem>`` of each file that changed it
+(``moons_gsam+adam+sam``), or ``--name``. ``validate``/``test``/``predict`` need ``--ckpt_path`` and
+log into the folder of the run that saved it; ``fit --ckpt_path`` resumes into that folder, continuing
+its curves. A logger, ``save_dir``, ``name``, ``version`` or ``default_root_dir`` given on the command
+line or in a preset is honoured exactly. ``--trainer.logger false`` writes checkpoints under
+``logs/<name>/version_<n>/``, never into the working directory.
+
+**Errors.** A config error is one line, ``error: <key>: ...`` with what was given, what is accepted and
+a close match, exit code 2. From the command line, an error raised once the run started is one
+``error:`` line (exit code 1); ``--verbose_errors`` or ``FLATMINIMA_DEBUG=1`` shows the parser's full
+output and tracebacks. In Python, :func:`main` raises those exceptions as they are.
+
+**Output.** A progress bar on a terminal, one line per epoch otherwise (:class:`callbacks.EpochLines`);
+warnings nobody can act on are silenced for the call; a final table lists train/val/test and
+``sharpness/*`` values; TensorBoard's HParams tab gets each run's readable hyperparameters.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
+import warnings
 from pathlib import Path
 
 if __name__ == "__main__" and sys.argv[1:2] == ["study"]:  # studies/cli.py: this process needs no Lightning
@@ -18,36 +43,79 @@ if __name__ == "__main__" and sys.argv[1:2] == ["study"]:  # studies/cli.py: thi
     sys.exit(study_main(sys.argv[2:]))
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from callbacks.progress import EpochLines
+from cli_support import compose, errors
+from cli_support.help import DESCRIPTION, HelpFormatter, presets_epilog
+from cli_support.hparams import HParamsWriter, readable_hparams
+from cli_support.quiet import HeldRecords, quiet_noise
+from cli_support.report import StepCounter, final_metrics, run_folder, table
 from lightning_modules import TwoPassModule
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CONFIG = ROOT / "configs" / "experiments" / "moons_gsam.yaml"
+DEFAULT_CONFIG = compose.DEFAULT_CONFIG
+LOG_ROOT = "logs"
+EVALUATIONS = ("validate", "test", "predict")
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "logs", "name": "flatminima", "default_hp_metric": False},
+        "init_args": {"save_dir": LOG_ROOT, "name": "flatminima", "default_hp_metric": False},
     },
 }
 
 
+class FlatMinimaParser(LightningArgumentParser):
+    """LightningCLI's parser whose errors are one line (:func:`cli_support.errors.summarize`), exit code 2."""
+
+    plan: compose.Plan | None = None
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or self.plan is None or self.plan.verbose:
+            return super().error(message, ex)
+        parsers = list(_parsers(self))
+        line = errors.summarize(
+            message,
+            options=[s for p in parsers for a in p._actions for s in a.option_strings if s.startswith("--")],
+            keys=[a.dest for p in parsers for a in p._actions if a.dest and a.dest != "help"],
+            configs=self.plan.configs,
+            subcommands=[*(compose.SUBCOMMANDS if self.plan.subcommand or _has_subcommands(self) else ()), "study"],
+        )
+        sys.stderr.write(f"error: {line}\n")
+        self.exit(2)
+
+
+def _parsers(parser):
+    yield parser
+    action = getattr(parser, "_subcommands_action", None)
+    for sub in getattr(action, "_name_parser_map", {}).values():
+        yield from _parsers(sub)
+
+
+def _has_subcommands(parser) -> bool:
+    return getattr(parser, "_subcommands_action", None) is not None
+
+
 class FlatMinimaCLI(LightningCLI):
-    """LightningCLI whose model is a :class:`~lightning_modules.TwoPassModule` task.
+    """LightningCLI whose model is a :class:`~lightning_modules.TwoPassModule` task (see the module docstring).
 
     A value that a class refuses (``ValueError``/``TypeError`` from its ``__init__``) ends the run
     before training with one line naming the config key, e.g.
     ``error: model.init_args.minimizer (lightning_modules.minimizers.SAM): Invalid rho: -0.1; ...``.
     """
 
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except (ValueError, TypeError) as err:
-            cause = _innermost(err)
-            key, class_path = _locate(cause, self.config.get(self.subcommand) if self.subcommand else self.config)
-            where = f"{key} ({class_path})" if key else "configuration"
-            self.parser.exit(2, f"error: {where}: {cause}\n")
+    def __init__(self, *args, plan: compose.Plan | None = None, seed_line: HeldRecords | None = None,
+                 **kwargs) -> None:
+        self.plan = plan or compose.Plan([])
+        self._seed_line = seed_line
+        self._steps = StepCounter()
+        super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.plan = self.plan
+        return parser
 
     def add_arguments_to_parser(self, parser) -> None:
         # The data's class count goes into the task (Classifier/NodeClassifier; Regressor lacks it and
@@ -62,96 +130,178 @@ class FlatMinimaCLI(LightningCLI):
             "--test_after_fit", type=bool, default=True,
             help="After fit, run the test loop on the final weights (when the data module has a test set).",
         )
+        parser.add_argument(
+            "--name", type=str | None, default=None,
+            help="Run name: logs go to logs/<name>/version_<n>/ (default: the experiment + the presets that "
+                 "changed it, e.g. moons_gsam+adam+sam).",
+        )
+
+    def _section(self):
+        return self.config.get(self.subcommand) if self.subcommand else self.config
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand in EVALUATIONS and not self.config[subcommand].get("ckpt_path"):
+            parser.exit(2, f"error: ckpt_path: `{subcommand}` evaluates the weights of a checkpoint and none was "
+                           "given (the config alone holds untrained weights); pass --ckpt_path "
+                           "<run>/checkpoints/<file>.ckpt (fit --trainer.max_epochs 0 reports untrained weights)\n")
+
+    def before_instantiate_classes(self) -> None:
+        config = self._section()
+        self._place_run(config)
+        trainer = config.trainer
+        if "enable_progress_bar" not in self.plan.explicit:
+            trainer.enable_progress_bar = sys.stdout.isatty()
+
+    def _place_run(self, config) -> None:
+        """Name the run's folder, or put test/validate/resume output into the checkpoint's run folder."""
+        trainer, explicit = config.trainer, self.plan.explicit
+        named = "name" in explicit  # --name on the command line or in a preset (a base's name is its name)
+        name = config.get("name") if named else self.plan.name
+        folder = compose.run_folder(config.get("ckpt_path"))
+        logger = trainer.get("logger")
+        if hasattr(logger, "get") and logger.get("class_path") and "logger" not in explicit:
+            init = logger.get("init_args")
+            if init is None or "name" not in init:
+                return
+            set_by_user = explicit & {"logger.name", "logger.save_dir", "logger.version"}
+            if folder is not None and not named and not set_by_user:
+                same = Path(init.get("save_dir") or ".").resolve() == folder.parent.parent.resolve()
+                init.save_dir = init.save_dir if same else str(folder.parent.parent)  # as the run wrote it
+                init.name, init.version = folder.parent.name, folder.name
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            elif name and (named or "logger.name" not in explicit):
+                init.name = name
+        elif logger in (False, None) and "default_root_dir" not in explicit and (name or folder):
+            parent = Path(LOG_ROOT) / name if name else None
+            trainer.default_root_dir = str(folder or parent / compose.next_version(parent))
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            cause = errors.innermost(err)
+            key, class_path = errors.locate(cause, self._section())
+            where = f"{key} ({class_path})" if key else "configuration"
+            self.parser.exit(2, f"error: {where}: {cause}\n")
+
+    def after_instantiate_classes(self) -> None:
+        if self._seed_line is not None:  # the classes are built: no config error can follow
+            self._seed_line.release()
+
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if trainer.logger is None:  # nothing to monitor the lr into (LearningRateMonitor would refuse)
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+        extra: list[pl.Callback] = [self._steps]
+        if self.subcommand == "fit":
+            extra.append(HParamsWriter(readable_hparams(self._section().as_dict())))
+            if not trainer.progress_bar_callback:
+                extra.append(EpochLines())
+        first_checkpoint = next((i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)),
+                                len(trainer.callbacks))
+        trainer.callbacks[first_checkpoint:first_checkpoint] = extra
+        return trainer
+
+    def before_fit(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        limits = {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
+                  "limit_train_batches": trainer.limit_train_batches}
+        zero = [f"trainer.{k}={v}" for k, v in limits.items() if v == 0]
+        if zero:
+            _warn(f"{zero[0]}: nothing will be trained; the metrics reported are those of the untrained weights")
+        elif self._section().trainer.get("max_epochs") is None and trainer.max_steps == -1:
+            _warn("neither trainer.max_epochs nor trainer.max_steps is set: Lightning trains 1000 epochs")
 
     def after_fit(self) -> None:
-        """Report the test metrics of the final weights (``--test_after_fit false`` to skip)."""
-        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        """Test the final weights (``--test_after_fit false`` to skip), then print the final table."""
+        config = self._section()
+        metrics = final_metrics(self.trainer)  # the test loop resets the trainer's metrics
         datamodule = self.datamodule
-        if not config.get("test_after_fit", False) or self.trainer.fast_dev_run:
-            return
-        if datamodule is None or type(datamodule).test_dataloader is pl.LightningDataModule.test_dataloader:
-            return
-        if self.trainer.interrupted:
-            return
-        self.trainer.test(self.model, datamodule=datamodule)
+        testable = datamodule is not None and type(datamodule).test_dataloader is not pl.LightningDataModule.test_dataloader
+        if config.get("test_after_fit", False) and testable and not self.trainer.fast_dev_run \
+                and not self.trainer.interrupted:
+            self.trainer.test(self.model, datamodule=datamodule, verbose=False)
+            metrics.update(final_metrics(self.trainer))
+        if self.trainer.is_global_zero:
+            print(self._final_table(config, metrics), flush=True)
+
+    def _final_table(self, config, metrics: dict[str, float]) -> str:
+        trainer = self.trainer
+        if self._steps.batches:
+            title = (f"Final metrics (seed {config.get('seed_everything')}, epoch {trainer.current_epoch}, "
+                     f"step {trainer.global_step}):")
+        else:
+            source = f"loaded from {config.get('ckpt_path')}" if config.get("ckpt_path") else "untrained (initial)"
+            title = f"Final metrics of weights {source}: no training step ran in this fit"
+        notes = []
+        if (folder := run_folder(trainer)) is not None:
+            notes.append(f"run folder: {folder}")
+        ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or getattr(
+            trainer.checkpoint_callback, "last_model_path", "")
+        if ckpt:
+            notes.append(f"evaluate again: python cli.py test --ckpt_path {ckpt}")
+        return table(metrics, title=title, notes=tuple(notes))
 
 
-def _innermost(err: BaseException) -> BaseException:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return err
-
-
-def _locate(err: BaseException, config) -> tuple[str, str]:
-    """The config key and class path of the object whose ``__init__`` raised ``err``."""
-    tb, cls = err.__traceback__, None
-    while tb is not None:
-        frame = tb.tb_frame
-        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
-            cls = type(frame.f_locals["self"])
-        tb = tb.tb_next
-    if cls is None or config is None:
-        return "", ""
-
-    def search(node, prefix: str) -> tuple[str, str] | None:
-        if isinstance(node, dict):
-            class_path = node.get("class_path")
-            if isinstance(class_path, str) and _resolves_to(class_path, cls):
-                return prefix, class_path
-            for k, v in node.items():
-                found = search(v, f"{prefix}.{k}" if prefix else k)
-                if found:
-                    return found
-        elif isinstance(node, list):
-            for i, v in enumerate(node):
-                found = search(v, f"{prefix}[{i}]")
-                if found:
-                    return found
-        return None
-
-    return search(config.as_dict(), "") or ("", f"{cls.__module__}.{cls.__qualname__}")
-
-
-def _resolves_to(class_path: str, cls: type) -> bool:
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name) is cls
-    except (ImportError, AttributeError, ValueError):
-        return False
-
-
-def with_default_config(args: list[str]) -> list[str]:
-    """Prepend the embedded default config to ``fit`` when the user passed no ``--config``.
-
-    Only then: a default underneath user configs would silently supply keys they did not set.
-    """
-    if not args or args[0] != "fit":
-        return args
-    if any(a in ("-c", "--config") or a.startswith(("--config=", "-c=")) for a in args[1:]):
-        return args
-    return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
+def _warn(text: str) -> None:
+    sys.stderr.write(f"warning: {text}\n")
+    sys.stderr.flush()
 
 
 def main(args: list[str] | None = None, run: bool = True) -> FlatMinimaCLI:
-    """Run the CLI on ``args`` (default: the command line); ``run=False`` only instantiates (no subcommand)."""
-    if not run:
-        pass
-    elif args is None:  # rewrite sys.argv itself: DDP re-executes it for the other ranks
-        sys.argv[1:] = with_default_config(sys.argv[1:])
-    else:
-        args = with_default_config(list(args))
-    return FlatMinimaCLI(
-        TwoPassModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    """Run the CLI on ``args`` (default: the command line); ``run=False`` only instantiates (no subcommand).
+
+    Re-entrant: every setting it changes (warning filters, Lightning's log filters) is restored when
+    it returns. Config errors raise ``SystemExit(2)`` after one ``error:`` line on stderr; errors of
+    the run itself are raised as they are (:func:`entry` prints them as one line).
+    """
+    from_command_line = args is None
+    raw = list(sys.argv[1:] if from_command_line else args)
+    try:
+        plan = compose.plan(raw)
+    except compose.ConfigError as err:
+        sys.stderr.write(f"error: {err}\n")
+        raise SystemExit(2) from None
+    if from_command_line:  # rewrite sys.argv itself: DDP re-executes it for the other ranks
+        sys.argv[1:] = plan.args
+    wants_help = any(a in ("-h", "--help") for a in raw)
+    with quiet_noise() as seed_line:
+        return FlatMinimaCLI(
+            TwoPassModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_callback=SaveConfigCallback if plan.subcommand in (None, "fit") else None,
+            save_config_kwargs={"overwrite": True},
+            parser_class=FlatMinimaParser,
+            parser_kwargs={"description": DESCRIPTION, "formatter_class": HelpFormatter,
+                           "epilog": presets_epilog(ROOT / "configs") if wants_help else None},
+            args=None if from_command_line else plan.args,
+            run=run,
+            plan=plan,
+            seed_line=seed_line,
+        )
+
+
+def entry(args: list[str] | None = None) -> int:
+    """The command line: :func:`main`, with an error raised during the run printed as one line (exit code 1)."""
+    raw = list(sys.argv[1:] if args is None else args)
+    try:
+        main(args)
+    except Exception as err:  # noqa: BLE001 - the command line reports every failure in one line
+        if compose.verbose_requested(raw):
+            raise
+        start = "\n" if sys.stdout.isatty() else ""  # after a progress bar's unfinished line
+        sys.stderr.write(f"{start}error: {errors.runtime_line(err)} (--verbose_errors shows the traceback)\n")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(entry())

@@ -30,6 +30,7 @@ _LIGHTNING = {
     "LossThresholdCheckpoint": "checkpoint",
     "RelativeLossStopping": "stopping",
     "RunSummary": "summary",
+    "EpochLines": "progress",
 }
 
 __all__ = [

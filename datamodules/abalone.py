@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ._base import SplitDataModule, check_choice, check_fraction, check_int, check_net, data_not_found
@@ -13,6 +15,7 @@ from ._loaders import FullBatch, first, make_loader
 from ._splits import SPLIT_METHODS, SplitMethod, sklearn_split, standardize
 
 SEXES = ("M", "F", "I")
+UCI_ROWS, UCI_BYTES, UCI_MD5 = 4177, 191_873, "a769fd0119787cac09158fe08971e480"
 
 
 def read_abalone(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,6 +46,24 @@ def read_abalone(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(rows, dtype=torch.float32), torch.tensor(rings, dtype=torch.float32)
 
 
+def check_uci_file(path: Path, rows: int) -> bool:
+    """Warn when ``path`` is not UCI's ``abalone.data`` (4177 rows, 191,873 bytes, MD5 a769fd01...); True if it is.
+
+    A cut or edited file still trains, but its results are not those of the published studies.
+    """
+    data = Path(path).read_bytes()
+    md5 = hashlib.md5(data).hexdigest()
+    if md5 == UCI_MD5:
+        return True
+    rank_zero_warn(
+        f"{path} differs from UCI's abalone.data: {rows} rows, {len(data):,} bytes, MD5 {md5} (UCI's file: "
+        f"{UCI_ROWS} rows, {UCI_BYTES:,} bytes, MD5 {UCI_MD5}); results will not match published ones. "
+        "Fetch the original with download: true, or copy it from the UCI repository.",
+        category=UserWarning,
+    )
+    return False
+
+
 class AbaloneDataModule(SplitDataModule):
     """Abalone: predict the number of rings from sex and 7 measurements (4177 snails), with MSE.
 
@@ -57,7 +78,8 @@ class AbaloneDataModule(SplitDataModule):
     (``feature_mean``/``feature_std`` after ``setup``); ``standardize_targets`` does the same to the
     rings (``target_mean``/``target_std``; the losses are then in units of the training rings' spread).
     With ``val_fraction=0`` (default) the validation loader serves the test split, as the study has no
-    validation set.
+    validation set. A file that is not UCI's (another size or MD5, e.g. cut to fewer rows) is used with
+    a warning naming its rows, size and MD5.
 
     The authors' notebook differs from the report's text (``experiments/adaptive_sharpness_abalone_notebook.yaml``):
     it reads the file with pandas' default header row, so the first snail is lost (``skip_first_row``,
@@ -89,7 +111,7 @@ class AbaloneDataModule(SplitDataModule):
     """
 
     url = "https://archive.ics.uci.edu/ml/machine-learning-databases/abalone/abalone.data"
-    md5 = "a769fd0119787cac09158fe08971e480"
+    md5 = UCI_MD5
     num_features = 10
     num_outputs = 1
 
@@ -166,6 +188,7 @@ class AbaloneDataModule(SplitDataModule):
             raise self._missing_error()
         h = self.hparams
         x, y = read_abalone(self.path)
+        check_uci_file(self.path, len(y))
         if h.skip_first_row:
             x, y = x[1:], y[1:]
         test_idx, val_idx, train_idx = self._split(len(y))

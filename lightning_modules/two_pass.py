@@ -64,7 +64,8 @@ class TwoPassModule(pl.LightningModule):
             The update is never applied in the first three cases, so no NaN reaches the weights.
         share_dropout_rng: Draw the same dropout masks in both passes (default: fresh masks, as the
             PyTorch reference implementations do).
-        log_train_steps: Also log the per-step training values under ``train_step/*``.
+        log_train_steps: Also log the training values of every step under ``train_step/*`` (every step,
+            whatever ``Trainer(log_every_n_steps)`` says).
         accumulate_grad_batches: Split each loader batch into this many micro-batches (along the first
             dimension; sizes nᵢ differing by at most one) and accumulate their gradients, weighted by
             nᵢ/N, into one optimizer step: the memory of a micro-batch, the step of the whole batch.
@@ -246,9 +247,23 @@ class TwoPassModule(pl.LightningModule):
         self._accumulate("train", logs, batch_size)
         self.log("loss", logs["loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=batch_size)
         if self.log_train_steps:
-            self.log_dict({f"train_step/{k}": v for k, v in logs.items()}, on_step=True, on_epoch=False,
-                          batch_size=batch_size)
+            self._log_every_step({f"train_step/{k}": v for k, v in logs.items()}, batch_size)
         return logs["loss"]
+
+    def _log_every_step(self, values: dict[str, Tensor], batch_size: int) -> None:
+        """Log ``train_step/*`` at every step, whatever ``Trainer(log_every_n_steps)`` says.
+
+        Lightning writes ``self.log(on_step=True)`` values to the loggers only every ``log_every_n_steps``
+        steps (50), so they go to the loggers directly (one host sync per step, only when asked) and to
+        ``callback_metrics`` through ``self.log``.
+        """
+        self.log_dict(values, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
+        if self._trainer is None or not self.trainer.is_global_zero or not self.loggers:
+            return
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning's own logs use
+        metrics = {k: float(v) for k, v in values.items()}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def _step_direction(self, opt: Any, parts: list[tuple[Any, float]], *,
                         micro: bool = False) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
