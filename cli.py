@@ -8,7 +8,8 @@ scheduler, the logger) replaces the default's object entirely (``optim/sgd.yaml`
 default's momentum 0.9); a model preset changes the task class and the network and keeps the default's
 optimizer and rule; ``callbacks+:`` appends to the callbacks; everything else merges key by key. A config
 that defines a whole run (``model`` and ``data`` classes: an experiment, a run's ``config.yaml``)
-replaces the default entirely, and files then compose exactly as LightningCLI composes them. With
+replaces the default entirely; later files layer on it by the same rule (an object they set replaces the
+experiment's object whole). With
 ``--ckpt_path <run>/checkpoints/<file>.ckpt`` and no whole-run config, the run's ``config.yaml`` is the
 base. Later files and ``--key value`` override earlier ones; ``--print_config`` shows the result.
 (:mod:`cli_support.compose` has the rule in code.)

@@ -3,8 +3,10 @@
 The rule (also in ``cli.py``'s docstring and the README):
 
 1. A config that defines a whole run (it sets both ``model`` and ``data`` classes: every
-   ``configs/experiments/*.yaml``, a run's saved ``config.yaml``) is the base: files apply in the order
-   given, exactly as LightningCLI composes them, and the embedded default plays no part.
+   ``configs/experiments/*.yaml``, a run's saved ``config.yaml``) is the base, and the embedded default
+   plays no part. Later files layer on it as in rule 3: an object a later file sets replaces the base's
+   object whole (``experiments/sam_wrn_cifar10.yaml`` + ``optim/adam.yaml`` is Adam at its preset values,
+   without the experiment's SGD weight decay); everything else composes as LightningCLI composes it.
 2. Otherwise, when ``--ckpt_path`` points into a run folder (``<run>/checkpoints/<file>.ckpt``) that
    holds a ``config.yaml``, that config is the base (``test``/``validate``/``predict`` and a resumed
    ``fit`` need nothing else).
@@ -95,9 +97,14 @@ def plan(args: list[str], default: Path = DEFAULT_CONFIG) -> Plan:
     whole = next((i for i, (_, content) in enumerate(given) if defines_run(content)), None)
     if whole is not None:
         label, content = given[whole]
-        name = _name_of(label, content) + _variant_suffix(content, given[whole + 1:], replace=False)
+        name = _name_of(label, content) + _variant_suffix(content, given[whole + 1:], replace=True)
         for _, later in given[:whole] + given[whole + 1:]:
             explicit |= explicit_in_file(later)
+        pruned = content
+        for _, later in given[whole + 1:]:
+            pruned = prune(pruned, later)
+        if pruned != content:
+            args = _replace_config(args, start, whole, yaml.safe_dump(pruned, sort_keys=False))
         return Plan(args, subcommand, "experiment", name, frozenset(explicit), given, verbose)
     run_config = _run_config(option_value(args[start:], "--ckpt_path"))
     base_label = str(run_config or default)
@@ -111,6 +118,23 @@ def plan(args: list[str], default: Path = DEFAULT_CONFIG) -> Plan:
     name = _name_of(base_label, base_content) + _variant_suffix(base_content, given, replace=True)
     composed = args[:start] + ["--config", base_arg] + args[start:]
     return Plan(composed, subcommand, "run" if run_config else "default", name, frozenset(explicit), given, verbose)
+
+
+def _replace_config(args: list[str], start: int, index: int, value: str) -> list[str]:
+    """``args`` with the value of the ``index``-th ``--config`` (counted from ``args[start:]``) replaced."""
+    out, seen = list(args), -1
+    for i in range(start, len(out)):
+        if out[i] in CONFIG_FLAGS and i + 1 < len(out):
+            seen += 1
+            if seen == index:
+                out[i + 1] = value
+                return out
+        elif out[i].startswith(tuple(f + "=" for f in CONFIG_FLAGS)):
+            seen += 1
+            if seen == index:
+                out[i] = out[i].split("=", 1)[0] + "=" + value
+                return out
+    return out
 
 
 # ---------------------------------------------------------------------------------------- reading args

@@ -7,6 +7,7 @@ Each test looks at what a user sees: the exit code, the number of stderr lines a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import sys
 
 import pytest
@@ -130,13 +131,22 @@ def test_a_trainer_preset_changes_only_the_trainer(capsys):
     assert trainer["max_epochs"] == 50 and printed["data"]["class_path"] == "datamodules.MoonsDataModule"
 
 
-def test_an_experiment_composes_exactly_as_lightningcli_does():
-    """A whole-run config replaces the default: the same args give the same config as a plain LightningCLI."""
-    args = [*configs("experiments/minsharp_digits.yaml", "optim/adam.yaml", "minimizer/none.yaml"),
+def test_an_experiment_composes_as_lightningcli_does_with_preset_objects_replaced_whole():
+    """A whole-run config replaces the default; a later preset's objects replace the experiment's whole.
+
+    The reference is a plain LightningCLI given the experiment without the objects the presets set
+    (so nothing of the experiment's SGD can leak into the preset's Adam).
+    """
+    experiment = config("experiments/sam_wrn_cifar10.yaml")
+    tail = [*configs("optim/adam.yaml", "minimizer/none.yaml"),
             "--model.init_args.optimizer.init_args.lr=0.01", "--trainer.logger=false"]
-    ours = cli.main(args, run=False).config.as_dict()
+    ours = cli.main(["--config", experiment, *tail], run=False).config.as_dict()
+    content = yaml.safe_load(Path(experiment).read_text())
+    assert content["model"]["init_args"]["optimizer"]["init_args"]["weight_decay"] == 5e-4  # what must not leak
+    del content["model"]["init_args"]["optimizer"], content["model"]["init_args"]["minimizer"]
     plain = LightningCLI(TwoPassModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                         auto_configure_optimizers=False, args=args, run=False, save_config_callback=None)
+                         auto_configure_optimizers=False, args=["--config", yaml.safe_dump(content), *tail],
+                         run=False, save_config_callback=None)
     theirs = plain.config.as_dict()
     for extra in ("name", "test_after_fit", "config"):
         ours.pop(extra, None)
@@ -145,13 +155,19 @@ def test_an_experiment_composes_exactly_as_lightningcli_does():
         ours["trainer"].pop(key)
         theirs["trainer"].pop(key)
     assert ours == theirs
+    optimizer = ours["model"]["init_args"]["optimizer"]
+    assert optimizer["class_path"] == "torch.optim.Adam" and optimizer["init_args"]["weight_decay"] == 0.0
+    assert optimizer["init_args"]["lr"] == 0.01
 
 
 def test_plan_names_runs_after_the_base_and_the_files_that_changed_it():
     plan = compose.plan(["fit", *configs("data/moons.yaml", "model/mlp.yaml", "optim/adam.yaml", "minimizer/sam.yaml")])
     assert (plan.base, plan.name) == ("default", "moons_gsam+adam+sam")  # moons.yaml and mlp.yaml change nothing
     plan = compose.plan(["fit", *configs("experiments/minsharp_digits.yaml", "optim/adam.yaml")])
-    assert (plan.base, plan.name, plan.args[2]) == ("experiment", "minsharp_digits+adam", config("experiments/minsharp_digits.yaml"))
+    assert (plan.base, plan.name) == ("experiment", "minsharp_digits+adam")
+    assert "optimizer" not in yaml.safe_load(plan.args[2])["model"]["init_args"]  # replaced by optim/adam.yaml
+    unchanged = compose.plan(["fit", *configs("experiments/minsharp_digits.yaml", "callbacks/hessian.yaml")])
+    assert unchanged.args[2] == config("experiments/minsharp_digits.yaml")  # nothing replaced: the file itself
     assert compose.plan(["fit"]).name == "moons_gsam"
     study = compose.plan(["fit", "--config", config("experiments/moons_gsam.yaml"),
                           '--trainer.logger={"class_path": "x"}', "--trainer.default_root_dir=d"])
