@@ -460,7 +460,8 @@ class TwoPassModule(pl.LightningModule):
             keys, sums = self._sums.pop(stage)
             if distributed:
                 sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-            means = (sums[:-1] / sums[-1]).float()
+            means = sums[:-1] / sums[-1]
+            means = means if self.dtype == torch.float64 else means.float()  # float64 runs keep 1e65 finite
             logged.update({f"{stage}/{key}": means[i] for i, key in enumerate(keys)})
         for name, metric in self.stage_metrics(stage).items():
             if metric.update_called:
