@@ -26,6 +26,15 @@ module), with sync-free tensor bookkeeping (no host round trip inside the iterat
   training learning rate, ``n_iters`` (5) steps, the best loss over the iterates after the first step
   (so it can be negative when the ascent fails, as seed 002 reports).
 
+Options of ``"pga"`` for the authors' notebooks (Hammoud et al. 2023, github.com/HadiHammoud44/CS439_Sharpness):
+
+* ``score`` — a callable ``score(flat) -> loss`` (e.g. the loss over the whole training set): every
+  iterate is scored by it instead of by the ascent batch's loss, and the value is the best score minus
+  ``score(w0)`` (their FCNN and GAT notebooks score each PGA iterate by the training-set loss).
+* ``box="signed"`` (p = ∞, adaptive) — the bounds ±ρ·w with torch.clamp's rule (``min(max(δ, −ρw), ρw)``,
+  the upper bound winning when the bounds cross) instead of ±ρ·|w|: their FCNN notebook's projection
+  ``clamp(w, w0 − ρ·w0, w0 + ρ·w0)``, which pins every negative weight at w0 − ρ·|w0|.
+
 Projections: p = ∞ clamps δ to the box |δ| ≤ ρ·c; p = 2 without adaptivity rescales onto the ball;
 adaptive p = 2 projects onto the ellipsoid ‖δ/c‖₂ ≤ ρ exactly, δ = v·c²/(c² + λ) with λ ≥ 0 found by
 bisection. Coordinates with c = 0 (zero weights, adaptive) cannot move: δ = 0 there (the reference
@@ -34,9 +43,8 @@ code divides by zero and silently skips the L2 projection).
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -45,6 +53,8 @@ from torch import Tensor
 from ._core import FlatModel, LossFn
 
 Method = Literal["apgd", "apgd_reset", "pga"]
+Box = Literal["abs", "signed"]
+Score = Callable[[Tensor], Tensor]
 _BISECTION_STEPS = 60
 
 
@@ -97,6 +107,15 @@ def _project_ellipsoid(v: Tensor, rho: float, c: Tensor) -> Tensor:
     return torch.where(inside, v, v * c2 / (c2 + hi))
 
 
+def project_signed(delta: Tensor, rho: float, w0: Tensor) -> Tensor:
+    """``min(max(δ, −ρ·w0), ρ·w0)``: torch.clamp's box with signed bounds (Hammoud et al.'s FCNN notebook).
+
+    Equals the box |δ| ≤ ρ·|w0| where w0 ≥ 0; where w0 < 0 the bounds cross and δ = ρ·w0 = −ρ·|w0|.
+    """
+    bound = rho * w0
+    return torch.minimum(torch.maximum(delta, -bound), bound)
+
+
 def _direction(g: Tensor, p: float, c: Tensor | None) -> Tensor:
     d = g.sign() if math.isinf(p) else g / (torch.linalg.vector_norm(g) + 1e-12)
     return d if c is None else d * c
@@ -145,19 +164,26 @@ def _apgd(fm: FlatModel, batch: Any, loss_fn: LossFn, rho: float, p: float, c: T
 
 
 def _pga(fm: FlatModel, batch: Any, loss_fn: LossFn, rho: float, p: float, c: Tensor | None,
-         n_iters: int, step_size: float) -> Tensor:
+         n_iters: int, step_size: float, score: Score | None = None, box: Box = "abs") -> tuple[Tensor, Tensor]:
+    """(best loss over the PGA iterates after the first step, scored by ``score`` if given; the batch loss at w0)."""
     loss0, g = fm.loss_and_grad(fm.w0, batch, loss_fn)
     delta = torch.zeros_like(fm.w0)
-    best = loss0.new_tensor(-math.inf)
+    best = fm.w0.new_tensor(-math.inf)
     for i in range(n_iters):
-        delta = project(delta + step_size * g, rho, p, c)
-        if i == n_iters - 1:
+        delta = delta + step_size * g
+        delta = project_signed(delta, rho, fm.w0) if box == "signed" else project(delta, rho, p, c)
+        if score is not None:
+            with torch.no_grad():
+                loss = score(fm.w0 + delta).detach()
+            if i < n_iters - 1:
+                g = fm.loss_and_grad(fm.w0 + delta, batch, loss_fn)[1]
+        elif i == n_iters - 1:
             with torch.no_grad():
                 loss = fm.loss(fm.w0 + delta, batch, loss_fn).detach()
         else:
             loss, g = fm.loss_and_grad(fm.w0 + delta, batch, loss_fn)
         best = torch.maximum(best, loss)
-    return best - loss0
+    return best, loss0
 
 
 def worst_case_per_batch(
@@ -171,19 +197,29 @@ def worst_case_per_batch(
     method: Method,
     step_size: float,
     loss_fn: LossFn,
+    score: Score | None = None,
+    box: Box = "abs",
 ) -> Tensor:
     """Per-batch worst-case sharpness values (a 1-D tensor, one entry per batch, in order).
 
     ``fm`` is the :class:`FlatModel` of a network already in the no-trace context; ``batches`` are
-    prepared ``(inputs, targets)`` pairs on its device. See the module docstring for the algorithms.
+    prepared ``(inputs, targets)`` pairs on its device. See the module docstring for the algorithms;
+    ``score`` and ``box`` apply to ``method="pga"`` only.
     """
     c = fm.w0.abs() if adaptive else None
-    if method == "pga":
-        run = _pga
-    else:
-        run = functools.partial(_apgd, reset=method == "apgd_reset")
-    values = [
-        run(fm, batch, loss_fn, rho, p, c, n_iters, step_size) if rho > 0 else fm.w0.new_zeros(())
-        for batch in batches
-    ]
+    if method != "pga" and (score is not None or box != "abs"):
+        raise ValueError(f"Invalid method: {method!r} with a score set or box='signed'; these apply to method='pga'")
+    values = []
+    base = None
+    for batch in batches:
+        if rho <= 0:
+            values.append(fm.w0.new_zeros(()))
+        elif method == "pga":
+            if score is not None and base is None:
+                with torch.no_grad():
+                    base = score(fm.w0).detach()  # the clean score, once
+            best, loss0 = _pga(fm, batch, loss_fn, rho, p, c, n_iters, step_size, score, box)
+            values.append(best - (loss0 if score is None else base))
+        else:
+            values.append(_apgd(fm, batch, loss_fn, rho, p, c, n_iters, step_size, reset=method == "apgd_reset"))
     return torch.stack(values) if values else fm.w0.new_zeros(0)

@@ -21,8 +21,9 @@ Lower-level pieces: :func:`layer_traces` (per-layer exact CE-Hessian traces), :f
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -43,7 +44,7 @@ from ._core import (
     prepared,
     unwrap,
 )
-from .adaptive import Method, apgd_checkpoints, worst_case_per_batch
+from .adaptive import Box, Method, apgd_checkpoints, worst_case_per_batch
 from .alpha import Solver, minimize_scaled_trace, scaled_trace
 from .ggn import LayerTraces, UnsupportedNetworkError, feed_forward_layers, layer_traces
 from .hessian import HessianOperator, TraceEstimate, hutchinson, lanczos_top
@@ -134,11 +135,13 @@ def minimum_sharpness(
 
 
 # ---------------------------------------------------------------------------------------- adaptive sharpness
-def _check_worst_case(rho: float, p: float, n_iters: int, method: str, step_size: float | None) -> tuple[float, float]:
+def _check_worst_case(rho: float, p: float, n_iters: int, method: str, step_size: float | None, box: str = "abs",
+                      adaptive: bool = True, scored: bool = False) -> tuple[float, float]:
     rho = check_float("rho", rho)
     p = check_p(p, allowed=(2.0, math.inf))
     check_int("n_iters", n_iters, 1)
     check_choice("method", method, ("apgd", "apgd_reset", "pga"))
+    check_pga_options(method, p, adaptive, box, scored)
     if step_size is None:
         if method == "pga":
             raise ValueError(
@@ -147,6 +150,59 @@ def _check_worst_case(rho: float, p: float, n_iters: int, method: str, step_size
         return rho, p
     check_float("step_size", step_size, strict=True)
     return rho, p
+
+
+def check_pga_options(method: str, p: float, adaptive: bool, box: str, scored: bool,
+                      what: str = "score_batches") -> None:
+    """Refuse ``box="signed"`` outside pga with p = ∞ and c = |w|, and a score set outside pga (``ValueError``)."""
+    check_choice("box", box, ("abs", "signed"))
+    if box == "signed" and not (method == "pga" and math.isinf(p) and adaptive):
+        raise ValueError(f"Invalid box: 'signed' with method={method!r}, p={p}, adaptive={adaptive}; it applies to "
+                         "method='pga' with p=inf and adaptive=True")
+    if scored and method != "pga":
+        raise ValueError(f"Invalid {what}: a score set with method={method!r}; scoring by another set applies to "
+                         "method='pga'")
+
+
+@contextlib.contextmanager
+def _mode(model: nn.Module, fm: FlatModel, train_mode: bool) -> Iterator[None]:
+    """Inside :func:`evaluating`: with ``train_mode``, every module in training mode (dropout drawn, BatchNorm on
+    batch statistics) and the floating buffers replaced by copies, so running statistics updated there vanish."""
+    if train_mode:
+        for m in model.modules():
+            m.training = True
+        fm.extra.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    yield
+
+
+def _score(fm: FlatModel, batches: Iterable[Any] | None, loss_fn: LossFn) -> Callable[[Tensor], Tensor] | None:
+    """``score(flat)``: the mean of the losses of the prepared ``batches`` at ``flat`` (None without batches)."""
+    if batches is None:
+        return None
+    prepared_batches = list(prepared(batches, fm.device, fm.dtype))
+    if not prepared_batches:
+        raise ValueError("Invalid score_batches: empty; pass at least one (inputs, targets) batch or None")
+
+    def score(flat: Tensor) -> Tensor:
+        return torch.stack([fm.loss(flat, b, loss_fn) for b in prepared_batches]).mean()
+
+    return score
+
+
+def _worst_case(model: nn.Module, batches: Iterable[Any], rho: float, p: float, adaptive: bool, n_iters: int,
+                method: Method, step_size: float | None, loss_fn: LossFn, score_batches: Iterable[Any] | None,
+                box: Box, train_mode: bool) -> Tensor:
+    """The per-batch values of this process's batches (in the model's compute dtype)."""
+    rho, p = _check_worst_case(rho, p, n_iters, method, step_size, box, adaptive, score_batches is not None)
+    model = unwrap(model)
+    with evaluating(model):
+        fm = FlatModel(model)
+        with _mode(model, fm, train_mode):
+            return worst_case_per_batch(
+                fm, prepared(batches, fm.device, fm.dtype), rho, p=p, adaptive=adaptive, n_iters=n_iters,
+                method=method, step_size=2.0 * rho if step_size is None else step_size, loss_fn=loss_fn,
+                score=_score(fm, score_batches, loss_fn), box=box,
+            )
 
 
 def adaptive_sharpness_per_batch(
@@ -160,16 +216,13 @@ def adaptive_sharpness_per_batch(
     method: Method = "apgd",
     step_size: float | None = None,
     loss_fn: LossFn = F.cross_entropy,
+    score_batches: Iterable[Any] | None = None,
+    box: Box = "abs",
+    train_mode: bool = False,
 ) -> list[float]:
     """Per-batch worst-case sharpness values of :func:`adaptive_sharpness` (this process's batches only)."""
-    rho, p = _check_worst_case(rho, p, n_iters, method, step_size)
-    model = unwrap(model)
-    with evaluating(model):
-        fm = FlatModel(model)
-        values = worst_case_per_batch(
-            fm, prepared(batches, fm.device, fm.dtype), rho, p=p, adaptive=adaptive, n_iters=n_iters, method=method,
-            step_size=2.0 * rho if step_size is None else step_size, loss_fn=loss_fn,
-        )
+    values = _worst_case(model, batches, rho, p, adaptive, n_iters, method, step_size, loss_fn, score_batches, box,
+                         train_mode)
     return [float(v) for v in values.cpu()]
 
 
@@ -185,6 +238,9 @@ def adaptive_sharpness(
     step_size: float | None = None,
     loss_fn: LossFn = F.cross_entropy,
     reduce: Reduce | None = None,
+    score_batches: Iterable[Any] | None = None,
+    box: Box = "abs",
+    train_mode: bool = False,
 ) -> float:
     """Adaptive worst-case m-sharpness, averaged over batches.
 
@@ -201,6 +257,15 @@ def adaptive_sharpness(
     seed 002's projected gradient ascent δ ← Π(δ + η·∇L) with η = ``step_size`` (the training learning
     rate; seed 002: ``n_iters=5``, p = ∞, adaptive, 50 batches of m = 64), which can be negative.
 
+    Options of ``"pga"`` that Hammoud et al.'s notebooks use (github.com/HadiHammoud44/CS439_Sharpness):
+    ``score_batches`` scores every iterate by the mean loss over these batches (their notebooks: the whole
+    training set) instead of the ascent batch's loss, S = mean_B max_k L_score(w + δ_k) − L_score(w), with
+    L_score(w) computed once; ``box="signed"`` projects with the bounds ±ρ·w as their FCNN notebook's
+    ``torch.clamp`` does (negative weights pinned at w − ρ|w|, see :func:`callbacks.adaptive.project_signed`);
+    ``train_mode=True`` runs the network in training mode (dropout drawn from the global RNG, which is
+    restored afterwards; BatchNorm on batch statistics, its running statistics untouched), as their GAT
+    and LeNet-5 notebooks do.
+
     Args:
         model: Any network; ``model(inputs)`` (or ``model(*inputs)``) feeds ``loss_fn``.
         batches: Iterable of ``(inputs, targets)``; one maximization per batch.
@@ -212,19 +277,17 @@ def adaptive_sharpness(
         step_size: Initial (apgd, apgd_reset) or fixed (pga, required) step size.
         loss_fn: ``loss_fn(outputs, targets)``, a mean-reduced scalar.
         reduce: Cross-process sum hook (None on one process).
+        score_batches: pga only: score the iterates by the mean loss over these batches (None: each
+            ascent batch's own loss).
+        box: pga with p = ∞ and adaptive only: ``"abs"`` (|δ| ≤ ρ|w|, the definition) or ``"signed"``.
+        train_mode: Measure with the network in training mode (dropout on).
 
     Returns:
         The mean over all batches of the per-batch sharpness.
     """
-    rho, p = _check_worst_case(rho, p, n_iters, method, step_size)
-    model = unwrap(model)
-    with evaluating(model):
-        fm = FlatModel(model)
-        values = worst_case_per_batch(
-            fm, prepared(batches, fm.device, fm.dtype), rho, p=p, adaptive=adaptive, n_iters=n_iters, method=method,
-            step_size=2.0 * rho if step_size is None else step_size, loss_fn=loss_fn,
-        )
-        return float(mean_of(values.sum(), values.numel(), reduce, "adaptive sharpness"))
+    values = _worst_case(model, batches, rho, p, adaptive, n_iters, method, step_size, loss_fn, score_batches, box,
+                         train_mode)
+    return float(mean_of(values.sum(), values.numel(), reduce, "adaptive sharpness"))
 
 
 # ---------------------------------------------------------------------------------------- gradient norm

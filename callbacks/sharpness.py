@@ -180,6 +180,10 @@ class SharpnessCallback(Callback):
         on_checkpoint: Measure whenever a LossThresholdCheckpoint saves.
         num_samples: Size of the fixed random subset of the training set (None: all of it), drawn once
             with ``seed`` and stored in the callback state.
+        sampling: How the subset is drawn: ``"subset"`` (distinct examples, without replacement) or
+            ``"replacement"`` (``num_samples`` independent uniform draws, with replacement: each batch a
+            sample S ~ P^m, so a small training set still gives many fresh batches). Exposed by the
+            subclasses that offer it (:class:`AdaptiveSharpness`).
         batch_size: Batch size of the subset's batches (the m of m-sharpness).
         seed: Seed of the subset (and of random probes where the measure uses them, and of the dataset's
             random transforms while the subset is drawn).
@@ -207,8 +211,10 @@ class SharpnessCallback(Callback):
         loss_fn: Callable[[Any, Any], Tensor] = F.cross_entropy,
         batch_to_inputs: BatchToInputs | None = None,
         network: str | None = None,
+        sampling: Literal["subset", "replacement"] = "subset",
     ) -> None:
         super().__init__()
+        check_choice("sampling", sampling, ("subset", "replacement"))
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"Invalid name: {name!r}; expected a non-empty string without '/'")
         if every_n_epochs is not None:
@@ -231,6 +237,7 @@ class SharpnessCallback(Callback):
         self.loss_fn = loss_fn
         self.batch_to_inputs = batch_to_inputs
         self.network = network
+        self.sampling = sampling
         self.history: list[dict[str, float]] = []
         self._indices: list[int] | None = None
         self._batches: list[Any] | None = None
@@ -416,9 +423,13 @@ class SharpnessCallback(Callback):
             raise TypeError(f"{type(self).__name__} needs a map-style training dataset (with len and indexing)")
         n = len(dataset)
         if self._indices is None:
-            count = n if self.num_samples is None else min(self.num_samples, n)
             generator = torch.Generator().manual_seed(self.seed)
-            self._indices = torch.randperm(n, generator=generator)[:count].tolist()
+            if self.sampling == "replacement":
+                count = n if self.num_samples is None else self.num_samples
+                self._indices = torch.randint(n, (count,), generator=generator).tolist()
+            else:
+                count = n if self.num_samples is None else min(self.num_samples, n)
+                self._indices = torch.randperm(n, generator=generator)[:count].tolist()
         elif self._indices and max(self._indices) >= n:
             raise ValueError(f"{type(self).__name__}: the stored subset indexes {max(self._indices)} but the training "
                              f"set has {n} examples (it changed since the subset was drawn)")
@@ -513,6 +524,9 @@ class AdaptiveSharpness(SharpnessCallback):
     ``batch_size=64``, ``num_samples=3200`` (50 batches), the step the training learning rate (taken
     from the first optimizer when ``step_size`` is None).
 
+    Hammoud et al.'s notebooks measure differently; the options ``score``, ``box``, ``train_mode`` and
+    ``sampling`` reproduce their choices (see :func:`callbacks.measures.adaptive_sharpness`).
+
     Logs:
         ``sharpness/<name>``: the sharpness.
 
@@ -526,10 +540,21 @@ class AdaptiveSharpness(SharpnessCallback):
             (seed 002).
         step_size: Initial (apgd, default 2ρ) or fixed (pga, default the current training lr) step.
         name: Metric name (default ``"adaptive"``).
+        score: pga only. ``"batch"``: each iterate is scored by its ascent batch's loss (the definition);
+            ``"train_set"``: by the loss over the whole training set, collated as one batch (their FCNN and
+            GAT notebooks), the value being the best score minus the clean training-set loss.
+        box: pga with p = ∞ only: ``"abs"`` (|δ| ≤ ρ|w|) or ``"signed"`` (their FCNN notebook's clamp
+            with bounds ±ρ·w, which pins negative weights at w − ρ|w|).
+        train_mode: Measure with the network in training mode (dropout on, as their GAT and LeNet-5
+            notebooks do); the dropout masks are drawn from a generator seeded with ``seed`` at every
+            measurement, and the global RNG is restored afterwards.
+        sampling: ``"subset"`` (distinct examples) or ``"replacement"`` (independent draws; their GAT
+            notebook draws its 64 nodes with replacement). See :class:`SharpnessCallback`.
         **kwargs: :class:`SharpnessCallback` options.
     """
 
-    identity_args = ("rho", "p", "adaptive", "n_iters", "method", "step_size") + SharpnessCallback.identity_args
+    identity_args = ("rho", "p", "adaptive", "n_iters", "method", "step_size", "score", "box", "train_mode",
+                     "sampling") + SharpnessCallback.identity_args
 
     def __init__(
         self,
@@ -548,16 +573,25 @@ class AdaptiveSharpness(SharpnessCallback):
         loss_fn: Callable[[Any, Any], Tensor] = F.cross_entropy,
         batch_to_inputs: BatchToInputs | None = None,
         network: str | None = None,
+        score: Literal["batch", "train_set"] = "batch",
+        box: Literal["abs", "signed"] = "abs",
+        train_mode: bool = False,
+        sampling: Literal["subset", "replacement"] = "subset",
     ) -> None:
         super().__init__(name, every_n_epochs=every_n_epochs, on_checkpoint=on_checkpoint, num_samples=num_samples,
                          batch_size=batch_size, seed=seed, loss_fn=loss_fn, batch_to_inputs=batch_to_inputs,
-                         network=network)
+                         network=network, sampling=sampling)
         self.rho = check_float("rho", rho)
         self.p = check_p(p, allowed=(2.0, math.inf))
         self.adaptive = adaptive
         self.n_iters = check_int("n_iters", n_iters, 1)
         self.method = check_choice("method", method, ("apgd", "apgd_reset", "pga"))
         self.step_size = None if step_size is None else check_float("step_size", step_size, strict=True)
+        self.score = check_choice("score", score, ("batch", "train_set"))
+        self.box = check_choice("box", box, ("abs", "signed"))
+        self.train_mode = bool(train_mode)
+        measures.check_pga_options(self.method, self.p, self.adaptive, self.box, self.score != "batch", "score")
+        self._score_batches: list[Any] | None = None
 
     def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
                 trainer: pl.Trainer) -> dict[str, float]:
@@ -566,11 +600,26 @@ class AdaptiveSharpness(SharpnessCallback):
             if not trainer.optimizers:
                 raise ValueError("Invalid step_size: None with method='pga' and no optimizer to take the lr from")
             step_size = float(trainer.optimizers[0].param_groups[0]["lr"])
-        value = measures.adaptive_sharpness(
-            network, batches, self.rho, p=self.p, adaptive=self.adaptive, n_iters=self.n_iters, method=self.method,
-            step_size=step_size, loss_fn=self.loss_fn, reduce=reduce,
-        )
+        score_batches = self.training_set_batch(trainer) if self.score == "train_set" else None
+        with _seeded_rng(self.seed) if self.train_mode else contextlib.nullcontext():
+            value = measures.adaptive_sharpness(
+                network, batches, self.rho, p=self.p, adaptive=self.adaptive, n_iters=self.n_iters,
+                method=self.method, step_size=step_size, loss_fn=self.loss_fn, reduce=reduce,
+                score_batches=score_batches, box=self.box, train_mode=self.train_mode,
+            )
         return {f"sharpness/{self.metric_name}": value}
+
+    def training_set_batch(self, trainer: pl.Trainer) -> list[Any]:
+        """The whole training set collated as one batch (through ``batch_to_inputs``), drawn once and kept."""
+        if self._score_batches is None:
+            loader = trainer.train_dataloader
+            if not isinstance(loader, DataLoader):
+                raise TypeError(f"{type(self).__name__}(score='train_set') needs the training DataLoader; "
+                                f"trainer.train_dataloader is {type(loader).__name__}")
+            dataset = loader.dataset
+            batch = loader.collate_fn([dataset[i] for i in range(len(dataset))])
+            self._score_batches = [self.batch_to_inputs(batch) if self.batch_to_inputs is not None else batch]
+        return [move_data_to_device(b, trainer.lightning_module.device) for b in self._score_batches]
 
 
 class HessianSpectrum(SharpnessCallback):

@@ -76,6 +76,11 @@ class TwoPassModule(pl.LightningModule):
             BatchNorm statistics aside, which see micro-batches). ``"micro"``: each micro-batch takes
             its own two-pass direction dᵢ (εᵢ from its own gradient, m = the micro-batch size) and
             d = Σ nᵢ/N·dᵢ.
+        train_metrics_at: Where the training metrics (``train/acc``, ``train/mae``, ...) are measured:
+            ``"clean"`` at w (the pass-1 outputs), or ``"perturbed"`` at w + ε (the pass-2 outputs), as
+            the Keras GSAM code of the Adaptive-GSAM moons study plots its training accuracy. ``train/loss``
+            stays the clean loss (``train/loss_perturbed`` is the loss at w + ε). Without a rule ε = 0 and
+            both are the same.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class TwoPassModule(pl.LightningModule):
         log_train_steps: bool = False,
         accumulate_grad_batches: int = 1,
         accumulate_ascent: Literal["accumulated", "micro"] = "accumulated",
+        train_metrics_at: Literal["clean", "perturbed"] = "clean",
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -110,6 +116,7 @@ class TwoPassModule(pl.LightningModule):
         _choice("gradient_clip_algorithm", gradient_clip_algorithm, ("norm", "value"))
         _choice("on_nonfinite", on_nonfinite, ("raise", "stop", "skip", "ignore"))
         _choice("accumulate_ascent", accumulate_ascent, ("accumulated", "micro"))
+        _choice("train_metrics_at", train_metrics_at, ("clean", "perturbed"))
         if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) \
                 or accumulate_grad_batches < 1:
             raise ValueError(f"Invalid accumulate_grad_batches: {accumulate_grad_batches!r}; expected an integer >= 1")
@@ -133,6 +140,7 @@ class TwoPassModule(pl.LightningModule):
         self.log_train_steps = log_train_steps
         self.accumulate_grad_batches = accumulate_grad_batches
         self.accumulate_ascent = accumulate_ascent
+        self.train_metrics_at = train_metrics_at
         self.automatic_optimization = False
         self.pass_index = 0
         self.skipped_steps = 0
@@ -337,7 +345,7 @@ class TwoPassModule(pl.LightningModule):
             with self._no_sync(block_sync or i < last):
                 loss, output, target, size = self.forward_loss(part, "train")
                 self.manual_backward(loss if last == 0 else loss * weight)
-            if index == 1:
+            if index == (2 if self.train_metrics_at == "perturbed" and self.minimizer is not None else 1):
                 self.update_metrics("train", output.detach(), target)
             loss = loss.detach() if last == 0 else loss.detach() * weight
             total = loss if total is None else total + loss
@@ -467,7 +475,8 @@ class TwoPassModule(pl.LightningModule):
             keys, sums = self._sums.pop(stage)
             if distributed:
                 sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-            means = (sums[:-1] / sums[-1]).float()
+            means = sums[:-1] / sums[-1]
+            means = means if self.dtype == torch.float64 else means.float()  # float64 runs keep 1e65 finite
             logged.update({f"{stage}/{key}": means[i] for i, key in enumerate(keys)})
         for name, metric in self.stage_metrics(stage).items():
             if metric.update_called:

@@ -2,7 +2,18 @@
 
 Each function takes finished run summaries and returns a ``matplotlib.figure.Figure`` (or None when
 there is nothing to draw); :func:`make_all` builds the whole set under stable names, which
-:mod:`studies.report` saves as PNG and :mod:`studies.board` writes to TensorBoard.
+:mod:`studies.report` saves as PNG and :mod:`studies.board` writes to TensorBoard:
+
+* ``scatter-<x>-vs-<y>``: every run, τ of the pool in the title; ``scatter-<x>-vs-<y>-per-<axis>``: one
+  panel per value of the first group axis, each with its own τ (pools that must not be mixed);
+* ``bars-<key>``: the mean (± std over seeds) of each analysed key per cell of the grid: the first group
+  axis as colours, the second as ticks, the third as panels (accuracy and sharpness "per run");
+* ``distributions-<axis>``: box plots per value of an axis, sorted by mean;
+* ``curves-<axis>``: per-epoch ``train/loss`` and ``sharpness/*``, mean and range per group;
+  ``curves-acc-<axis>``: per-epoch ``train/acc`` (solid) and ``val/acc`` (dashed), a panel per group;
+* ``runs-<key>``: per-epoch ``train/loss`` and ``sharpness/*`` of every run, one line each (colour: the
+  first group axis, panels: the second; log scale when positive; a cross marks a run whose next value was
+  not finite): with full-batch training an epoch is a step.
 """
 
 from __future__ import annotations
@@ -41,7 +52,35 @@ def make_all(runs: Sequence[Summary], result: dict[str, Any]) -> list[tuple[str,
         fig = curves(runs, axis)
         if fig is not None:
             figures.append((f"curves-{slug(axis or 'all')}", fig))
+    figures += _additions(runs, result, groups, keys)
     return figures
+
+
+def _additions(runs: Sequence[Summary], result: dict[str, Any], groups: Sequence[str],
+               keys: Sequence[str]) -> list[tuple[str, Figure]]:
+    """Per-pool scatter panels, bars per cell, accuracy curves per group and per-run loss curves."""
+    out: list[tuple[str, Figure]] = []
+    rows = {(r["x"], r["y"], r["group"]): r for r in result.get("kendall", [])}
+    if groups:
+        for x, y in dict.fromkeys((r["x"], r["y"]) for r in result.get("kendall", [])):
+            fig = scatter_panels(runs, x, y, groups[0], rows)
+            if fig is not None:
+                out.append((f"scatter-{slug(x)}-vs-{slug(y)}-per-{slug(groups[0])}", fig))
+    for key in keys:
+        fig = bars(runs, key, groups)
+        if fig is not None:
+            out.append((f"bars-{slug(key)}", fig))
+    for axis in groups or [None]:
+        fig = train_val_curves(runs, axis)
+        if fig is not None:
+            out.append((f"curves-acc-{slug(axis or 'all')}", fig))
+    per_epoch = sorted({k for r in runs for k in (r.get("history") or {})
+                        if k.startswith("sharpness/") and not k.endswith("_step")})
+    for key in ["train/loss", *per_epoch]:
+        fig = run_curves(runs, key, groups)
+        if fig is not None:
+            out.append((f"runs-{slug(key)}", fig))
+    return out
 
 
 def slug(key: str) -> str:
@@ -129,6 +168,133 @@ def curves(runs: Sequence[Summary], axis: str | None) -> Figure | None:
     fig.suptitle("mean over runs (band: min to max)" + (f", per {axis}" if axis else ""), fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def scatter_panels(runs: Sequence[Summary], x: str, y: str, axis: str,
+                   rows: dict[tuple[str, str, str], dict[str, Any]]) -> Figure | None:
+    """``y`` against ``x`` in one panel per value of ``axis`` (at least two), each with its group's τ."""
+    groups = group_by(runs, axis)
+    if len(groups) < 2:
+        return None
+    fig, axs = _panels(len(groups), 4.4, 3.6)
+    for ax, (name, members) in zip(axs, groups.items()):
+        points = [(value(r, x), value(r, y)) for r in members]
+        points = [p for p in points if p[0] is not None and p[1] is not None]
+        if points:
+            ax.scatter(*zip(*points), s=30, alpha=0.85, edgecolors="none", color="C0")
+        row = rows.get((x, y, f"{axis}={name}"), {"n": len(points)})
+        ax.set_title(f"{axis}={name}\n{_tau_text(row)}", fontsize=8)
+        ax.set_xlabel(x, fontsize=8)
+        ax.set_ylabel(y, fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def bars(runs: Sequence[Summary], key: str, group_axes: Sequence[str]) -> Figure | None:
+    """Mean ± std (over seeds) of ``key`` per grid cell: colours = first axis, ticks = second, panels = third."""
+    cells: dict[tuple[str, str, str], list[float]] = {}
+    colour_axis, tick_axis, panel_axis = (list(group_axes) + [None, None, None])[:3]
+    tick_axis = tick_axis or colour_axis
+    for run in runs:
+        v = value(run, key)
+        if v is None:
+            continue
+        axes = {**{a: "all" for a in (colour_axis, tick_axis, panel_axis) if a}, **(run.get("axes") or {})}
+        cell = tuple(str(axes.get(a, "all")) if a else "all" for a in (panel_axis, tick_axis, colour_axis))
+        cells.setdefault(cell, []).append(v)
+    if not cells:
+        return None
+    panels = list(dict.fromkeys(c[0] for c in cells))
+    ticks = list(dict.fromkeys(c[1] for c in cells))
+    colours = _palette(dict.fromkeys(c[2] for c in cells))
+    fig, axs = _panels(len(panels), max(4.0, 0.45 * len(ticks) * max(1, len(colours)) + 1.5), 3.6)
+    width = 0.8 / len(colours)
+    for ax, panel in zip(axs, panels):
+        for j, (colour, c) in enumerate(colours.items()):
+            labelled = False
+            for i, tick in enumerate(ticks):
+                vals = cells.get((panel, tick, colour))
+                if vals:
+                    ax.bar(i + (j - (len(colours) - 1) / 2) * width, float(np.mean(vals)), width, color=c,
+                           yerr=float(np.std(vals, ddof=1)) if len(vals) > 1 else None, capsize=2,
+                           label=None if labelled else colour)
+                    labelled = True
+        ax.set_xticks(range(len(ticks)), ticks, rotation=30 if len(ticks) > 4 else 0, fontsize=8)
+        ax.set_title(key if panel == "all" else f"{panel_axis}={panel}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        if colour_axis and len(colours) > 1:
+            ax.legend(fontsize=7, title=colour_axis, title_fontsize=7, framealpha=0.7)
+    fig.suptitle(f"{key}: mean over seeds (± std)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def train_val_curves(runs: Sequence[Summary], axis: str | None, metric: str = "acc") -> Figure | None:
+    """Per-epoch ``train/<metric>`` (solid) and ``val/<metric>`` (dashed), mean and range, a panel per group."""
+    train, val = f"train/{metric}", f"val/{metric}"
+    if not any((r.get("history") or {}).get(train) for r in runs) or \
+            not any((r.get("history") or {}).get(val) for r in runs):
+        return None
+    groups = group_by(runs, axis) if axis else {"all": list(runs)}
+    fig, axs = _panels(len(groups), 3.6, 3.0)
+    for ax, (name, members) in zip(axs, groups.items()):
+        for key, style in ((train, "-"), (val, "--")):
+            epochs, mean, low, high = _band(members, key)
+            if epochs:
+                ax.plot(epochs, mean, style, color="C0" if key == train else "C3", label=key)
+                ax.fill_between(epochs, low, high, color="C0" if key == train else "C3", alpha=0.15, linewidth=0)
+        ax.set_title(f"{axis}={name}" if axis else name, fontsize=8)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.grid(alpha=0.3)
+    axs[0].legend(fontsize=7, framealpha=0.7)
+    fig.suptitle(f"{train} and {val}: mean over runs (band: min to max)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def run_curves(runs: Sequence[Summary], key: str, group_axes: Sequence[str]) -> Figure | None:
+    """Per-epoch ``key`` of every run, one line each: colour = first group axis, panels = second."""
+    drawn = [r for r in runs if len((r.get("history") or {}).get(key, [])) >= 2]
+    if not drawn:
+        return None
+    colour_axis = group_axes[0] if group_axes else None
+    panel_axis = group_axes[1] if len(group_axes) > 1 else None
+    panels = group_by(drawn, panel_axis) if panel_axis else {"all": drawn}
+    colours = _palette(group_by(drawn, colour_axis) if colour_axis else {"all": drawn})
+    fig, axs = _panels(len(panels), 4.2, 3.4)
+    finite = [v for r in drawn for _, _, v in r["history"][key] if v is not None]
+    for ax, (name, members) in zip(axs, panels.items()):
+        for run in members:
+            rows = run["history"][key]
+            points = [(e, v) for e, _, v in rows if v is not None]
+            colour = colours[(run.get("axes") or {}).get(colour_axis, "all")] if colour_axis else colours["all"]
+            if points:
+                ax.plot(*zip(*points), color=colour, alpha=0.7, linewidth=1.2, marker="." if len(points) < 20 else None)
+                if len(points) < len(rows):
+                    ax.plot(*points[-1], marker="x", color=colour, markersize=9)
+        if finite and all(v > 0 for v in finite):
+            ax.set_yscale("log")
+        ax.set_title(f"{panel_axis}={name}" if panel_axis else key, fontsize=8)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.grid(alpha=0.3)
+    if colour_axis:
+        axs[0].legend(handles=[plt.Line2D([], [], color=c, label=f"{colour_axis}={v}") for v, c in colours.items()],
+                      fontsize=7, framealpha=0.7)
+    fig.suptitle(f"{key} per run (×: the next value was not finite)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _panels(count: int, width: float, height: float, columns: int = 5) -> tuple[Figure, list[Any]]:
+    """A figure with ``count`` panels in rows of at most ``columns``, the unused axes hidden."""
+    cols = min(count, columns)
+    rows = math.ceil(count / cols)
+    fig, axs = plt.subplots(rows, cols, figsize=(width * cols, height * rows), dpi=100, squeeze=False)
+    flat = list(axs.ravel())
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    return fig, flat[:count]
 
 
 def _band(runs: Sequence[Summary], key: str) -> tuple[list[int], list[float], list[float], list[float]]:

@@ -186,7 +186,10 @@ def test_analyze_writes_tables_json_figures_and_tensorboard(tmp_path):
     text = (directory / "analysis.md").read_text()
     assert "## Kendall τ" in text and "## Granulated" in text and "## Kolmogorov" in text and "boom" in text
     pngs = sorted(p.name for p in (directory / "figures").glob("*.png"))
-    assert pngs == ["curves-rule.png", "distributions-rule.png", "scatter-sharpness_adaptive-vs-gap_acc.png",
+    assert pngs == ["bars-gap_acc.png", "bars-sharpness_adaptive.png", "bars-test_acc.png", "curves-rule.png",
+                    "distributions-rule.png", "runs-sharpness_adaptive.png", "runs-train_loss.png",
+                    "scatter-sharpness_adaptive-vs-gap_acc-per-rule.png", "scatter-sharpness_adaptive-vs-gap_acc.png",
+                    "scatter-sharpness_adaptive-vs-test_acc-per-rule.png",
                     "scatter-sharpness_adaptive-vs-test_acc.png"]
     assert all((directory / "figures" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
