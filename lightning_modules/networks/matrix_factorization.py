@@ -1,4 +1,4 @@
-"""The factorised model U Uᵀ of overparametrised matrix sensing (seed 004, appendix B)."""
+"""The factorised model U Uᵀ of overparametrised matrix sensing (Wong, Yao & Huang, appendix B)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ class MatrixFactorization(nn.Module):
     """Predicts ``⟨A, U Uᵀ⟩`` for a batch of sensing matrices A: the matrix-sensing model.
 
     Overparametrised matrix sensing (Li, Ma & Zhang, 2018; Dai, Ahn & Sra, 2023, appendix A;
-    seed 004, appendix B) recovers ``X* = U* U*ᵀ`` from ``b_i = ⟨A_i, X*⟩`` by minimising
+    Wong, Yao & Huang, appendix B) recovers ``X* = U* U*ᵀ`` from ``b_i = ⟨A_i, X*⟩`` by minimising
     ``(1/m) Σ_i (⟨A_i, U Uᵀ⟩ − b_i)²`` over ``U ∈ R^{d×width}`` (``Regressor``'s MSE); ``width ≥ r``
-    overparametrises it (``width = d`` by default). The forward pass computes
-    ``⟨A, U Uᵀ⟩ = Σ_jk (A U)_jk U_jk`` for a batch ``(B, d, d) → (B,)`` without forming ``U Uᵀ``.
+    overparametrises it (``width = d`` by default). The forward pass forms ``X = U Uᵀ`` once
+    (d²·width flops) and contracts the batch against it, ``⟨A_i, X⟩ = Σ_jk A_ijk X_jk``
+    (B·d² flops), instead of ``A_i U`` per sample (B·d²·width flops).
 
     Initialisation: ``"gaussian"`` draws ``U_0`` with i.i.d. N(0, init_scale²) entries,
     ``"identity"`` sets ``U_0 = init_scale · I`` (the first ``min(d, width)`` columns); a small scale
@@ -57,8 +58,7 @@ class MatrixFactorization(nn.Module):
                 f"Invalid input for MatrixFactorization: shape {tuple(a.shape)}; "
                 f"expected (batch, {self.dim}, {self.dim})"
             )
-        u = self.U
-        return ((a @ u) * u).sum(dim=(1, 2))
+        return torch.einsum("bjk,jk->b", a, self.U @ self.U.T)
 
     def product(self) -> Tensor:
         """The recovered matrix ``U Uᵀ`` (d × d)."""
