@@ -1,13 +1,17 @@
-"""What the data modules share: argument checks, the missing-data error and the split loaders."""
+"""What the data modules share: the net check, the missing-data error and the split loaders.
+
+The argument checks are :mod:`lightning_modules.validation` (one set for the whole project).
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_modules.validation import check_int, is_integer
 
 from ._loaders import make_loader
 
@@ -19,32 +23,10 @@ class DataNotFoundError(FileNotFoundError):
     """
 
 
-def check_int(name: str, value: object, minimum: int) -> int:
-    """Return ``value`` if it is an integer ``>= minimum``, else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= {minimum}")
-    return value
-
-
-def check_fraction(name: str, value: object) -> float:
-    """Return ``value`` if it is a number in [0, 1), else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
-        raise ValueError(f"Invalid {name}: {value!r}; expected 0 <= {name} < 1")
-    return float(value)
-
-
-def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise ``ValueError``."""
-    if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(map(repr, choices))}")
-    return value  # type: ignore[return-value]
-
-
-def check_finite(name: str, value: object, minimum: float = 0.0) -> float:
-    """Return ``value`` if it is a finite number ``>= minimum``, else raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        raise ValueError(f"Invalid {name}: {value!r}; expected a finite {name} >= {minimum}")
-    return float(value)
+def check_loader_args(batch_size: object, eval_batch_size: object, num_workers: object) -> tuple[int, int, int]:
+    """Check the loader arguments every data module takes: batch sizes >= 1, worker processes >= 0."""
+    return (check_int("batch_size", batch_size, 1), check_int("eval_batch_size", eval_batch_size, 1),
+            check_int("num_workers", num_workers, 0))
 
 
 def missing_files(folder: Path, files: Sequence[str]) -> list[Path]:
@@ -74,7 +56,7 @@ def check_net(datamodule: pl.LightningDataModule, **expected: int) -> None:
         return
     for attr, value in expected.items():
         got = getattr(net, attr, None)
-        if isinstance(got, int) and not isinstance(got, bool) and got != value:
+        if is_integer(got) and got != value:
             raise ValueError(
                 f"Invalid net for {type(datamodule).__name__}: {type(net).__name__} has {attr}={got} but the data "
                 f"needs {attr}={value}; set model.init_args.net.init_args.{attr}: {value} in the config"

@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_modules.validation import check_choice, check_fraction
+
 LabelNoiseMode = Literal["shuffle", "uniform"]
 LABEL_NOISE_MODES = ("shuffle", "uniform")
 _STREAM = 104_729  # offset of the label-noise random stream from the split's (same data_seed)
@@ -30,11 +32,8 @@ def corrupt_labels(
         seed: Seed of the choice of examples and of the new labels.
         mode: ``"shuffle"`` or ``"uniform"``.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"Invalid label_noise: {fraction!r}; expected 0 <= label_noise <= 1")
-    if mode not in LABEL_NOISE_MODES:
-        choices = ", ".join(map(repr, LABEL_NOISE_MODES))
-        raise ValueError(f"Invalid label_noise_mode: {mode!r}; expected one of {choices}")
+    fraction = check_fraction("label_noise", fraction, closed=True)
+    check_choice("label_noise_mode", mode, LABEL_NOISE_MODES)
     targets = torch.as_tensor(targets, dtype=torch.long)
     n = targets.numel()
     k = int(round(fraction * n))

@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.validation import check_float, check_int, invalid
+
 
 class Cutout(nn.Module):
     """Zero a ``size × size`` square at a random centre of a ``(C, H, W)`` image (DeVries & Taylor, 2017).
 
     The centre is uniform over the pixels, so the square may be clipped by the border, as in the
     paper ("Improved regularization of convolutional neural networks with cutout"). Applied after
-    normalisation, with probability ``p`` (davda54/sam's CIFAR pipeline, seed 004's base: 16 px, p 0.5).
+    normalisation, with probability ``p`` (davda54/sam's CIFAR pipeline, the base of Wong, Yao & Huang: 16 px, p 0.5).
 
     Args:
         size: Side of the square in pixels (>= 1).
@@ -20,12 +22,10 @@ class Cutout(nn.Module):
 
     def __init__(self, size: int, p: float = 1.0) -> None:
         super().__init__()
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"Invalid cutout: {size!r}; expected an integer >= 1 (pixels)")
-        if not 0.0 < p <= 1.0:
-            raise ValueError(f"Invalid cutout_prob: {p!r}; expected 0 < cutout_prob <= 1")
-        self.size = size
-        self.p = p
+        self.size = check_int("cutout", size, 1)
+        self.p = check_float("cutout_prob", p)
+        if not 0.0 < self.p <= 1.0:
+            raise invalid("cutout_prob", p, "0 < cutout_prob <= 1")
 
     def forward(self, img: Tensor) -> Tensor:
         if self.p < 1.0 and torch.rand(()) >= self.p:

@@ -12,17 +12,9 @@ from torchvision import transforms as T
 from torchvision.datasets import VisionDataset
 from torchvision.datasets.vision import StandardTransform
 
-from ._base import (
-    DataNotFoundError,
-    SplitDataModule,
-    check_choice,
-    check_net,
-    check_finite,
-    check_fraction,
-    check_int,
-    data_not_found,
-    missing_files,
-)
+from lightning_modules.validation import check_choice, check_float, check_fraction, check_int, invalid
+
+from ._base import DataNotFoundError, SplitDataModule, check_loader_args, check_net, data_not_found, missing_files
 from ._labels import LABEL_NOISE_MODES, LabelNoiseMode, corrupt_labels
 from ._transforms import Cutout
 
@@ -87,15 +79,15 @@ class VisionDataModule(SplitDataModule):
         data_seed: int = 0,
     ) -> None:
         super().__init__()
-        check_int("batch_size", batch_size, 1)
-        check_int("eval_batch_size", eval_batch_size, 1)
-        check_int("num_workers", num_workers, 0)
-        check_int("val_size", val_size, 0)
-        check_int("cutout", cutout, 0)
-        if not 0.0 < check_finite("cutout_prob", cutout_prob) <= 1.0:
-            raise ValueError(f"Invalid cutout_prob: {cutout_prob!r}; expected 0 < cutout_prob <= 1")
-        check_fraction("label_noise", label_noise)
+        batch_size, eval_batch_size, num_workers = check_loader_args(batch_size, eval_batch_size, num_workers)
+        val_size = check_int("val_size", val_size, 0)
+        cutout = check_int("cutout", cutout, 0)
+        cutout_prob = check_float("cutout_prob", cutout_prob)
+        if not 0.0 < cutout_prob <= 1.0:
+            raise invalid("cutout_prob", cutout_prob, "0 < cutout_prob <= 1")
+        label_noise = check_fraction("label_noise", label_noise)
         check_choice("label_noise_mode", label_noise_mode, LABEL_NOISE_MODES)
+        data_seed = check_int("data_seed", data_seed, 0)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.noisy_indices: torch.Tensor | None = None

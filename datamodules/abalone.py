@@ -10,7 +10,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ._base import SplitDataModule, check_choice, check_fraction, check_int, check_net, data_not_found
+from lightning_modules.validation import check_choice, check_fraction, check_int, invalid
+
+from ._base import SplitDataModule, check_loader_args, check_net, data_not_found
 from ._loaders import FullBatch, first, make_loader
 from ._splits import SPLIT_METHODS, SplitMethod, sklearn_split, standardize
 
@@ -133,20 +135,16 @@ class AbaloneDataModule(SplitDataModule):
         full_batch: bool = False,
     ) -> None:
         super().__init__()
-        check_int("batch_size", batch_size, 1)
-        check_int("eval_batch_size", eval_batch_size, 1)
-        check_int("num_workers", num_workers, 0)
-        check_fraction("test_fraction", test_fraction)
-        check_fraction("val_fraction", val_fraction)
+        batch_size, eval_batch_size, num_workers = check_loader_args(batch_size, eval_batch_size, num_workers)
+        test_fraction = check_fraction("test_fraction", test_fraction)
+        val_fraction = check_fraction("val_fraction", val_fraction)
         if test_fraction <= 0:
-            raise ValueError(f"Invalid test_fraction: {test_fraction!r}; expected 0 < test_fraction < 1")
+            raise invalid("test_fraction", test_fraction, "0 < test_fraction < 1")
         if test_fraction + val_fraction >= 1:
-            raise ValueError(
-                f"Invalid test_fraction + val_fraction: {test_fraction + val_fraction!r}; expected a sum < 1"
-            )
+            raise invalid("test_fraction + val_fraction", test_fraction + val_fraction, "a sum < 1")
         check_choice("split", split, SPLIT_METHODS)
-        if split_seed is not None:
-            check_int("split_seed", split_seed, 0)
+        split_seed = check_int("split_seed", split_seed, 0, optional=True)
+        data_seed = check_int("data_seed", data_seed, 0)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.feature_mean: torch.Tensor | None = None

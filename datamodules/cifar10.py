@@ -1,4 +1,7 @@
-"""CIFAR-10 (Krizhevsky, 2009) through torchvision: seeds 000, 001 and 004."""
+"""CIFAR-10 (Krizhevsky, 2009) through torchvision.
+
+The data of Bejan, Sanchez Ndoye & Vuckovic, of Khalid, Ponraj & Mukherjee and of Wong, Yao & Huang.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,9 @@ from ._vision import VisionDataModule
 class CIFAR10DataModule(VisionDataModule):
     """CIFAR-10: 50,000 training and 10,000 test 32×32 RGB images of 10 classes, batch 128 by default.
 
-    Training augmentation (seed 001): random 32×32 crop of the image zero-padded by 4 pixels and
+    Training augmentation (Khalid, Ponraj & Mukherjee): random 32×32 crop of the image zero-padded by 4 pixels and
     horizontal flip; per-channel normalisation with the training set's mean and standard deviation;
-    optional Cutout (DeVries & Taylor 2017; davda54/sam, the base of seed 004, uses 16 px with p 0.5).
+    optional Cutout (DeVries & Taylor 2017; davda54/sam, the base of Wong, Yao & Huang, uses 16 px with p 0.5).
     Files: torchvision's ``<data_dir>/cifar-10-batches-py/`` (``data_batch_1`` … ``data_batch_5``,
     ``test_batch``, ``batches.meta``; torchvision checks their MD5 sums). See
     :class:`~datamodules._vision.VisionDataModule` for the arguments.

@@ -6,7 +6,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ._base import SplitDataModule, check_choice, check_fraction, check_int, check_net
+from lightning_modules.validation import check_choice, check_fraction, check_int, invalid
+
+from ._base import SplitDataModule, check_loader_args, check_net
 from ._labels import LABEL_NOISE_MODES, LabelNoiseMode, corrupt_labels
 from ._splits import sklearn_split
 
@@ -66,15 +68,14 @@ class DigitsDataModule(SplitDataModule):
         data_seed: int = 0,
     ) -> None:
         super().__init__()
-        check_int("batch_size", batch_size, 1)
-        check_int("eval_batch_size", eval_batch_size, 1)
-        check_int("num_workers", num_workers, 0)
-        if check_fraction("test_fraction", test_fraction) <= 0:
-            raise ValueError(f"Invalid test_fraction: {test_fraction!r}; expected 0 < test_fraction < 1")
-        check_int("val_size", val_size, 0)
-        check_fraction("label_noise", label_noise)
+        batch_size, eval_batch_size, num_workers = check_loader_args(batch_size, eval_batch_size, num_workers)
+        test_fraction = check_fraction("test_fraction", test_fraction)
+        if test_fraction <= 0:
+            raise invalid("test_fraction", test_fraction, "0 < test_fraction < 1")
+        val_size = check_int("val_size", val_size, 0)
+        label_noise = check_fraction("label_noise", label_noise)
         check_choice("label_noise_mode", label_noise_mode, LABEL_NOISE_MODES)
-        check_int("data_seed", data_seed, 0)
+        data_seed = check_int("data_seed", data_seed, 0)
         self.save_hyperparameters()
         self.pixel_mean: float | None = None
         self.pixel_std: float | None = None

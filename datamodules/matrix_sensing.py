@@ -7,7 +7,9 @@ from typing import Literal
 import torch
 from torch.utils.data import TensorDataset
 
-from ._base import SplitDataModule, check_choice, check_int, check_net
+from lightning_modules.validation import check_choice, check_int, invalid
+
+from ._base import SplitDataModule, check_loader_args, check_net
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -60,20 +62,19 @@ class MatrixSensingDataModule(SplitDataModule):
         dtype: Literal["float32", "float64"] = "float32",
     ) -> None:
         super().__init__()
-        check_int("dim", dim, 1)
-        check_int("rank", rank, 1)
+        dim = check_int("dim", dim, 1)
+        rank = check_int("rank", rank, 1)
         if rank > dim:
-            raise ValueError(f"Invalid rank: {rank}; expected 1 <= rank <= dim ({dim})")
+            raise invalid("rank", rank, f"1 <= rank <= dim ({dim})")
         if num_measurements is None:
             num_measurements = 5 * dim * rank
-        check_int("num_measurements", num_measurements, 1)
-        check_int("num_val", num_val, 1)
-        check_int("num_test", num_test, 1)
+        num_measurements = check_int("num_measurements", num_measurements, 1)
+        num_val = check_int("num_val", num_val, 1)
+        num_test = check_int("num_test", num_test, 1)
         if batch_size is None:
             batch_size = num_measurements
-        check_int("batch_size", batch_size, 1)
-        check_int("eval_batch_size", eval_batch_size, 1)
-        check_int("num_workers", num_workers, 0)
+        batch_size, eval_batch_size, num_workers = check_loader_args(batch_size, eval_batch_size, num_workers)
+        data_seed = check_int("data_seed", data_seed, 0)
         check_choice("dtype", dtype, tuple(_DTYPES))
         self.save_hyperparameters()
         self.hparams.num_measurements = num_measurements

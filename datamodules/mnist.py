@@ -24,9 +24,10 @@ def _how_to_get(cls: type[MNIST], folder: str) -> str:
 class FashionMNISTDataModule(VisionDataModule):
     """FashionMNIST: 60,000 training and 10,000 test 28×28 grey images of 10 clothing classes.
 
-    Seed 000 (SimpleBatch/MiddleBatch/ComplexBatch, batch 128) and seed 002 (LeNet-5, batch 64). No
-    augmentation; per-channel normalisation. Files: torchvision's ``<data_dir>/FashionMNIST/raw/``
-    idx-ubyte files (uncompressed). See :class:`~datamodules._vision.VisionDataModule` for the arguments.
+    Bejan, Sanchez Ndoye & Vuckovic (SimpleBatch/MiddleBatch/ComplexBatch, batch 128) and Hammoud,
+    Liossatos & Nicollier (2023) (LeNet-5, batch 64). No augmentation; per-channel normalisation.
+    Files: torchvision's ``<data_dir>/FashionMNIST/raw/`` idx-ubyte files (uncompressed). See
+    :class:`~datamodules._vision.VisionDataModule` for the arguments.
     """
 
     dataset_cls = FashionMNIST
@@ -44,9 +45,9 @@ class FashionMNISTDataModule(VisionDataModule):
 class MNISTDataModule(VisionDataModule):
     """MNIST: 60,000 training and 10,000 test 28×28 grey images of handwritten digits.
 
-    Seed 003 (a CNN with 2 conv and 2 dense layers, 25 epochs, batch 32). No augmentation;
-    normalisation with mean 0.1307 and standard deviation 0.3081. Files: torchvision's
-    ``<data_dir>/MNIST/raw/`` idx-ubyte files (uncompressed). See
+    "Improving Sharpness-Aware Minimisation" (Oxford report, 2024): a CNN with 2 conv and 2 dense
+    layers, 25 epochs, batch 32. No augmentation; normalisation with mean 0.1307 and standard
+    deviation 0.3081. Files: torchvision's ``<data_dir>/MNIST/raw/`` idx-ubyte files (uncompressed). See
     :class:`~datamodules._vision.VisionDataModule` for the arguments.
     """
 

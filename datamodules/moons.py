@@ -7,7 +7,9 @@ import torch
 from sklearn.datasets import make_moons
 from torch.utils.data import DataLoader, TensorDataset
 
-from ._base import check_choice, check_int, check_net
+from lightning_modules.validation import check_choice, check_float, check_fraction, check_int, invalid
+
+from ._base import check_loader_args, check_net
 from ._labels import LABEL_NOISE_MODES, LabelNoiseMode, corrupt_labels
 from ._loaders import make_loader
 from ._splits import SPLIT_METHODS, SplitMethod, sklearn_split, standardize
@@ -66,34 +68,20 @@ class MoonsDataModule(pl.LightningDataModule):
         standardize: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 3:
-            raise ValueError(f"Invalid num_samples: {num_samples!r}; expected an integer >= 3")
-        if not noise >= 0:
-            raise ValueError(f"Invalid noise: {noise!r}; expected noise >= 0")
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"Invalid {name}: {value!r}; expected 0 <= {name} < 1")
+        num_samples = check_int("num_samples", num_samples, 3)
+        noise = check_float("noise", noise)
+        val_fraction = check_fraction("val_fraction", val_fraction)
+        test_fraction = check_fraction("test_fraction", test_fraction)
         if val_fraction + test_fraction >= 1.0:
-            raise ValueError(
-                f"Invalid val_fraction + test_fraction: {val_fraction + test_fraction!r}; expected a sum < 1"
-            )
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= 1")
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"Invalid num_workers: {num_workers!r}; expected an integer >= 0")
-        if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) or not 0.0 <= label_noise < 1.0:
-            raise ValueError(f"Invalid label_noise: {label_noise!r}; expected 0 <= label_noise < 1")
-        if label_noise_mode not in LABEL_NOISE_MODES:
-            choices = ", ".join(map(repr, LABEL_NOISE_MODES))
-            raise ValueError(f"Invalid label_noise_mode: {label_noise_mode!r}; expected one of {choices}")
+            raise invalid("val_fraction + test_fraction", val_fraction + test_fraction, "a sum < 1")
+        batch_size, eval_batch_size, num_workers = check_loader_args(batch_size, eval_batch_size, num_workers)
+        label_noise = check_fraction("label_noise", label_noise)
+        check_choice("label_noise_mode", label_noise_mode, LABEL_NOISE_MODES)
         check_choice("split", split, SPLIT_METHODS)
         if split == "sklearn" and test_fraction <= 0:
-            raise ValueError(
-                f"Invalid test_fraction: {test_fraction!r}; expected 0 < test_fraction < 1 with split='sklearn'"
-            )
-        if split_seed is not None:
-            check_int("split_seed", split_seed, 0)
+            raise invalid("test_fraction", test_fraction, "0 < test_fraction < 1 with split='sklearn'")
+        split_seed = check_int("split_seed", split_seed, 0, optional=True)
+        data_seed = check_int("data_seed", data_seed, 0)
         self.save_hyperparameters()
         self.train_set = self.val_set = self.test_set = None
         self.noisy_indices: torch.Tensor | None = None

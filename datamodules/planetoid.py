@@ -10,7 +10,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ._base import check_choice, check_int, check_net, data_not_found, missing_files
+from lightning_modules.validation import check_choice, check_int
+
+from ._base import check_net, data_not_found, missing_files
 from ._loaders import first, make_loader
 
 # name: (node features, classes); known before the files are read, so the CLI can link them.
@@ -108,10 +110,9 @@ class CoraDataModule(pl.LightningDataModule):
         super().__init__()
         check_choice("name", name, tuple(PLANETOID))
         check_choice("split", split, ("public", "full"))
-        check_int("num_workers", num_workers, 0)
-        if train_batch_nodes is not None:
-            check_int("train_batch_nodes", train_batch_nodes, 1)
-        check_int("data_seed", data_seed, 0)
+        num_workers = check_int("num_workers", num_workers, 0)
+        train_batch_nodes = check_int("train_batch_nodes", train_batch_nodes, 1, optional=True)
+        data_seed = check_int("data_seed", data_seed, 0)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.data: Any = None

@@ -1,8 +1,8 @@
 """The SAM-family update rules as pure torch (no Lightning import).
 
-A rule answers the two questions of the two-pass step (DESIGN.md §3); the mechanics (the two
-forward-backward passes, the exact restore of the weights, BatchNorm protection, DDP, AMP, the one
-``optimizer.step()``) live once in :class:`lightning_modules.TwoPassModule`::
+A rule answers the two questions of the two-pass step (docs/design.md, "The two-pass step"); the
+mechanics (the two forward-backward passes, the exact restore of the weights, BatchNorm protection,
+DDP, AMP, the one ``optimizer.step()``) live once in :class:`lightning_modules.TwoPassModule`::
 
     pass 1: g   = ∇L_B(w)
             ε   = rule.perturbation(w, g)        where to climb
@@ -27,13 +27,14 @@ Use a rule directly (pure torch)::
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
+
+from .validation import check_choice, check_float, check_fraction, check_p, invalid
 
 __all__ = [
     "Minimizer",
@@ -47,17 +48,6 @@ __all__ = [
 ]
 
 DEFAULT_EPS = 1e-12
-
-
-def _real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"Invalid {name}: {value!r}; expected a real number")
-    return float(value)
-
-
-def _check(name: str, value: float, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
 
 
 def _norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
@@ -113,12 +103,8 @@ class Minimizer:
     uses_names: ClassVar[bool] = False
 
     def __init__(self, rho: float = 0.05, eps: float = DEFAULT_EPS) -> None:
-        rho = _real("rho", rho)
-        _check("rho", rho, math.isfinite(rho) and rho >= 0, "a finite rho >= 0")
-        eps = _real("eps", eps)
-        _check("eps", eps, math.isfinite(eps) and eps > 0, "eps > 0")
-        self.rho = rho
-        self.eps = eps
+        self.rho = check_float("rho", rho)
+        self.eps = check_float("eps", eps, strict=True)
 
     def current_rho(self, lr: float | None = None, lr_max: float | None = None) -> float:
         """The radius used in a step taken at learning rate ``lr`` (constant unless a subclass schedules it)."""
@@ -166,7 +152,7 @@ class SAM(Minimizer):
     Paper: https://arxiv.org/abs/2010.01412. The first-order solution of max_{‖ε‖_p ≤ ρ} L(w + ε)::
 
         p = 2:  ε = ρ · g / (‖g‖₂ + eps)
-        p = ∞:  ε = ρ · sign(g)                 (the L∞ ball of seed 004)
+        p = ∞:  ε = ρ · sign(g)                 (the L∞ ball studied by Wong, Yao & Huang)
 
     and d = g_p = ∇L(w + ε).
 
@@ -178,9 +164,7 @@ class SAM(Minimizer):
 
     def __init__(self, rho: float = 0.05, p: float = 2.0, eps: float = DEFAULT_EPS) -> None:
         super().__init__(rho, eps)
-        p = _real("p", p)
-        _check("p", p, p == 2.0 or p == math.inf, "p = 2 or p = inf")
-        self.p = p
+        self.p = check_p(p, allowed=(2.0, math.inf))
 
     def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, lr_max=None):
         if self.p == math.inf:
@@ -194,7 +178,7 @@ class SAM(Minimizer):
 
 
 class USAM(Minimizer):
-    """Unnormalized SAM: ε = ρ · g (Dai, Ahn & Sra, 2023; seed 004).
+    """Unnormalized SAM: ε = ρ · g (Dai, Ahn & Sra, 2023; compared with SAM by Wong, Yao & Huang).
 
     Paper: https://arxiv.org/abs/2305.15287. Not scale-invariant: under fp16 loss scaling the module
     divides ε by the loss scale. A gradient whose norm is not finite gives ε = 0 (finite entries).
@@ -226,7 +210,7 @@ class ASAM(Minimizer):
     parameter; with ``eta=0`` that is the davda54/sam ``adaptive=True`` convention.
 
     Args:
-        rho: Radius ρ ≥ 0 (0.5 in the paper for CIFAR, 2.0 in seed 004).
+        rho: Radius ρ ≥ 0 (0.5 in the paper for CIFAR, 2.0 in Wong, Yao & Huang).
         eta: η ≥ 0 added to |w| (0.01 in the paper).
         scope: ``"weight"`` (official) or ``"all"`` (davda54).
         eps: Added to ‖T g‖₂.
@@ -238,11 +222,8 @@ class ASAM(Minimizer):
         self, rho: float = 0.5, eta: float = 0.01, scope: Literal["weight", "all"] = "weight", eps: float = DEFAULT_EPS
     ) -> None:
         super().__init__(rho, eps)
-        eta = _real("eta", eta)
-        _check("eta", eta, math.isfinite(eta) and eta >= 0, "a finite eta >= 0")
-        _check("scope", scope, scope in ("weight", "all"), "'weight' or 'all'")
-        self.eta = eta
-        self.scope = scope
+        self.eta = check_float("eta", eta)
+        self.scope = check_choice("scope", scope, ("weight", "all"))
 
     def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, lr_max=None):
         if self.scope == "all":
@@ -316,16 +297,14 @@ class GSAM(SAM):
         eps: float = DEFAULT_EPS,
     ) -> None:
         super().__init__(rho=rho, p=2.0, eps=eps)
-        alpha = _real("alpha", alpha)
-        _check("alpha", alpha, 0.0 <= alpha <= 1.0, "0 <= alpha <= 1")
-        if rho_min is not None:
-            rho_min = _real("rho_min", rho_min)
-            _check("rho_min", rho_min, 0.0 <= rho_min <= self.rho, f"0 <= rho_min <= rho = {self.rho}")
-        lr_min = _real("lr_min", lr_min)
-        _check("lr_min", lr_min, math.isfinite(lr_min) and lr_min >= 0, "a finite lr_min >= 0")
-        if lr_max is not None:
-            lr_max = _real("lr_max", lr_max)
-            _check("lr_max", lr_max, math.isfinite(lr_max) and lr_max > lr_min, f"a finite lr_max > lr_min = {lr_min}")
+        alpha = check_fraction("alpha", alpha, closed=True)
+        rho_min = check_float("rho_min", rho_min, optional=True)
+        if rho_min is not None and rho_min > self.rho:
+            raise invalid("rho_min", rho_min, f"0 <= rho_min <= rho = {self.rho}")
+        lr_min = check_float("lr_min", lr_min)
+        lr_max = check_float("lr_max", lr_max, optional=True)
+        if lr_max is not None and lr_max <= lr_min:
+            raise invalid("lr_max", lr_max, f"a finite lr_max > lr_min = {lr_min}")
         self.alpha = alpha
         self.rho_min = rho_min
         self.lr_max = lr_max
@@ -374,9 +353,10 @@ class GSAM(SAM):
 
 
 class AdaptiveGSAM(GSAM):
-    """Adaptive-GSAM (seed 003, section 5.1): GSAM with an ascent scaled elementwise by |w| + γ.
+    """Adaptive-GSAM: GSAM with an ascent scaled elementwise by |w| + γ.
 
-    The report's step 2 of the GSAM algorithm becomes::
+    "Improving Sharpness-Aware Minimisation" (Oxford report, 2024), section 5.1. The report's step 2
+    of the GSAM algorithm becomes::
 
         ε = ρ_t · (|w| + γ) ⊙ g / (‖g‖₂ + eps)
 
@@ -404,9 +384,7 @@ class AdaptiveGSAM(GSAM):
         eps: float = DEFAULT_EPS,
     ) -> None:
         super().__init__(rho=rho, alpha=alpha, rho_min=rho_min, lr_max=lr_max, lr_min=lr_min, eps=eps)
-        gamma = _real("gamma", gamma)
-        _check("gamma", gamma, math.isfinite(gamma) and gamma >= 0, "a finite gamma >= 0")
-        self.gamma = gamma
+        self.gamma = check_float("gamma", gamma)
 
     def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, lr_max=None):
         rho = self.current_rho(lr, lr_max)

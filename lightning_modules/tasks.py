@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -13,11 +12,12 @@ from torch import Tensor, nn
 
 from .minimizers import Minimizer
 from .two_pass import TwoPassModule
+from .validation import check_float, check_fraction, check_int, is_integer
 
 
 def _out_features(net: nn.Module) -> int | None:
     value = getattr(net, "out_features", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return int(value) if is_integer(value) else None
 
 
 class Classifier(TwoPassModule):
@@ -56,18 +56,15 @@ class Classifier(TwoPassModule):
                     "pass num_classes"
                 )
             num_classes = out
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"Invalid num_classes: {num_classes!r}; expected an integer >= 2")
+        num_classes = check_int("num_classes", num_classes, 2)
         if out is not None and out != num_classes:
             raise ValueError(
                 f"Invalid net for Classifier: {type(net).__name__} has out_features={out} but num_classes="
                 f"{num_classes}; a classifier needs one output per class (a regression net has 1 output; "
                 "use Regressor for regression)"
             )
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"Invalid label_smoothing: {label_smoothing!r}; expected 0 <= label_smoothing < 1")
         self.num_classes = num_classes
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = check_fraction("label_smoothing", label_smoothing)
         self.train_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro",
                                                                          validate_args=False)
         self.val_acc = self.train_acc.clone()
@@ -124,12 +121,8 @@ class Regressor(TwoPassModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(net, optimizer, minimizer, lr_scheduler, **kwargs)
-        if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
-            raise ValueError(f"Invalid num_outputs: {num_outputs!r}; expected an integer >= 1")
-        if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not (
-            math.isfinite(loss_scale) and loss_scale > 0
-        ):
-            raise ValueError(f"Invalid loss_scale: {loss_scale!r}; expected a finite loss_scale > 0")
+        num_outputs = check_int("num_outputs", num_outputs, 1)
+        loss_scale = check_float("loss_scale", loss_scale, strict=True)
         out = _out_features(net)
         if out is not None and out != num_outputs:
             raise ValueError(
@@ -137,7 +130,7 @@ class Regressor(TwoPassModule):
                 f"{num_outputs}; a classification net (one output per class) needs Classifier"
             )
         self.num_outputs = num_outputs
-        self.loss_scale = float(loss_scale)
+        self.loss_scale = loss_scale
         self.train_mae = torchmetrics.MeanAbsoluteError()
         self.val_mae = torchmetrics.MeanAbsoluteError()
         self.test_mae = torchmetrics.MeanAbsoluteError()
@@ -277,10 +270,7 @@ class NodeClassifier(Classifier):
         **kwargs: Any,
     ) -> None:
         super().__init__(net, num_classes, optimizer, minimizer, lr_scheduler, label_smoothing, **kwargs)
-        if train_subgraph_hops is not None and (isinstance(train_subgraph_hops, bool) or not isinstance(
-                train_subgraph_hops, int) or train_subgraph_hops < 1):
-            raise ValueError(f"Invalid train_subgraph_hops: {train_subgraph_hops!r}; expected None or an integer >= 1")
-        self.train_subgraph_hops = train_subgraph_hops
+        self.train_subgraph_hops = check_int("train_subgraph_hops", train_subgraph_hops, 1, optional=True)
 
     def forward_loss(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor, int]:
         for key in ("x", "edge_index", "y", self._MASKS[stage]):

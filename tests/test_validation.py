@@ -177,3 +177,91 @@ def test_pure_modules_import_without_lightning():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0.5", "True"]
+
+
+# ---------------------------------------------------------------------------------------- every numeric argument
+def _numeric_defaults(cls):
+    """The constructor arguments of ``cls`` whose default is an int or a float (not a bool)."""
+    import inspect
+
+    return [(p.name, p.default) for p in inspect.signature(cls).parameters.values()
+            if type(p.default) in (int, float)]
+
+
+def _classes():
+    import datamodules
+    import lightning_modules.networks as networks
+    from lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM
+
+    nets = [getattr(networks, n) for n in networks.__all__]
+    data = [getattr(datamodules, n) for n in datamodules.__all__ if n.endswith("DataModule")]
+    return [SAM, USAM, ASAM, GSAM, AdaptiveGSAM, *nets, *data]
+
+
+CASES = [(cls, name, default) for cls in _classes() for name, default in _numeric_defaults(cls)]
+IDS = [f"{cls.__name__}.{name}" for cls, name, _ in CASES]
+
+
+def _numpy(value):
+    return np.int64(value) if type(value) is int else np.float32(value)
+
+
+@pytest.mark.parametrize("cls, name, default", CASES, ids=IDS)
+def test_every_numeric_argument_takes_numpy_scalars(cls, name, default):
+    obj = cls(**{name: _numpy(default)})
+    hparams = getattr(obj, "hparams", None)
+    if hparams is not None and name in hparams:  # saved as plain Python numbers (a clean hparams.yaml)
+        assert type(hparams[name]) is type(default) and hparams[name] == pytest.approx(default)
+
+
+@pytest.mark.parametrize("cls, name, default", CASES, ids=IDS)
+def test_every_numeric_argument_refuses_a_bool(cls, name, default):
+    with pytest.raises(ValueError, match=f"^Invalid {name}: True; expected "):
+        cls(**{name: True})
+
+
+@pytest.mark.parametrize("cls, name, default", [c for c in CASES if type(c[2]) is float],
+                         ids=[i for c, i in zip(CASES, IDS) if type(c[2]) is float])
+def test_every_float_argument_refuses_nan(cls, name, default):
+    with pytest.raises(ValueError, match=f"^Invalid {name}: nan; expected "):
+        cls(**{name: math.nan})
+
+
+def test_numpy_float32_as_rho_and_as_a_learning_rate_in_the_classes():
+    """The issue's case, end to end: SAM and the base optimizers take the same numpy.float32."""
+    import torch
+
+    from lightning_modules import GSAM, SAM
+    from lightning_modules.optim import AdaBound, AdaShift
+
+    value = np.float32(0.05)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert SAM(rho=value).rho == pytest.approx(0.05) and type(SAM(rho=value).rho) is float
+    gsam = GSAM(rho=value, alpha=value, rho_min=np.float32(0.01), lr_max=value, lr_min=np.float32(0.0))
+    assert (gsam.rho_min, gsam.lr_max) == (pytest.approx(0.01), pytest.approx(0.05))
+    for opt in (AdaBound(params, lr=value, betas=(np.float32(0.9), np.float64(0.999)), final_lr=value,
+                         gamma=value, eps=np.float32(1e-8), weight_decay=value),
+                AdaShift(params, lr=value, betas=(np.float32(0.9), np.float32(0.999)), keep_num=np.int64(3),
+                         eps=np.float32(1e-10))):
+        group = opt.param_groups[0]
+        assert type(group["lr"]) is float and group["lr"] == pytest.approx(0.05)
+        assert all(type(b) is float for b in group["betas"])
+    with pytest.raises(ValueError, match=r"^Invalid lr: np\.float32\(-0\.05\); expected a finite lr >= 0$"):
+        AdaBound(params, lr=-value)
+
+
+def test_numpy_scalars_in_the_tasks():
+    from lightning_modules import Classifier, NodeClassifier, Regressor
+    from lightning_modules.networks import MLP
+
+    clf = Classifier(MLP(in_features=2, out_features=3), num_classes=np.int64(3), label_smoothing=np.float32(0.1))
+    assert type(clf.num_classes) is int and type(clf.label_smoothing) is float
+    reg = Regressor(MLP(in_features=2, out_features=1), num_outputs=np.int64(1), loss_scale=np.float32(2.0))
+    assert type(reg.num_outputs) is int and reg.loss_scale == 2.0
+    node = NodeClassifier(MLP(in_features=2, out_features=3), train_subgraph_hops=np.int64(2))
+    assert node.train_subgraph_hops == 2 and type(node.train_subgraph_hops) is int
+    for make in (lambda: Classifier(MLP(in_features=2, out_features=2), label_smoothing=True),
+                 lambda: Regressor(MLP(in_features=2, out_features=1), loss_scale=math.nan),
+                 lambda: NodeClassifier(MLP(in_features=2, out_features=3), train_subgraph_hops=True)):
+        with pytest.raises(ValueError, match="^Invalid (label_smoothing|loss_scale|train_subgraph_hops): "):
+            make()

@@ -1,4 +1,6 @@
-"""Plain conv–BN–ReLU chains: seed 000's SimpleBatch/MiddleBatch/ComplexBatch and VGG-16 (with BN).
+"""Plain conv–BN–ReLU chains: SimpleBatch/MiddleBatch/ComplexBatch and VGG-16 (with BN).
+
+SimpleBatch, MiddleBatch and ComplexBatch are the networks of Bejan, Sanchez Ndoye & Vuckovic.
 
 All of them are one configurable :class:`ConvNet`; the named networks are presets (thin subclasses
 that fix ``layers`` and ``hidden``). Every one is an ``nn.Sequential`` of Conv2d, BatchNorm2d, ReLU,
@@ -12,11 +14,11 @@ from typing import Literal, Union
 
 from torch import nn
 
-from ._checks import check_int, check_ints, check_probability
+from ..validation import check_fraction, check_int, check_ints, is_integer
 
 Layer = Union[int, Literal["M"]]
 
-# Seed 000 (Bejan et al.) names the nets by their number of conv layers (4, 6, 9); its appendix
+# Bejan, Sanchez Ndoye & Vuckovic name the nets by their number of conv layers (4, 6, 9); their appendix
 # figures are not in the report, so the widths below are ours: widths double after each pooling.
 SIMPLE_BATCH: tuple[Layer, ...] = (32, 32, "M", 64, 64, "M")
 MIDDLE_BATCH: tuple[Layer, ...] = (32, 32, "M", 64, 64, "M", 128, 128, "M")
@@ -58,19 +60,19 @@ class ConvNet(nn.Sequential):
         dropout: float = 0.0,
         batch_norm: bool = True,
     ) -> None:
-        check_int("in_channels", in_channels)
-        check_int("num_classes", num_classes)
-        check_int("image_size", image_size)
+        in_channels = check_int("in_channels", in_channels)
+        num_classes = check_int("num_classes", num_classes)
+        image_size = check_int("image_size", image_size)
         layers = list(layers)
         if not any(v != "M" for v in layers) or any(
-            v != "M" and (isinstance(v, bool) or not isinstance(v, int) or v < 1) for v in layers
+            v != "M" and (not is_integer(v) or v < 1) for v in layers
         ):
             raise ValueError(
                 f"Invalid layers: {layers!r}; expected a list of conv widths (integers >= 1) and 'M' "
                 "(max pooling) with at least one conv"
             )
         hidden = check_ints("hidden", hidden)
-        check_probability("dropout", dropout)
+        dropout = check_fraction("dropout", dropout)
         pools = layers.count("M")
         if image_size < 2**pools:
             raise ValueError(
@@ -102,10 +104,10 @@ class ConvNet(nn.Sequential):
 
 
 class SimpleBatch(ConvNet):
-    """Seed 000's SimpleBatch: 4 conv–BN–ReLU layers (32, 32, pool, 64, 64, pool), then 2 linear layers.
+    """SimpleBatch (Bejan et al.): 4 conv–BN–ReLU layers (32, 32, pool, 64, 64, pool), then 2 linear layers.
 
     Bejan et al., "Generalization properties of learning algorithms and SAM based on minimum
-    sharpness" (seed 000), section III.A: "several convolutional layers, with ReLU activation
+    sharpness", section III.A: "several convolutional layers, with ReLU activation
     functions, followed by 2 linear layers", with batch normalization (Jiang et al., 2019).
 
     Args:
@@ -116,13 +118,13 @@ class SimpleBatch(ConvNet):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, hidden: int = 256) -> None:
-        super().__init__(in_channels, num_classes, image_size, SIMPLE_BATCH, (hidden,))
+        super().__init__(in_channels, num_classes, image_size, SIMPLE_BATCH, (check_int("hidden", hidden),))
 
 
 class MiddleBatch(ConvNet):
-    """Seed 000's MiddleBatch: 6 conv–BN–ReLU layers (32, 32, 64, 64, 128, 128; pooling after each pair).
+    """MiddleBatch (Bejan et al.): 6 conv–BN–ReLU layers (32, 32, 64, 64, 128, 128; pooling after each pair).
 
-    Then 2 linear layers. Bejan et al. (seed 000), section III.A.
+    Then 2 linear layers. Bejan, Sanchez Ndoye & Vuckovic, section III.A.
 
     Args:
         in_channels: Input channels (1 for FashionMNIST, 3 for CIFAR-10) (must match the data).
@@ -132,13 +134,13 @@ class MiddleBatch(ConvNet):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, hidden: int = 256) -> None:
-        super().__init__(in_channels, num_classes, image_size, MIDDLE_BATCH, (hidden,))
+        super().__init__(in_channels, num_classes, image_size, MIDDLE_BATCH, (check_int("hidden", hidden),))
 
 
 class ComplexBatch(ConvNet):
-    """Seed 000's ComplexBatch: 9 conv–BN–ReLU layers (3 × 32, 3 × 64, 3 × 128; pooling after each triple).
+    """ComplexBatch (Bejan et al.): 9 conv–BN–ReLU layers (3 × 32, 3 × 64, 3 × 128; pooling after each triple).
 
-    Then 2 linear layers. Bejan et al. (seed 000), section III.A.
+    Then 2 linear layers. Bejan, Sanchez Ndoye & Vuckovic, section III.A.
 
     Args:
         in_channels: Input channels (1 for FashionMNIST, 3 for CIFAR-10) (must match the data).
@@ -148,7 +150,7 @@ class ComplexBatch(ConvNet):
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, hidden: int = 256) -> None:
-        super().__init__(in_channels, num_classes, image_size, COMPLEX_BATCH, (hidden,))
+        super().__init__(in_channels, num_classes, image_size, COMPLEX_BATCH, (check_int("hidden", hidden),))
 
 
 class VGG16(ConvNet):
@@ -159,8 +161,8 @@ class VGG16(ConvNet):
     ``hidden``, then ``Linear(·, num_classes)``. The convs have no bias (BatchNorm follows). Parameters
     for 10 classes: ``hidden=[512]`` (default) 14,986,698 ≈ 15.0M; ``hidden=[]`` 14,724,042 (the
     pytorch-cifar variant, 14,728,266 there with its 4,224 redundant conv biases); ``hidden=[512, 512]``
-    15,249,354 (the classifier of Fu's pytorch-vgg-cifar10 and of SWA). Seed 001 (ResNet-18 and
-    VGG-16 on CIFAR-10) and seed 004 (VGG) use it.
+    15,249,354 (the classifier of Fu's pytorch-vgg-cifar10 and of SWA). Khalid, Ponraj & Mukherjee (ResNet-18 and
+    VGG-16 on CIFAR-10) and Wong, Yao & Huang (VGG) use it.
 
     Args:
         in_channels: Input channels (must match the data).

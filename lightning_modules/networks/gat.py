@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import GATConv
 
-from ._checks import check_int, check_probability
+from ..validation import check_fraction, check_int
 
 
 class GAT(nn.Module):
@@ -44,15 +44,15 @@ class GAT(nn.Module):
         attention_dropout: float | None = None,
     ) -> None:
         super().__init__()
-        check_int("in_features", in_features)
-        check_int("num_classes", num_classes)
-        check_int("hidden_channels", hidden_channels)
-        check_int("heads", heads)
-        check_int("output_heads", output_heads)
-        self.dropout = check_probability("dropout", dropout)
-        self.input_dropout = self.dropout if input_dropout is None else check_probability("input_dropout",
+        in_features = check_int("in_features", in_features)
+        num_classes = check_int("num_classes", num_classes)
+        hidden_channels = check_int("hidden_channels", hidden_channels)
+        heads = check_int("heads", heads)
+        output_heads = check_int("output_heads", output_heads)
+        self.dropout = check_fraction("dropout", dropout)
+        self.input_dropout = self.dropout if input_dropout is None else check_fraction("input_dropout",
                                                                                           input_dropout)
-        attention = dropout if attention_dropout is None else check_probability("attention_dropout", attention_dropout)
+        attention = dropout if attention_dropout is None else check_fraction("attention_dropout", attention_dropout)
         self.conv1 = GATConv(in_features, hidden_channels, heads=heads, dropout=attention)
         self.conv2 = GATConv(hidden_channels * heads, num_classes, heads=output_heads, concat=False, dropout=attention)
         self.in_features = in_features

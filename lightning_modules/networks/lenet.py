@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ._checks import check_choice, check_int, check_ints, check_probability
+from ..validation import check_choice, check_fraction, check_int, check_ints
 from ._init import WEIGHT_INITS, WeightInit, init_weights
 
 
@@ -48,16 +48,16 @@ class LeNet5(nn.Sequential):
         hidden: Sequence[int] = (120, 84),
         padding: int = 2,
     ) -> None:
-        check_int("in_channels", in_channels)
-        check_int("num_classes", num_classes)
-        check_int("image_size", image_size)
-        check_probability("dropout", dropout)
-        check_choice("weight_init", weight_init, WEIGHT_INITS)
+        in_channels = check_int("in_channels", in_channels)
+        num_classes = check_int("num_classes", num_classes)
+        image_size = check_int("image_size", image_size)
+        dropout = check_fraction("dropout", dropout)
+        weight_init = check_choice("weight_init", weight_init, WEIGHT_INITS)
         channels = check_ints("channels", channels, allow_empty=False)
         if len(channels) != 2:
             raise ValueError(f"Invalid channels: {channels!r}; expected two integers >= 1 (the two convolutions)")
         hidden = check_ints("hidden", hidden)
-        check_int("padding", padding, 0)
+        padding = check_int("padding", padding, 0)
         side = ((image_size + 2 * padding - 4) // 2 - 4) // 2
         if side < 1:
             raise ValueError(

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_choice, check_int, check_positive
+from ..validation import check_choice, check_float, check_int
 
 
 class MatrixFactorization(nn.Module):
@@ -39,10 +39,10 @@ class MatrixFactorization(nn.Module):
         init_scale: float = 1e-2,
     ) -> None:
         super().__init__()
-        check_int("dim", dim)
-        check_int("width", width)
-        check_choice("init", init, ("gaussian", "identity"))
-        check_positive("init_scale", init_scale)
+        dim = check_int("dim", dim)
+        width = check_int("width", width)
+        init = check_choice("init", init, ("gaussian", "identity"))
+        init_scale = check_float("init_scale", init_scale, strict=True)
         if init == "gaussian":
             u = torch.randn(dim, width) * init_scale
         else:

@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch import nn
 
-from ._checks import check_choice, check_int, check_ints, check_probability
+from ..validation import check_choice, check_fraction, check_int, check_ints
 from ._init import WEIGHT_INITS, WeightInit, init_weights
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU}
@@ -45,14 +45,14 @@ class MLP(nn.Sequential):
         weight_init: WeightInit = "default",
         output_activation: Activation | None = None,
     ) -> None:
-        check_int("in_features", in_features)
-        check_int("out_features", out_features)
+        in_features = check_int("in_features", in_features)
+        out_features = check_int("out_features", out_features)
         hidden = check_ints("hidden", hidden)
-        check_choice("activation", activation, sorted(_ACTIVATIONS))
+        activation = check_choice("activation", activation, sorted(_ACTIVATIONS))
         if output_activation is not None:
-            check_choice("output_activation", output_activation, sorted(_ACTIVATIONS))
-        check_probability("dropout", dropout)
-        check_choice("weight_init", weight_init, WEIGHT_INITS)
+            output_activation = check_choice("output_activation", output_activation, sorted(_ACTIVATIONS))
+        dropout = check_fraction("dropout", dropout)
+        weight_init = check_choice("weight_init", weight_init, WEIGHT_INITS)
         layers: list[nn.Module] = []
         width = in_features
         for h in hidden:

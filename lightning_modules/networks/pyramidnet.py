@@ -1,11 +1,12 @@
-"""Deep pyramidal residual networks (Han, Kim & Kim, 2017): one of seed 004's architectures."""
+"""Deep pyramidal residual networks (Han, Kim & Kim, 2017): one of the architectures of Wong, Yao & Huang."""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_int, check_positive
+from ..validation import check_float, check_int, is_integer
+from ._init import kaiming_convs, preact_head
 
 
 class PyramidBlock(nn.Module):
@@ -85,11 +86,11 @@ class PyramidNet(nn.Module):
         bottleneck: bool = False,
     ) -> None:
         super().__init__()
-        check_int("in_channels", in_channels)
-        check_int("num_classes", num_classes)
-        check_positive("alpha", alpha)
+        in_channels = check_int("in_channels", in_channels)
+        num_classes = check_int("num_classes", num_classes)
+        alpha = check_float("alpha", alpha, strict=True)
         per_unit = 9 if bottleneck else 6
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < per_unit + 2 or (depth - 2) % per_unit:
+        if not is_integer(depth) or depth < per_unit + 2 or (depth - 2) % per_unit:
             raise ValueError(
                 f"Invalid depth: {depth!r}; expected {per_unit}n + 2 with n >= 1 for "
                 f"{'bottleneck' if bottleneck else 'basic'} units"
@@ -105,12 +106,8 @@ class PyramidNet(nn.Module):
             units.append(unit)
             channels = unit.out_channels
         self.units = nn.Sequential(*units)
-        self.head = nn.Sequential(
-            nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
-        )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.head = preact_head(channels, num_classes)
+        kaiming_convs(self)
         self.in_channels = in_channels
         self.out_features = num_classes
 

@@ -1,4 +1,7 @@
-"""CIFAR-style residual networks (He et al., 2016): ResNet-18 of seeds 001 and 004."""
+"""CIFAR-style residual networks (He et al., 2016).
+
+ResNet-18 is the network of Khalid, Ponraj & Mukherjee and one of Wong, Yao & Huang's.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int, check_ints
+from ..validation import check_int, check_ints
 
 
 class BasicBlock(nn.Module):
@@ -64,10 +67,10 @@ class ResNet(nn.Module):
         width: int = 64,
     ) -> None:
         super().__init__()
-        check_int("in_channels", in_channels)
-        check_int("num_classes", num_classes)
+        in_channels = check_int("in_channels", in_channels)
+        num_classes = check_int("num_classes", num_classes)
         blocks = check_ints("blocks", blocks, allow_empty=False)
-        check_int("width", width)
+        width = check_int("width", width)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
         )
@@ -91,7 +94,7 @@ class ResNet(nn.Module):
 class ResNet18(ResNet):
     """ResNet-18 for CIFAR-10: :class:`ResNet` with two basic blocks per stage, 11,173,962 parameters.
 
-    The CIFAR variant of He et al. (2016) used by seed 001 (Khalid et al.) and seed 004: 3×3 stem,
+    The CIFAR variant of He et al. (2016) used by Khalid, Ponraj & Mukherjee and by Wong, Yao & Huang: 3×3 stem,
     no max pooling, stages of 64–512 channels, global average pooling.
 
     Args:

@@ -1,16 +1,19 @@
-"""A small CNN with two conv and two dense layers: seed 003's MNIST network."""
+"""A small CNN with two conv and two dense layers for MNIST.
+
+The network of "Improving Sharpness-Aware Minimisation" (Oxford report, 2024).
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from ._checks import check_int, check_probability
+from ..validation import check_fraction, check_int
 
 
 class SmallCNN(nn.Sequential):
-    """Two 3×3 convolutions and two dense layers: seed 003's MNIST classifier.
+    """Two 3×3 convolutions and two dense layers: an MNIST classifier.
 
-    Seed 003 ("Improving Sharpness-Aware Minimisation", section 6) trains "a simple CNN with 2
+    "Improving Sharpness-Aware Minimisation" (Oxford report, 2024), section 6, trains "a simple CNN with 2
     convolutional layers and 2 dense layers" on MNIST with a Keras GSAM implementation. The layer
     sizes are those of the classic Keras MNIST CNN example::
 
@@ -38,14 +41,14 @@ class SmallCNN(nn.Sequential):
         conv_dropout: float = 0.25,
         dropout: float = 0.5,
     ) -> None:
-        check_int("in_channels", in_channels)
-        check_int("num_classes", num_classes)
-        check_int("image_size", image_size)
+        in_channels = check_int("in_channels", in_channels)
+        num_classes = check_int("num_classes", num_classes)
+        image_size = check_int("image_size", image_size)
         if image_size < 6:
             raise ValueError(f"Invalid image_size: {image_size}; SmallCNN needs image_size >= 6")
-        check_int("hidden", hidden)
-        check_probability("conv_dropout", conv_dropout)
-        check_probability("dropout", dropout)
+        hidden = check_int("hidden", hidden)
+        conv_dropout = check_fraction("conv_dropout", conv_dropout)
+        dropout = check_fraction("dropout", dropout)
         side = (image_size - 4) // 2
         super().__init__(
             nn.Conv2d(in_channels, 32, 3),

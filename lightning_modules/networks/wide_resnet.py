@@ -1,11 +1,12 @@
-"""Wide residual networks (Zagoruyko & Komodakis, 2016): seed 004's WRN-16-8."""
+"""Wide residual networks (Zagoruyko & Komodakis, 2016): the WRN-16-8 of Wong, Yao & Huang."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_int, check_probability
+from ..validation import check_fraction, check_int, is_integer
+from ._init import kaiming_convs, preact_head
 
 
 class WideBlock(nn.Module):
@@ -44,7 +45,7 @@ class WideResNet(nn.Module):
 
     A 3×3 stem conv (16 channels), three groups of ``n = (depth − 4) / 6`` :class:`WideBlock` with
     16·k, 32·k, 64·k channels (``k = width``; stride 2 at groups 2 and 3), then BN → ReLU →
-    global average pooling → Linear. WRN-16-8 (the default, seed 004's network from davda54/sam)
+    global average pooling → Linear. WRN-16-8 (the default, the network of Wong, Yao & Huang, from davda54/sam)
     has 10,961,370 parameters for 10 classes (the paper's table: 11.0M).
 
     Args:
@@ -59,11 +60,11 @@ class WideResNet(nn.Module):
         self, in_channels: int = 3, num_classes: int = 10, depth: int = 16, width: int = 8, dropout: float = 0.0
     ) -> None:
         super().__init__()
-        check_int("in_channels", in_channels)
-        check_int("num_classes", num_classes)
-        check_int("width", width)
-        check_probability("dropout", dropout)
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
+        in_channels = check_int("in_channels", in_channels)
+        num_classes = check_int("num_classes", num_classes)
+        width = check_int("width", width)
+        dropout = check_fraction("dropout", dropout)
+        if not is_integer(depth) or depth < 10 or (depth - 4) % 6:
             raise ValueError(f"Invalid depth: {depth!r}; expected 6n + 4 with n >= 1 (10, 16, 22, 28, ...)")
         n = (depth - 4) // 6
         self.stem = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
@@ -76,12 +77,8 @@ class WideResNet(nn.Module):
             groups.append(nn.Sequential(*blocks))
             channels = out
         self.groups = nn.Sequential(*groups)
-        self.head = nn.Sequential(
-            nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)
-        )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        self.head = preact_head(channels, num_classes)
+        kaiming_convs(self)
         self.in_channels = in_channels
         self.out_features = num_classes
 

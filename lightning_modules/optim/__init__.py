@@ -1,4 +1,7 @@
-"""Base optimizers that torch lacks: AdaBound and AdaShift (seed 000's adaptive methods)."""
+"""Base optimizers that torch lacks: AdaBound and AdaShift.
+
+Two of the adaptive methods compared by Bejan, Sanchez Ndoye & Vuckovic.
+"""
 
 from .adabound import AdaBound
 from .adashift import AdaShift

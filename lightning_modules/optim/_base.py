@@ -1,25 +1,12 @@
-"""What AdaBound and AdaShift share: argument checks and a step over parameters grouped by step count."""
+"""What AdaBound and AdaShift share: a step over parameters grouped by step count."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-
-
-def check_non_negative(name: str, value: float) -> None:
-    """Refuse a negative or non-finite value."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"Invalid {name}: {value!r}; expected a finite {name} >= 0")
-
-
-def check_betas(betas: Sequence[float]) -> None:
-    """Refuse betas that are not two numbers in [0, 1)."""
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"Invalid betas: {tuple(betas)!r}; expected two numbers in [0, 1)")
 
 
 class StepCountedOptimizer(Optimizer):

@@ -8,7 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from ._base import StepCountedOptimizer, check_betas, check_non_negative
+from ..validation import check_betas, check_float
+from ._base import StepCountedOptimizer
 
 
 class AdaBound(StepCountedOptimizer):
@@ -47,15 +48,13 @@ class AdaBound(StepCountedOptimizer):
         weight_decay: float = 0.0,
         amsbound: bool = False,
     ) -> None:
-        check_non_negative("lr", lr)
-        check_betas(betas)
-        check_non_negative("final_lr", final_lr)
-        if not gamma > 0 or not math.isfinite(gamma):
-            raise ValueError(f"Invalid gamma: {gamma!r}; expected a finite gamma > 0")
-        check_non_negative("eps", eps)
-        check_non_negative("weight_decay", weight_decay)
         defaults = dict(
-            lr=lr, betas=tuple(betas), final_lr=final_lr, gamma=gamma, eps=eps, weight_decay=weight_decay,
+            lr=check_float("lr", lr),
+            betas=check_betas(betas),
+            final_lr=check_float("final_lr", final_lr),
+            gamma=check_float("gamma", gamma, strict=True),
+            eps=check_float("eps", eps),
+            weight_decay=check_float("weight_decay", weight_decay),
             amsbound=amsbound,
         )
         super().__init__(params, defaults)

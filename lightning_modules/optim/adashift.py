@@ -8,7 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ._base import StepCountedOptimizer, check_betas, check_non_negative
+from ..validation import check_betas, check_choice, check_float, check_int
+from ._base import StepCountedOptimizer
 
 
 class AdaShift(StepCountedOptimizer):
@@ -44,14 +45,14 @@ class AdaShift(StepCountedOptimizer):
         eps: float = 1e-10,
         reduce: Literal["max", "none"] = "max",
     ) -> None:
-        check_non_negative("lr", lr)
-        check_betas(betas)
-        if isinstance(keep_num, bool) or not isinstance(keep_num, int) or keep_num < 1:
-            raise ValueError(f"Invalid keep_num: {keep_num!r}; expected an integer keep_num >= 1")
-        check_non_negative("eps", eps)
-        if reduce not in ("max", "none"):
-            raise ValueError(f"Invalid reduce: {reduce!r}; expected 'max' or 'none'")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), keep_num=keep_num, eps=eps, reduce=reduce))
+        defaults = dict(
+            lr=check_float("lr", lr),
+            betas=check_betas(betas),
+            keep_num=check_int("keep_num", keep_num, 1),
+            eps=check_float("eps", eps),
+            reduce=check_choice("reduce", reduce, ("max", "none")),
+        )
+        super().__init__(params, defaults)
 
     def init_state(self, group: dict, p: Tensor, state: dict) -> None:
         state["window"] = torch.zeros((group["keep_num"], *p.shape), dtype=p.dtype, device=p.device)
