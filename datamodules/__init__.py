@@ -4,7 +4,13 @@ Each exposes what a network needs as attributes: ``num_classes`` (``cli.py`` lin
 and ``num_features`` (vectors, graphs), ``in_channels``/``image_size`` (images) or ``dim`` (matrix
 sensing), which ``setup`` checks against the model's net. A missing file raises
 :class:`DataNotFoundError` naming the path and how to get the data.
+
+``CoraDataModule`` is the former name of :class:`PlanetoidDataModule` (it serves Cora, CiteSeer and
+PubMed); it still resolves, with a ``FutureWarning``, so the ``config.yaml`` files saved by earlier
+runs (``class_path: datamodules.CoraDataModule``) keep working.
 """
+
+import warnings
 
 from ._base import DataNotFoundError
 from .abalone import AbaloneDataModule
@@ -13,12 +19,12 @@ from .digits import DigitsDataModule
 from .matrix_sensing import MatrixSensingDataModule
 from .mnist import FashionMNISTDataModule, MNISTDataModule
 from .moons import MoonsDataModule
-from .planetoid import CoraDataModule
+from .planetoid import PlanetoidDataModule
 
 __all__ = [
     "MoonsDataModule",
     "AbaloneDataModule",
-    "CoraDataModule",
+    "PlanetoidDataModule",
     "CIFAR10DataModule",
     "FashionMNISTDataModule",
     "MNISTDataModule",
@@ -26,3 +32,16 @@ __all__ = [
     "MatrixSensingDataModule",
     "DataNotFoundError",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """The deprecated name ``CoraDataModule`` (a ``FutureWarning``); any other unknown name is an AttributeError."""
+    if name == "CoraDataModule":
+        warnings.warn(
+            "datamodules.CoraDataModule is now datamodules.PlanetoidDataModule (same arguments; it also serves "
+            "CiteSeer and PubMed through name=); set class_path: datamodules.PlanetoidDataModule",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return PlanetoidDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -67,8 +67,8 @@ class NodeBatch:
         return batch
 
 
-class CoraDataModule(pl.LightningDataModule):
-    """A Planetoid citation graph (Cora by default) for full-batch node classification.
+class PlanetoidDataModule(pl.LightningDataModule):
+    """A Planetoid citation graph (Cora, CiteSeer or PubMed) for full-batch node classification.
 
     Hammoud et al. 2023 (section III.C) train a GAT on Cora with the public split of Yang et al.
     (2016): 140 training, 500 validation and 1000 test nodes (``train_mask``/``val_mask``/``test_mask``),

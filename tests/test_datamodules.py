@@ -13,7 +13,7 @@ from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 from datamodules import (
     AbaloneDataModule,
     CIFAR10DataModule,
-    CoraDataModule,
+    PlanetoidDataModule,
     DataNotFoundError,
     DigitsDataModule,
     FashionMNISTDataModule,
@@ -143,7 +143,7 @@ def cora_root(tmp_path_factory):
 
 
 def test_cora_public_split_full_batch(cora_root):
-    dm = CoraDataModule(str(cora_root))
+    dm = PlanetoidDataModule(str(cora_root))
     assert (dm.num_features, dm.num_classes) == (1433, 7)  # known before setup: the CLI links num_classes into the task
     dm.prepare_data()
     dm.setup("fit")
@@ -161,13 +161,13 @@ def test_cora_public_split_full_batch(cora_root):
         batches = list(loader)
         assert len(batches) == 1 and batches[0] is data  # the graph itself, one batch per epoch
     assert (cora_root / "Cora" / "processed").is_dir()  # written beside raw/ in the copy, not in the shared folder
-    again = CoraDataModule(str(cora_root))
+    again = PlanetoidDataModule(str(cora_root))
     again.setup()
     assert torch.equal(again.data.test_mask, data.test_mask) and torch.equal(again.data.x, data.x)
 
 
 def test_cora_normalized_features(cora_root):
-    dm = CoraDataModule(str(cora_root), normalize_features=True)
+    dm = PlanetoidDataModule(str(cora_root), normalize_features=True)
     dm.setup()
     sums = dm.data.x.sum(dim=1)
     torch.testing.assert_close(sums[sums > 0], torch.ones(int((sums > 0).sum())))
@@ -175,9 +175,9 @@ def test_cora_normalized_features(cora_root):
 
 def test_planetoid_missing_files_name_the_path(tmp_path, cora_root):
     with pytest.raises(DataNotFoundError, match="Cora not found") as err:
-        CoraDataModule(str(tmp_path)).prepare_data()
+        PlanetoidDataModule(str(tmp_path)).prepare_data()
     assert str(tmp_path / "Cora" / "raw" / "ind.cora.x") in str(err.value)
-    dm = CoraDataModule(str(cora_root), name="CiteSeer")  # Cora files present, CiteSeer not
+    dm = PlanetoidDataModule(str(cora_root), name="CiteSeer")  # Cora files present, CiteSeer not
     assert (dm.num_features, dm.num_classes) == (3703, 6)
     with pytest.raises(DataNotFoundError, match="CiteSeer not found") as err:
         dm.setup()
@@ -189,7 +189,19 @@ def test_planetoid_failed_download_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Planetoid, "download", _offline)
     with pytest.raises(DataNotFoundError, match="download failed.*URLError"):
-        CoraDataModule(str(tmp_path), download=True).prepare_data()
+        PlanetoidDataModule(str(tmp_path), download=True).prepare_data()
+
+
+def test_cora_datamodule_is_the_deprecated_name_of_planetoid_datamodule():
+    import datamodules
+
+    with pytest.warns(FutureWarning, match="CoraDataModule is now datamodules.PlanetoidDataModule"):
+        assert datamodules.CoraDataModule is PlanetoidDataModule
+    with pytest.warns(FutureWarning):
+        from datamodules import CoraDataModule  # noqa: F401  (the old class_path of saved configs)
+    assert "CoraDataModule" not in datamodules.__all__
+    with pytest.raises(AttributeError):
+        datamodules.NoSuchDataModule  # noqa: B018
 
 
 # ---------------------------------------------------------------- CIFAR-10 (tiny files in torchvision's format)
@@ -418,8 +430,8 @@ def test_cutout_zeroes_a_clipped_square():
         (MNISTDataModule, {"num_workers": -1}, "num_workers"),
         (AbaloneDataModule, {"test_fraction": 0.0}, "test_fraction"),
         (AbaloneDataModule, {"test_fraction": 0.6, "val_fraction": 0.5}, "test_fraction \\+ val_fraction"),
-        (CoraDataModule, {"name": "Citeseer"}, "name"),
-        (CoraDataModule, {"split": "random"}, "split"),
+        (PlanetoidDataModule, {"name": "Citeseer"}, "name"),
+        (PlanetoidDataModule, {"split": "random"}, "split"),
         (MatrixSensingDataModule, {"rank": 0}, "rank"),
         (MatrixSensingDataModule, {"dim": 3, "rank": 4}, "rank"),
         (MatrixSensingDataModule, {"batch_size": 0}, "batch_size"),
@@ -432,7 +444,7 @@ def test_cutout_zeroes_a_clipped_square():
         (DigitsDataModule, {"val_size": -1}, "val_size"),
         (DigitsDataModule, {"label_noise": 1.0}, "label_noise"),
         (DigitsDataModule, {"label_noise_mode": "flip"}, "label_noise_mode"),
-        (CoraDataModule, {"train_batch_nodes": 0}, "train_batch_nodes"),
+        (PlanetoidDataModule, {"train_batch_nodes": 0}, "train_batch_nodes"),
         (MatrixSensingDataModule, {"dtype": "float16"}, "dtype"),
     ],
 )
@@ -576,7 +588,7 @@ def test_abalone_notebook_setup_against_an_independent_reading(tmp_path):
 
 def test_cora_minibatches_of_training_nodes(cora_root):
     """The GAT notebook: three SGD steps per epoch on masks of 64, 64 and 12 of the 140 training nodes."""
-    dm = CoraDataModule(str(cora_root), train_batch_nodes=64, data_seed=0)
+    dm = PlanetoidDataModule(str(cora_root), train_batch_nodes=64, data_seed=0)
     dm.setup()
     loader = dm.train_dataloader()
 
