@@ -164,11 +164,12 @@ def test_pure_modules_import_without_lightning():
     code = (
         "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"
         "import torch\n"
-        "import lightning_modules.validation as v, lightning_modules.minimizers as m, lightning_modules.compat\n"
+        "import lightning_modules.validation as v, lightning_modules.minimizers as m, lightning_modules.compat as c\n"
         "from lightning_modules import SAM\n"
         "assert SAM is m.SAM and v.check_float('rho', 0.05) == 0.05\n"
         "p = [torch.ones(3)]\n"
         "print(round(float(m.SAM(rho=0.5).perturbation(p, p)[0].norm()), 6))\n"
+        "print(len(c.running_stat_buffers(torch.nn.BatchNorm1d(2))))\n"
         "try:\n"
         "    from lightning_modules import TwoPassModule\n"
         "except ImportError as err:\n"
@@ -176,7 +177,7 @@ def test_pure_modules_import_without_lightning():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["0.5", "True"]
+    assert out.stdout.split() == ["0.5", "3", "True"]
 
 
 # ---------------------------------------------------------------------------------------- every numeric argument
