@@ -45,8 +45,8 @@ from ._core import (
     unwrap,
 )
 from .adaptive import Box, Method, apgd_checkpoints, worst_case_per_batch
-from .alpha import Solver, minimize_scaled_trace, scaled_trace
-from .ggn import LayerTraces, UnsupportedNetworkError, feed_forward_layers, layer_traces
+from .alpha_scaling import Solver, minimize_scaled_trace, scaled_trace
+from .per_layer_traces import LayerTraces, UnsupportedNetworkError, feed_forward_layers, layer_traces
 from .hessian import HessianOperator, TraceEstimate, hutchinson, lanczos_top
 
 __all__ = [
