@@ -24,13 +24,7 @@ ALL = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml") 
 BASE = ["data/moons.yaml", "model/mlp.yaml"]  # a cheap data + model under the other groups' presets
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cli(*configs: str, extra: tuple[str, ...] = ()) -> cli.FlatMinimaCLI:

@@ -35,13 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared CPU, OpenMP threads waiting for each other cost 100×."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dataset(n=96, seed=0) -> TensorDataset:
@@ -231,8 +225,10 @@ def test_missing_monitor_is_reported_with_the_logged_names(tmp_path):
 
 # ---------------------------------------------------------------------------------------- inputs and options
 class DictData(Dataset):
-    def __init__(self) -> None:
-        self.inner = dataset(40)
+    """:func:`dataset` as dict samples ``{"features", "label"}`` (a batch the measures cannot read by default)."""
+
+    def __init__(self, n: int = 40) -> None:
+        self.inner = dataset(n)
 
     def __len__(self) -> int:
         return len(self.inner)
