@@ -65,7 +65,8 @@ def test_apgd_is_never_negative_and_pga_can_be():
             values = measures.adaptive_sharpness_per_batch(net, batches, rho, p=p, step_size=step, n_iters=7)
             assert min(values) >= 0
     # L(w) = sin(w) at w = 0: a step of 5 along the gradient lands at sin(5) < 0 = L(0) (APGD: 0.75·5, also < 0).
-    # PGA reports the failed ascent (seed 002: "PGA will occasionally fail"); APGD counts δ = 0 in its iterates.
+    # PGA reports the failed ascent (Hammoud et al. 2023: "PGA will occasionally fail"); APGD counts δ = 0
+    # in its iterates.
     sine = Quadratic(1)
     with torch.no_grad():
         sine.w.zero_()
@@ -140,7 +141,7 @@ def test_apgd_reset_matches_a_straightforward_implementation(p, adaptive):
     assert got == pytest.approx(expected, rel=1e-10)
 
 
-def test_pga_matches_seed_002_protocol():
+def test_pga_matches_hammoud_et_al_protocol():
     net = mlp(seed=5).eval()
     x, y = data(n=8, shape=(5,), seed=6)
     names, shapes, numels, w0 = flat_params(net)

@@ -204,7 +204,7 @@ def test_loss_threshold_schedule_and_resume(tmp_path):
 
 
 def test_loss_threshold_schedule_anchored_at_epoch_zero(tmp_path):
-    # Seed 000's wording: after the threshold epoch (3), every epoch count divisible by 3 (epochs 5, 8).
+    # Bejan et al.'s wording: after the threshold epoch (3), every epoch count divisible by 3 (epochs 5, 8).
     ckpt, _ = _fit_schedule(tmp_path, 9, anchor="zero")
     assert [(s["epoch"], s["reason"]) for s in ckpt.saved] == [(3, "threshold"), (5, "periodic"), (8, "periodic")]
 
