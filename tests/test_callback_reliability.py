@@ -28,7 +28,7 @@ from callbacks import (
     MinimumSharpness,
 )
 from lightning_modules import Classifier
-from tests.test_sharpness_callbacks import DictData, Plain, dataset
+from tests.test_sharpness_callbacks import DictData, Plain, Silent, dataset
 
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
              num_sanity_val_steps=0, deterministic=True)
@@ -221,16 +221,6 @@ def test_an_unknowable_threshold_decision_warns(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- early errors
-class Silent(Plain):
-    """Logs ``loss`` only: a LossThresholdCheckpoint monitoring ``train/loss`` can never decide."""
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("loss", loss, on_epoch=True)
-        return loss
-
-
 def test_a_monitor_a_foreign_module_does_not_log_is_refused_after_the_first_batch(tmp_path):
     module = Silent()
     trainer = pl.Trainer(max_epochs=1, callbacks=[LossThresholdCheckpoint(dirpath=str(tmp_path))], logger=False,

@@ -209,14 +209,17 @@ def test_loss_threshold_schedule_anchored_at_epoch_zero(tmp_path):
     assert [(s["epoch"], s["reason"]) for s in ckpt.saved] == [(3, "threshold"), (5, "periodic"), (8, "periodic")]
 
 
-def test_missing_monitor_is_reported_with_the_logged_names(tmp_path):
-    class Silent(Plain):
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = F.cross_entropy(self(x), y)
-            self.log("loss", loss, on_epoch=True)
-            return loss
+class Silent(Plain):
+    """Logs ``loss`` only: a LossThresholdCheckpoint monitoring ``train/loss`` can never decide."""
 
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("loss", loss, on_epoch=True)
+        return loss
+
+
+def test_missing_monitor_is_reported_with_the_logged_names(tmp_path):
     trainer = pl.Trainer(max_epochs=1, callbacks=[LossThresholdCheckpoint(dirpath=str(tmp_path))], logger=False,
                          **QUIET)
     with pytest.raises(ValueError, match=r"Invalid monitor: 'train/loss'.*'loss'"):
