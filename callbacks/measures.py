@@ -254,9 +254,8 @@ def adaptive_sharpness(
     step halving at :func:`apgd_checkpoints` with the next gradient taken at the best point, value = best
     loss over all iterates, never negative); ``method="apgd_reset"`` restarts the iterate itself from the
     best point at a halving (this project's earlier variant, see :mod:`callbacks.adaptive`); ``method="pga"`` is
-    the projected gradient ascent δ ← Π(δ + η·∇L) of Hammoud, Liossatos & Nicollier (2023) with
-    η = ``step_size`` (the training learning rate; they use ``n_iters=5``, p = ∞, adaptive, 50 batches of
-    m = 64), which can be negative.
+    Hammoud et al. (2023)'s projected gradient ascent δ ← Π(δ + η·∇L) with η = ``step_size`` (the training
+    learning rate; they use ``n_iters=5``, p = ∞, adaptive, 50 batches of m = 64), which can be negative.
 
     Options of ``"pga"`` that Hammoud et al.'s notebooks use (github.com/HadiHammoud44/CS439_Sharpness):
     ``score_batches`` scores every iterate by the mean loss over these batches (their notebooks: the whole
