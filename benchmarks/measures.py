@@ -29,6 +29,7 @@ from torch.func import functional_call, jacrev, vmap
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from callbacks import measures  # noqa: E402
+from tests.reference_alpha import reference_sgd_solve  # noqa: E402  (the tests' oracle)
 
 
 def cnn() -> nn.Sequential:
@@ -78,53 +79,25 @@ def reference_diag_traces(net: nn.Module, batches: list, chunk: int = 64) -> tor
     return torch.stack([sums[n] / count for n in names])
 
 
-def reference_sgd_solve(weight: list[float], bias: list[float], steps: int = 10_000) -> float:
-    """The original α solver: torch SGD (lr 0.1) on log α with LambdaLR 1/(1 + 1e-3·t), autograd each step."""
-    scale = sum(weight) + sum(bias)
-    t = [w / scale for w in weight]
-    b = [v / scale for v in bias]
-    exponent = torch.zeros(len(t) - 1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.SGD([exponent], 0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1 / (e * 1e-3 + 1))
-    for _ in range(steps):
-        alpha = torch.exp(exponent)
-        loss, prod = 0, 1
-        for layer in range(len(t) - 1):
-            loss = loss + t[layer] / alpha[layer] ** 2
-            prod = prod * alpha[layer]
-            loss = loss + b[layer] / prod**2
-        loss = loss + t[-1] * prod**2 + b[-1]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return float(loss.detach()) * scale
-
-
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--probes", type=int, default=20, help="Hutchinson probes")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-style baselines")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    net = cnn()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.samples, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (args.samples,), generator=g)
-    b256 = [(x[i:i + 256], y[i:i + 256]) for i in range(0, args.samples, 256)]
-    b128 = [(x[i:i + 128], y[i:i + 128]) for i in range(0, args.samples, 128)]
-    b64 = [(x[i:i + 64], y[i:i + 64]) for i in range(0, args.samples, 64)]
+    return parser.parse_args()
+
+
+def _rows(net: nn.Module, x: torch.Tensor, y: torch.Tensor, traces, args) -> list[tuple[str, Callable[[], object]]]:
+    """The timed rows: (name, call), the forward+backward baseline first."""
+    b256, b128, b64 = ([(x[i:i + m], y[i:i + m]) for i in range(0, len(x), m)] for m in (256, 128, 64))
 
     def forward_backward():
         for xb, yb in b256:
             F.cross_entropy(net(xb), yb).backward()
         net.zero_grad(set_to_none=True)
 
-    traces = measures.layer_traces(net, b256)
     t_list, b_list = traces.weight.tolist(), traces.bias.tolist()
     rows: list[tuple[str, Callable[[], object]]] = [
         ("forward+backward (baseline)", forward_backward),
@@ -132,7 +105,7 @@ def main() -> None:
         ("  layer traces only", lambda: measures.layer_traces(net, b256)),
         ("  alpha solve: exact (Newton)", lambda: measures.minimize_scaled_trace(t_list, b_list)),
         ("  alpha solve: sgd, 10k steps", lambda: measures.minimize_scaled_trace(t_list, b_list, solver="sgd")),
-        ("  alpha solve: sgd, 100k steps (seed 000)",
+        ("  alpha solve: sgd, 100k steps (Bejan et al.)",
          lambda: measures.minimize_scaled_trace(t_list, b_list, solver="sgd", steps=100_000)),
         ("adaptive_sharpness apgd, 20 it, m=128", lambda: measures.adaptive_sharpness(net, b128, 0.0005)),
         ("adaptive_sharpness pga, 5 it, m=64",
@@ -148,16 +121,18 @@ def main() -> None:
             ("reference-style diag H (per-example Jacobians)", lambda: reference_diag_traces(net, b256)),
             ("reference alpha solve (torch SGD, 10k steps)", lambda: reference_sgd_solve(t_list, b_list)),
         ]
-    params = sum(p.numel() for p in net.parameters())
-    print(f"CNN with {params} parameters, {args.samples} inputs 1×28×28, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median/min of {args.repeats} runs; each run of a measure is "
-          "paired with a forward+backward run just before it and the ratio is the median of the pairs' ratios")
+    return rows
+
+
+def _time_rows(rows: list[tuple[str, Callable[[], object]]], repeats: int) -> dict[str, object]:
+    """Print each row's median/min time and median ratio to the baseline timed just before; return the values."""
+    forward_backward = rows[0][1]
     results = {}
     print(f"{'measure':<48} {'median s':>9} {'min s':>8} {'× fwd+bwd':>10}  value")
     for name, fn in rows:
         fn()  # warm-up (allocator, kernels)
         times, ratios, out = [], [], None
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             base, _, _ = timed(forward_backward, 1)
             elapsed, _, out = timed(fn, 1)
             times.append(elapsed)
@@ -167,12 +142,29 @@ def main() -> None:
         value = f"{value:.6g}" if isinstance(value, float) else ""
         print(f"{name:<48} {statistics.median(times):>9.3f} {min(times):>8.3f} {statistics.median(ratios):>10.1f}  "
               f"{value}")
+    return results
+
+
+def main() -> None:
+    args = _arguments()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    net = cnn()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.samples, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (args.samples,), generator=g)
+    traces = measures.layer_traces(net, [(x[i:i + 256], y[i:i + 256]) for i in range(0, args.samples, 256)])
+    rows = _rows(net, x, y, traces, args)
+    params = sum(p.numel() for p in net.parameters())
+    print(f"CNN with {params} parameters, {args.samples} inputs 1×28×28, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; median/min of {args.repeats} runs; each run of a measure is "
+          "paired with a forward+backward run just before it and the ratio is the median of the pairs' ratios")
+    results = _time_rows(rows, args.repeats)
     if not args.no_reference:
         ref = results["reference-style diag H (per-example Jacobians)"]
         ours = torch.stack([traces.weight, traces.bias], 1).reshape(-1).to(ref.dtype)
         print(f"max relative difference of the per-parameter-tensor traces, ours vs reference-style: "
               f"{float(((ours - ref).abs() / ref.abs()).max()):.2e}")
-
 
 if __name__ == "__main__":
     main()

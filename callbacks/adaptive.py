@@ -22,9 +22,9 @@ module), with sync-free tensor bookkeeping (no host round trip inside the iterat
 * ``method="apgd_reset"`` — this project's earlier variant: at a halving the iterate itself (δ and
   δ_prev, with the gradient) restarts from the best point. Values differ from ``"apgd"`` by up to
   ~0.5 % on a small CNN (mostly higher); not comparable digit for digit with published tables.
-* ``method="pga"`` — seed 002's protocol: plain projected gradient ascent δ ← Π(δ + η·∇L) with η the
-  training learning rate, ``n_iters`` (5) steps, the best loss over the iterates after the first step
-  (so it can be negative when the ascent fails, as seed 002 reports).
+* ``method="pga"`` — the protocol of Hammoud, Liossatos & Nicollier (2023): plain projected gradient
+  ascent δ ← Π(δ + η·∇L) with η the training learning rate, ``n_iters`` (5) steps, the best loss over
+  the iterates after the first step (so it can be negative when the ascent fails, as they report).
 
 Options of ``"pga"`` for the authors' notebooks (Hammoud et al. 2023, github.com/HadiHammoud44/CS439_Sharpness):
 

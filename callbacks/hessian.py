@@ -7,7 +7,7 @@ this process's batches and over processes by a ``reduce`` hook, so every process
 * Top-k eigenvalues: Lanczos with full reorthogonalization from a seeded start vector, stopped when
   the residual ‖H y − θ y‖ = |β_m s_m| of each of the top-k Ritz pairs is ≤ tol·max|θ| (Golub & Van
   Loan, §10.1), or after ``max_iter`` products, or on an invariant subspace (then exact).
-* Trace: Hutchinson's estimator Tr H ≈ (1/n) Σ_i v_iᵀ H v_i with n Rademacher probes (Hutchinson 1990;
+* Trace: Hutchinson's estimator Tr H ≈ (1/n) Σ_i v_iᵀ H v_i with n Rademacher probes (Hutchinson 1989;
   Avron & Toledo 2011), with its standard error s/√n.
 """
 

@@ -45,8 +45,8 @@ from ._core import (
     unwrap,
 )
 from .adaptive import Box, Method, apgd_checkpoints, worst_case_per_batch
-from .alpha import Solver, minimize_scaled_trace, scaled_trace
-from .ggn import LayerTraces, UnsupportedNetworkError, feed_forward_layers, layer_traces
+from .alpha_scaling import Solver, minimize_scaled_trace, scaled_trace
+from .per_layer_traces import LayerTraces, UnsupportedNetworkError, feed_forward_layers, layer_traces
 from .hessian import HessianOperator, TraceEstimate, hutchinson, lanczos_top
 
 __all__ = [
@@ -122,7 +122,7 @@ def minimum_sharpness(
         lr: SGD learning rate (the original code's default 0.1).
         steps: SGD steps (the original default 10 000).
         decay: The step-t SGD learning rate is lr/(1 + decay·t).
-        retries: On SGD divergence, halve lr and double steps this many times (seed 000).
+        retries: On SGD divergence, halve lr and double steps this many times (Bejan et al.).
         reduce: Cross-process sum hook (None on one process).
 
     Returns:
@@ -145,7 +145,7 @@ def _check_worst_case(rho: float, p: float, n_iters: int, method: str, step_size
     if step_size is None:
         if method == "pga":
             raise ValueError(
-                "Invalid step_size: None; method='pga' needs step_size (seed 002: the training learning rate)"
+                "Invalid step_size: None; method='pga' needs step_size (Hammoud et al. 2023: the training lr)"
             )
         return rho, p
     check_float("step_size", step_size, strict=True)
@@ -254,8 +254,8 @@ def adaptive_sharpness(
     step halving at :func:`apgd_checkpoints` with the next gradient taken at the best point, value = best
     loss over all iterates, never negative); ``method="apgd_reset"`` restarts the iterate itself from the
     best point at a halving (this project's earlier variant, see :mod:`callbacks.adaptive`); ``method="pga"`` is
-    seed 002's projected gradient ascent δ ← Π(δ + η·∇L) with η = ``step_size`` (the training learning
-    rate; seed 002: ``n_iters=5``, p = ∞, adaptive, 50 batches of m = 64), which can be negative.
+    Hammoud et al. (2023)'s projected gradient ascent δ ← Π(δ + η·∇L) with η = ``step_size`` (the training
+    learning rate; they use ``n_iters=5``, p = ∞, adaptive, 50 batches of m = 64), which can be negative.
 
     Options of ``"pga"`` that Hammoud et al.'s notebooks use (github.com/HadiHammoud44/CS439_Sharpness):
     ``score_batches`` scores every iterate by the mean loss over these batches (their notebooks: the whole
@@ -302,7 +302,7 @@ def gradient_norm(
     """First-order sharpness ρ‖g ⊙ c‖_q of gradients already computed (a 0-dim tensor, no host sync).
 
     max_{‖δ ⊙ c⁻¹‖_p ≤ ρ} gᵀδ = ρ‖g ⊙ c‖_q with q the Hölder dual of p (1/p + 1/q = 1) and c = |w| if
-    ``adaptive`` else 1 (seed 001: p = 2, c = 1, ρ‖∇L_B(w)‖₂).
+    ``adaptive`` else 1 (Khalid, Ponraj & Mukherjee use p = 2, c = 1: ρ‖∇L_B(w)‖₂).
 
     Args:
         grads: Gradient tensors (e.g. ``p.grad`` of the parameters that have one).
@@ -337,8 +337,9 @@ def gradient_norm_sharpness(
 ) -> float:
     """Gradient-norm (first-order) sharpness ρ‖∇L_B(w) ⊙ c‖_q, averaged over batches.
 
-    Seed 001 (Proposition 1, Algorithm 1): the first-order solution of the SAM inner problem,
-    max_{‖ε‖_p ≤ ρ} L_B(w + ε) − L_B(w) ≈ ρ‖∇L_B(w)‖_q (q the dual of p; c = |w| when ``adaptive``),
+    Khalid, Ponraj & Mukherjee, "Study on loss landscape geometry for improving generalization in
+    adaptive optimization methods" (Proposition 1, Algorithm 1): the first-order solution of the SAM
+    inner problem, max_{‖ε‖_p ≤ ρ} L_B(w + ε) − L_B(w) ≈ ρ‖∇L_B(w)‖_q (q the dual of p; c = |w| when ``adaptive``),
     one value per batch, averaged over batches. During training, :class:`callbacks.GradientNormSharpness`
     reads the gradient the training step already computed instead.
 
@@ -346,7 +347,7 @@ def gradient_norm_sharpness(
         model: Any network feeding ``loss_fn``.
         batches: Iterable of ``(inputs, targets)``.
         rho: ρ ≥ 0.
-        p: Norm of the perturbation ball (p ≥ 1; 2 in seed 001).
+        p: Norm of the perturbation ball (p ≥ 1; 2 in Khalid et al.).
         adaptive: c = |w| instead of 1.
         loss_fn: Mean-reduced loss.
         reduce: Cross-process sum hook (None on one process).

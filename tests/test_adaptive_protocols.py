@@ -26,12 +26,7 @@ from callbacks.inputs import masked_cross_entropy, mse_loss, node_inputs, node_s
 from lightning_modules.networks import GAT
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------- FCNN notebook

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from callbacks import (
     AdaptiveSharpness,
@@ -28,18 +28,13 @@ from callbacks import (
     MinimumSharpness,
 )
 from lightning_modules import Classifier
-from tests.test_sharpness_callbacks import Plain, dataset
+from tests.test_sharpness_callbacks import DictData, Plain, Silent, dataset
 
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
              num_sanity_val_steps=0, deterministic=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Memory(Logger):
@@ -226,16 +221,6 @@ def test_an_unknowable_threshold_decision_warns(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- early errors
-class Silent(Plain):
-    """Logs ``loss`` only: a LossThresholdCheckpoint monitoring ``train/loss`` can never decide."""
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("loss", loss, on_epoch=True)
-        return loss
-
-
 def test_a_monitor_a_foreign_module_does_not_log_is_refused_after_the_first_batch(tmp_path):
     module = Silent()
     trainer = pl.Trainer(max_epochs=1, callbacks=[LossThresholdCheckpoint(dirpath=str(tmp_path))], logger=False,
@@ -269,18 +254,6 @@ def test_a_monitor_logged_at_epoch_end_by_a_subclass_is_accepted(tmp_path):
     assert [s["reason"] for s in ckpt.saved] == ["threshold"]
 
 
-class DictData(Dataset):
-    def __init__(self) -> None:
-        self.inner = dataset(48)
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, i):
-        x, y = self.inner[i]
-        return {"features": x, "label": y}
-
-
 class DictModule(Plain):
     steps = 0
 
@@ -306,7 +279,7 @@ def test_a_batch_a_measure_cannot_use_is_refused_before_training(tmp_path, make,
     trainer = pl.Trainer(max_epochs=1, callbacks=[make()], logger=False, default_root_dir=tmp_path,
                          enable_checkpointing=False, **QUIET)
     with pytest.raises(ValueError, match=message):
-        trainer.fit(module, DataLoader(DictData(), batch_size=24))
+        trainer.fit(module, DataLoader(DictData(48), batch_size=24))
     assert module.steps == 0
 
 

@@ -24,13 +24,7 @@ ALL = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml") 
 BASE = ["data/moons.yaml", "model/mlp.yaml"]  # a cheap data + model under the other groups' presets
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cli(*configs: str, extra: tuple[str, ...] = ()) -> cli.FlatMinimaCLI:
@@ -295,7 +289,7 @@ def test_net_built_for_another_input_is_refused_by_the_data(data_root):
     ids=["moons+mlp", "cifar10+resnet18", "matrix_sensing"],
 )
 def test_checkpoint_rebuilds_net_and_task(configs, extra, data_root, tmp_path):
-    """load_from_checkpoint rebuilds the net from the saved hyperparameters (DESIGN.md §6)."""
+    """load_from_checkpoint rebuilds the net from the saved hyperparameters (docs/design.md, "Decisions")."""
     args = [a for c in configs for a in ("--config", str(CONFIGS / c))]
     data_dir = () if "cifar10" not in configs[0] else ("--data.init_args.data_dir", str(data_root))
     result = cli.main(["fit", *args, *data_dir, *extra, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",

@@ -37,13 +37,7 @@ from fixtures_data import (
 needs_shared = pytest.mark.skipif(shared_datasets() is None, reason=SKIP_SHARED)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _offline(*args, **kwargs):

@@ -1,6 +1,6 @@
 """Two-process CPU DDP (gloo): per-replica vs global ascent, replayed independently in one process.
 
-DDP re-executes ``sys.argv`` for rank 1, so the run is a script in a subprocess (DESIGN.md §7).
+DDP re-executes ``sys.argv`` for rank 1, so the run is a script in a subprocess (docs/design.md, "Decisions").
 """
 
 from __future__ import annotations

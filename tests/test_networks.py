@@ -32,13 +32,7 @@ from lightning_modules.networks import (
 from lightning_modules.networks.convnet import COMPLEX_BATCH, MIDDLE_BATCH, SIMPLE_BATCH, VGG16_LAYERS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count(net: nn.Module) -> int:

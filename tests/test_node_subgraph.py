@@ -14,12 +14,7 @@ from lightning_modules import SAM, NodeClassifier
 from lightning_modules.networks import GAT
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def graph_batches() -> list:

@@ -17,12 +17,7 @@ AGSAM_PUBLISHED = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cli(config: str, *extra: str) -> cli.FlatMinimaCLI:

@@ -20,12 +20,7 @@ QUIET = dict(enable_progress_bar=False, enable_model_summary=False, accelerator=
              enable_checkpointing=False, num_sanity_val_steps=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loader(n=64, seed=0, shuffle=False) -> DataLoader:

@@ -35,13 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared CPU, OpenMP threads waiting for each other cost 100×."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dataset(n=96, seed=0) -> TensorDataset:
@@ -210,19 +204,22 @@ def test_loss_threshold_schedule_and_resume(tmp_path):
 
 
 def test_loss_threshold_schedule_anchored_at_epoch_zero(tmp_path):
-    # Seed 000's wording: after the threshold epoch (3), every epoch count divisible by 3 (epochs 5, 8).
+    # Bejan et al.'s wording: after the threshold epoch (3), every epoch count divisible by 3 (epochs 5, 8).
     ckpt, _ = _fit_schedule(tmp_path, 9, anchor="zero")
     assert [(s["epoch"], s["reason"]) for s in ckpt.saved] == [(3, "threshold"), (5, "periodic"), (8, "periodic")]
 
 
-def test_missing_monitor_is_reported_with_the_logged_names(tmp_path):
-    class Silent(Plain):
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = F.cross_entropy(self(x), y)
-            self.log("loss", loss, on_epoch=True)
-            return loss
+class Silent(Plain):
+    """Logs ``loss`` only: a LossThresholdCheckpoint monitoring ``train/loss`` can never decide."""
 
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("loss", loss, on_epoch=True)
+        return loss
+
+
+def test_missing_monitor_is_reported_with_the_logged_names(tmp_path):
     trainer = pl.Trainer(max_epochs=1, callbacks=[LossThresholdCheckpoint(dirpath=str(tmp_path))], logger=False,
                          **QUIET)
     with pytest.raises(ValueError, match=r"Invalid monitor: 'train/loss'.*'loss'"):
@@ -231,8 +228,10 @@ def test_missing_monitor_is_reported_with_the_logged_names(tmp_path):
 
 # ---------------------------------------------------------------------------------------- inputs and options
 class DictData(Dataset):
-    def __init__(self) -> None:
-        self.inner = dataset(40)
+    """:func:`dataset` as dict samples ``{"features", "label"}`` (a batch the measures cannot read by default)."""
+
+    def __init__(self, n: int = 40) -> None:
+        self.inner = dataset(n)
 
     def __len__(self) -> int:
         return len(self.inner)

@@ -1,6 +1,6 @@
 """The two-pass step of the LightningModule, checked against independent computations.
 
-The expected values are computed here from the formulas (DESIGN.md §3) with ``torch.func`` on a
+The expected values are computed here from the formulas (docs/design.md, "Update rules") with ``torch.func`` on a
 copy of the network, per parameter, in float64 — not with the library's rule objects.
 """
 

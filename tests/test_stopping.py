@@ -15,12 +15,7 @@ from callbacks.stopping import relative_change
 from helpers import quiet_trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CurveModule(pl.LightningModule):

@@ -14,12 +14,7 @@ from studies import runner
 from studies.spec import parse
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:

@@ -16,12 +16,7 @@ from lightning_modules import SAM, USAM, BinaryClassifier, Classifier, Regressor
 from lightning_modules.networks import MLP, MatrixFactorization
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def full_batch(*tensors: torch.Tensor) -> DataLoader:

@@ -15,12 +15,7 @@ from lightning_modules import SAM, BinaryClassifier, Classifier
 LR, RHO = 0.5, 0.3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(out: int, seed: int = 0) -> nn.Module:

@@ -136,10 +136,10 @@ def minimize_scaled_trace(
         bias: Per-layer bias traces B_d ≥ 0 (None or 0 where a layer has no bias).
         solver: ``"exact"`` (Newton on log α, converged to machine precision) or ``"sgd"`` (the
             original code's SGD; ``lr``, ``steps``, ``decay``, ``retries`` apply to it only).
-        lr: SGD learning rate (the original code: 0.1 for FashionMNIST, 0.5 for CIFAR-10 in seed 000).
-        steps: SGD steps (the original default 10 000; seed 000 uses 100 000).
+        lr: SGD learning rate (the original code: 0.1 for FashionMNIST, 0.5 for CIFAR-10 in Bejan et al.).
+        steps: SGD steps (the original default 10 000; Bejan et al. use 100 000).
         decay: LambdaLR decay: the step-t learning rate is lr / (1 + decay·t).
-        retries: On divergence, halve lr and double steps this many times (seed 000's rule) before
+        retries: On divergence, halve lr and double steps this many times (Bejan et al.'s rule) before
             raising ``FloatingPointError``.
 
     Returns:
