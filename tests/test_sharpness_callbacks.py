@@ -209,8 +209,25 @@ def test_loss_threshold_schedule_and_resume(tmp_path):
     assert measure2.state_dict()["indices"] == measure.state_dict()["indices"]
 
 
+def test_the_values_are_stored_once_and_older_checkpoints_holding_them_twice_resume_alike(tmp_path):
+    ckpt, measure = _fit_schedule(tmp_path / "first", 8)
+    file = torch.load(ckpt.saved[1]["path"], weights_only=False)
+    records = file["callbacks"][ckpt.state_key]["saved"]
+    assert [r["epoch"] for r in records] == [3, 6] and not any(k.startswith("sharpness/") for r in records for k in r)
+    for r in records:  # the format written before: each save record also held the values of its measures
+        r.update({k: v for h in measure.history if h["epoch"] == r["epoch"] for k, v in h.items()
+                  if k.startswith("sharpness/")})
+    torch.save(file, tmp_path / "older.ckpt")
+    resumed, _ = _fit_schedule(tmp_path / "resumed", 11, ckpt_path=str(tmp_path / "older.ckpt"))
+    full, _ = _fit_schedule(tmp_path / "full", 11)
+    assert [{k: v for k, v in s.items() if k != "path"} for s in resumed.saved] == \
+        [{k: v for k, v in s.items() if k != "path"} for s in full.saved]
+    assert all("sharpness/minimum" in s for s in full.saved)
+    assert not any(k.startswith("sharpness/") for r in resumed.state_dict()["saved"] for k in r)
+
+
 def test_loss_threshold_schedule_anchored_at_epoch_zero(tmp_path):
-    # Seed 000's wording: after the threshold epoch (3), every epoch count divisible by 3 (epochs 5, 8).
+    # Bejan et al.'s wording: after the threshold epoch (3), every epoch count divisible by 3 (epochs 5, 8).
     ckpt, _ = _fit_schedule(tmp_path, 9, anchor="zero")
     assert [(s["epoch"], s["reason"]) for s in ckpt.saved] == [(3, "threshold"), (5, "periodic"), (8, "periodic")]
 
