@@ -12,13 +12,23 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from lightning_modules import compat
+from lightning_modules.validation import invalid
+
+
+def check_monitor_name(monitor: Any) -> str:
+    """Return ``monitor`` if it is a non-empty metric name, else raise ``ValueError`` naming it."""
+    if not isinstance(monitor, str) or not monitor:
+        raise invalid("monitor", monitor, "a logged metric name such as 'train/loss'")
+    return monitor
+
 
 def check_monitor(trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: str, *, first_batch: bool) -> bool:
     """Raise ``ValueError`` when ``monitor`` is certainly never logged; return whether the check is final."""
     declared = getattr(pl_module, "epoch_metric_names", None)
     names = set(declared("train")) if callable(declared) else set()
     if first_batch:
-        names |= logged_names(trainer)
+        names |= compat.logged_metric_names(trainer)
     if monitor in names or monitor.startswith("sharpness/"):  # measures log at epoch end
         return True
     module_known = _epoch_end_logging_is_declared(pl_module) or (
@@ -29,15 +39,6 @@ def check_monitor(trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: s
             f"metric (it logs {sorted(names)}); set LossThresholdCheckpoint(monitor=...) to one of them"
         )
     return first_batch  # not certain yet at setup: checked again at the first batch and epoch end
-
-
-def logged_names(trainer: pl.Trainer) -> set[str]:
-    """Metric names logged so far in this fit, epoch-level ones included (from Lightning's result collection)."""
-    names = set(trainer.callback_metrics)
-    results = getattr(trainer, "_results", None)
-    if results is not None:
-        names |= {r.meta.name for r in results.values() if hasattr(r, "meta")}
-    return names
 
 
 def _overrides(obj: Any, hook: str, base: type = pl.LightningModule) -> bool:

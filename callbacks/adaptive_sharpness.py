@@ -11,8 +11,9 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_modules.validation import check_choice, check_float, check_int, check_p
+
 from . import measures
-from ._core import check_choice, check_float, check_int, check_p
 from ._subset import seeded_rng
 from .base import SharpnessCallback, Values
 

@@ -33,8 +33,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_modules import compat
+from lightning_modules.validation import ArgumentTypeError, check_choice, check_int, invalid
+
 from . import measures
-from ._core import check_choice, check_int
 from ._distributed import rank_zero_buffers, reducer
 from ._epoch_end import EpochEndTracker, Pending
 from ._names import constructor_defaults, metric_names
@@ -76,22 +78,17 @@ def checkpoint_measures(callbacks: list[Any]) -> list[SharpnessCallback]:
     return [c for c in callbacks if isinstance(c, SharpnessCallback) and c.on_checkpoint]
 
 
-def _check_options(name: Any, every_n_epochs: Any, num_samples: Any, batch_size: Any, seed: Any, loss_fn: Any,
-                   batch_to_inputs: Any, sampling: Any) -> None:
-    """Refuse a bad shared option before training, naming it."""
-    check_choice("sampling", sampling, ("subset", "replacement"))
+def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not name or "/" in name:
-        raise ValueError(f"Invalid name: {name!r}; expected a non-empty string without '/'")
-    if every_n_epochs is not None:
-        check_int("every_n_epochs", every_n_epochs, 1)
-    if num_samples is not None:
-        check_int("num_samples", num_samples, 1)
-    check_int("batch_size", batch_size, 1)
-    check_int("seed", seed, 0)
+        raise invalid("name", name, "a non-empty string without '/'")
+    return name
+
+
+def _check_callables(loss_fn: Any, batch_to_inputs: Any) -> None:
     if not callable(loss_fn):
-        raise TypeError(f"Invalid loss_fn: {loss_fn!r}; expected a callable loss_fn(outputs, targets)")
+        raise invalid("loss_fn", loss_fn, "a callable loss_fn(outputs, targets)", error=ArgumentTypeError)
     if batch_to_inputs is not None and not callable(batch_to_inputs):
-        raise TypeError(f"Invalid batch_to_inputs: {batch_to_inputs!r}; expected a callable or None")
+        raise invalid("batch_to_inputs", batch_to_inputs, "a callable or None", error=ArgumentTypeError)
 
 
 class SharpnessCallback(EpochEndTracker, Callback):
@@ -160,18 +157,18 @@ class SharpnessCallback(EpochEndTracker, Callback):
         sampling: Sampling = "subset",
     ) -> None:
         super().__init__()
-        _check_options(name, every_n_epochs, num_samples, batch_size, seed, loss_fn, batch_to_inputs, sampling)
-        self.name = name
+        self.sampling = check_choice("sampling", sampling, ("subset", "replacement"))
+        self.name = _check_name(name)
         self.metric_name = name  # sharpness/<metric_name>; told apart from same-named instances at setup
-        self.every_n_epochs = every_n_epochs
+        self.every_n_epochs = None if every_n_epochs is None else check_int("every_n_epochs", every_n_epochs, 1)
         self.on_checkpoint = on_checkpoint
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.seed = seed
+        self.num_samples = None if num_samples is None else check_int("num_samples", num_samples, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seed = check_int("seed", seed, 0)
+        _check_callables(loss_fn, batch_to_inputs)
         self.loss_fn = loss_fn
         self.batch_to_inputs = batch_to_inputs
         self.network = network
-        self.sampling = sampling
         self.history: list[dict[str, float]] = []  # the one store: {"epoch", "step", **values} per measurement
         self._last_key: Pending | None = None  # (epoch, step) of history[-1] when measured in this fit
         self._indices: list[int] | None = None
@@ -205,7 +202,7 @@ class SharpnessCallback(EpochEndTracker, Callback):
         """``Class{'name': ..., <identity arguments that differ from the defaults>}``."""
         defaults = constructor_defaults(type(self))
         fields = {f: v for f, v in self.identity().items() if f not in defaults or repr(defaults[f]) != repr(v)}
-        return self._generate_state_key(name=self.name, **fields)
+        return compat.state_key(self, name=self.name, **fields)
 
     def state_dict(self) -> dict[str, Any]:
         return {"indices": self._indices, "history": [dict(h) for h in self.history], "pending": self._pending_now()}

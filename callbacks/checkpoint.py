@@ -16,9 +16,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ._core import check_choice, check_int
+from lightning_modules import compat
+from lightning_modules.validation import check_choice, check_int, invalid, is_real
+
 from ._epoch_end import EpochEndTracker
-from ._monitor import check_monitor
+from ._monitor import check_monitor, check_monitor_name
 from .base import SharpnessCallback, checkpoint_measures, measure_on_save
 
 Anchor = Literal["threshold", "zero"]
@@ -99,11 +101,10 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
         save_weights_only: bool = False,
         verbose: bool = False,
     ) -> None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
-            raise ValueError(f"Invalid threshold: {threshold!r}; expected a number (float('inf') to start at once)")
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"Invalid monitor: {monitor!r}; expected a logged metric name such as 'train/loss'")
-        check_int("every_n_epochs", every_n_epochs, 0)
+        if not is_real(threshold) or math.isnan(threshold):
+            raise invalid("threshold", threshold, "a number (float('inf') to start at once)")
+        check_monitor_name(monitor)
+        every_n_epochs = check_int("every_n_epochs", every_n_epochs, 0)
         check_choice("anchor", anchor, ("threshold", "zero"))
         super().__init__(dirpath=dirpath, filename=filename, monitor=None, verbose=verbose, save_top_k=-1,
                          save_weights_only=save_weights_only, every_n_epochs=0, save_on_train_epoch_end=True)
@@ -131,8 +132,8 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(threshold=self.threshold, monitor=self.loss_monitor,
-                                        every_n_epochs=self.period, anchor=self.anchor)
+        return compat.state_key(self, threshold=self.threshold, monitor=self.loss_monitor,
+                                every_n_epochs=self.period, anchor=self.anchor)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -237,7 +238,7 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
             bool(trainer.fast_dev_run)
             or trainer.state.fn != TrainerFn.FITTING
             or trainer.sanity_checking
-            or self._last_global_step_saved == trainer.global_step
+            or compat.last_global_step_saved(self) == trainer.global_step
         )
 
     def _monitored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
@@ -266,14 +267,12 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
         """Run the on_checkpoint measures, then save the file with this save's record in the callback state."""
         epoch, step = at if at is not None else (trainer.current_epoch, trainer.global_step)
         self._measures = measure_on_save(trainer, pl_module, via_logger=via_logger, at=at)
-        candidates = self._monitor_candidates(trainer)
-        candidates.update(epoch=torch.tensor(epoch), step=torch.tensor(step))
-        filepath = self._get_metric_interpolated_filepath_name(candidates, trainer)
+        filepath = compat.checkpoint_filepath(self, trainer, epoch, step)
         self._saving = {"reason": reason, "epoch": epoch, "step": step,
                         "threshold_epoch": self.threshold_epoch, "monitor": self.loss_monitor, "value": loss}
         self._records.append({**self._saving, "path": filepath})  # part of the state being saved
         try:
-            self._save_checkpoint(trainer, filepath)
+            compat.save_checkpoint(self, trainer, filepath)
         except BaseException:
             self._records.pop()
             raise

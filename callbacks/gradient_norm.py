@@ -9,17 +9,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_modules import compat
+from lightning_modules.validation import check_float, check_p
+
 from . import measures
-from ._core import check_float, check_p
 from .base import SharpnessCallback, Values
-
-
-def _loss_scale(trainer: pl.Trainer) -> Tensor | float | None:
-    """The AMP gradient scaler's current scale (16-mixed), or None when gradients are not scaled."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return None
-    return scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else scaler.get_scale()
 
 
 class GradientNormSharpness(SharpnessCallback):
@@ -123,7 +117,7 @@ class GradientNormSharpness(SharpnessCallback):
             return
         value = measures.gradient_norm([p.grad for p in params], params, rho=self.rho, p=self.p,
                                        adaptive=self.adaptive)
-        scale = _loss_scale(trainer) if unscale else None
+        scale = compat.loss_scale(trainer) if unscale else None
         if scale is not None:
             value = value / scale
         if self.log_every_step:

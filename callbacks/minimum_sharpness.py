@@ -8,8 +8,9 @@ import lightning.pytorch as pl
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_modules.validation import check_choice, check_float, check_int
+
 from . import measures
-from ._core import check_choice, check_float, check_int
 from .base import SharpnessCallback, Values
 
 
