@@ -287,6 +287,26 @@ def test_a_measure_without_trigger_warns(tmp_path):
         trainer.fit(Plain(), DataLoader(dataset(32), batch_size=16))
 
 
+def test_any_callback_with_the_trigger_capability_runs_the_checkpoint_measures(tmp_path, recwarn):
+    from callbacks.base import measure_on_save
+
+    class EveryEpoch(pl.Callback):  # not a LossThresholdCheckpoint: found by triggers_measures alone
+        triggers_measures = True
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            measure_on_save(trainer, pl_module)
+
+    measure = MinimumSharpness(num_samples=20, batch_size=20)
+    idle = MinimumSharpness(name="idle", on_checkpoint=False)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[EveryEpoch(), measure, idle], logger=False,
+                         default_root_dir=tmp_path, enable_checkpointing=False, **QUIET)
+    trainer.fit(Plain(), DataLoader(dataset(32), batch_size=16))
+    assert [h["epoch"] for h in measure.history] == [0, 1] and idle.history == []
+    messages = [str(w.message) for w in recwarn if "will not measure" in str(w.message)]
+    assert messages == ["MinimumSharpness('idle') will not measure: it has every_n_epochs=None and "
+                        "on_checkpoint=False; add callbacks.LossThresholdCheckpoint or set every_n_epochs"]
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
