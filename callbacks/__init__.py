@@ -1,14 +1,25 @@
 """Sharpness measures (pure functions in ``measures``) and the Lightning callbacks that run them.
 
-``callbacks.measures`` (and ``ggn``, ``alpha``, ``adaptive``, ``hessian``) import torch only; the
-Lightning callbacks (``MinimumSharpness``, ``AdaptiveSharpness``, ``GradientNormSharpness``,
-``HessianSpectrum``, ``LossThresholdCheckpoint``, ``RunSummary``) are imported on first access, so the
-pure math stays usable without Lightning installed.
+Layout, one concept per module:
+
+* pure torch (no Lightning): ``measures`` (the public functions, gathered from the math modules beside
+  it) over ``_core`` (plumbing); ``inputs`` (``batch_to_inputs`` hooks and losses);
+* the measures as callbacks: ``base`` (:class:`SharpnessCallback`: schedule, subset, storage, shared
+  options) with its helpers ``_subset``, ``_distributed``, ``_names``, ``_epoch_end``, and one module per
+  measure: ``minimum_sharpness``, ``adaptive_sharpness``, ``hessian_spectrum``, ``gradient_norm``;
+* other callbacks: ``checkpoint`` (:class:`LossThresholdCheckpoint`, with ``_monitor``), ``stopping``,
+  ``summary``, ``progress``.
+
+Why plain imports behind one guard: Lightning is a hard dependency, so the callbacks are imported
+plainly (``callbacks.AdaptiveSharpness`` is an ordinary attribute for YAML class paths, IDEs and
+``dir()``), while the house rule "pure math importable without Lightning" still holds because Python
+runs this file before ``callbacks.measures``: the one ``try`` below skips the callbacks when Lightning
+itself cannot be imported, and only then (any other import error surfaces), so ``import
+callbacks.measures`` works in an environment without Lightning and ``from callbacks import
+AdaptiveSharpness`` there fails with an ``ImportError``, as it should.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from .measures import (
     adaptive_sharpness,
@@ -21,18 +32,6 @@ from .measures import (
     minimum_sharpness,
 )
 
-_LIGHTNING = {
-    "SharpnessCallback": "sharpness",
-    "MinimumSharpness": "sharpness",
-    "AdaptiveSharpness": "sharpness",
-    "GradientNormSharpness": "sharpness",
-    "HessianSpectrum": "sharpness",
-    "LossThresholdCheckpoint": "checkpoint",
-    "RelativeLossStopping": "stopping",
-    "RunSummary": "summary",
-    "EpochLines": "progress",
-}
-
 __all__ = [
     "minimum_sharpness",
     "adaptive_sharpness",
@@ -42,18 +41,32 @@ __all__ = [
     "hutchinson_trace",
     "layer_traces",
     "minimize_scaled_trace",
-    *_LIGHTNING,
 ]
 
+try:
+    import lightning.pytorch  # noqa: F401
+except ModuleNotFoundError as _missing:  # only Lightning's own absence is tolerated
+    if _missing.name not in ("lightning", "lightning.pytorch"):
+        raise
+else:
+    from .adaptive_sharpness import AdaptiveSharpness
+    from .base import SharpnessCallback
+    from .checkpoint import LossThresholdCheckpoint
+    from .gradient_norm import GradientNormSharpness
+    from .hessian_spectrum import HessianSpectrum
+    from .minimum_sharpness import MinimumSharpness
+    from .progress import EpochLines
+    from .stopping import RelativeLossStopping
+    from .summary import RunSummary
 
-def __getattr__(name: str) -> Any:
-    if name in _LIGHTNING:
-        import importlib
-
-        module = importlib.import_module(f".{_LIGHTNING[name]}", __name__)
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LIGHTNING))
+    __all__ += [
+        "SharpnessCallback",
+        "MinimumSharpness",
+        "AdaptiveSharpness",
+        "GradientNormSharpness",
+        "HessianSpectrum",
+        "LossThresholdCheckpoint",
+        "RelativeLossStopping",
+        "RunSummary",
+        "EpochLines",
+    ]

@@ -1,5 +1,7 @@
 """Plumbing shared by the sharpness measures (torch only, no Lightning).
 
+* the argument checks ``check_int``, ``check_float``, ``check_choice``, ``check_p``: re-exported from
+  :mod:`lightning_modules.validation`, the project's one validation module (importable without Lightning).
 * :func:`evaluating` — the no-trace context every measure runs in: eval mode, fp32 (no autocast),
   autograd on (also inside ``torch.inference_mode``), the global RNG forked, and the ``training``
   flags restored exactly, also on exceptions.
@@ -14,51 +16,22 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+# The argument checks live in lightning_modules.validation (one set of rules for the whole project); re-exported
+# for the math modules of this package, which import them from here.
+from lightning_modules.validation import check_choice, check_float, check_int, check_p  # noqa: F401
+
 Reduce = Callable[[Tensor], Tensor]
 """Sums a tensor elementwise over all processes and returns the sum (same shape, same device)."""
 
 LossFn = Callable[[Any, Any], Tensor]
 """``loss_fn(outputs, targets)`` returning a scalar (mean) loss, like ``F.cross_entropy``."""
-
-
-# ---------------------------------------------------------------------------------------- validation
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """Return ``value`` if it is an integer >= ``minimum``, else raise ``ValueError`` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= {minimum}")
-    return value
-
-
-def check_float(name: str, value: Any, *, minimum: float = 0.0, strict: bool = False) -> float:
-    """Return ``float(value)`` if it is a finite number >= (or >) ``minimum``, else raise ``ValueError``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > minimum if strict else value >= minimum)
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r}; expected a finite {name} {'>' if strict else '>='} {minimum:g}")
-    return float(value)
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
-    """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` listing them."""
-    if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(map(repr, choices))}")
-    return value
-
-
-def check_p(p: Any, allowed: Sequence[float] | None = None) -> float:
-    """Validate a norm exponent: ``p >= 1`` (``float('inf')`` allowed), optionally one of ``allowed``."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or p < 1:
-        raise ValueError(f"Invalid p: {p!r}; expected p >= 1 (float('inf') for the max-norm)")
-    if allowed is not None and float(p) not in allowed:
-        raise ValueError(f"Invalid p: {p!r}; expected one of {', '.join(map(repr, allowed))}")
-    return float(p)
 
 
 def dual_exponent(p: float) -> float:

@@ -1,6 +1,6 @@
 """Ready-made ``batch_to_inputs`` hooks and losses for batches that are not ``(x, y)`` (torch only).
 
-Usable from YAML by import path, e.g. for seed 002's GAT on Cora::
+Usable from YAML by import path, e.g. for Hammoud et al. 2023's GAT on Cora::
 
     - class_path: callbacks.AdaptiveSharpness
       init_args:

@@ -11,7 +11,10 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
-from ._core import check_choice, check_int
+from lightning_modules import compat
+from lightning_modules.validation import check_choice, check_int, invalid, is_real
+
+from ._monitor import check_monitor_name
 
 ChangeMode = Literal["abs", "decrease"]
 
@@ -69,13 +72,10 @@ class RelativeLossStopping(EarlyStopping):
         mode: ChangeMode = "abs",
         verbose: bool = False,
     ) -> None:
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"Invalid monitor: {monitor!r}; expected a logged metric name such as 'train/loss'")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
-            math.isfinite(threshold) and threshold > 0
-        ):
-            raise ValueError(f"Invalid threshold: {threshold!r}; expected a finite threshold > 0 (0.05: 5%)")
-        check_int("min_epochs", min_epochs, 1)
+        check_monitor_name(monitor)
+        if not is_real(threshold) or not (math.isfinite(threshold) and threshold > 0):
+            raise invalid("threshold", threshold, "a finite threshold > 0 (0.05: 5%)")
+        min_epochs = check_int("min_epochs", min_epochs, 1)
         check_choice("mode", mode, ("abs", "decrease"))
         super().__init__(monitor=monitor, mode="min", verbose=verbose, check_on_train_epoch_end=True)
         self.threshold = float(threshold)
@@ -86,8 +86,8 @@ class RelativeLossStopping(EarlyStopping):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor, threshold=self.threshold, min_epochs=self.min_epochs,
-                                        mode=self.change_mode)
+        return compat.state_key(self, monitor=self.monitor, threshold=self.threshold, min_epochs=self.min_epochs,
+                                mode=self.change_mode)
 
     def state_dict(self) -> dict[str, Any]:
         return {"previous": self.previous, "stopped_epoch": self.stopped_epoch,

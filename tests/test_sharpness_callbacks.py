@@ -203,6 +203,23 @@ def test_loss_threshold_schedule_and_resume(tmp_path):
     assert measure2.state_dict()["indices"] == measure.state_dict()["indices"]
 
 
+def test_the_values_are_stored_once_and_older_checkpoints_holding_them_twice_resume_alike(tmp_path):
+    ckpt, measure = _fit_schedule(tmp_path / "first", 8)
+    file = torch.load(ckpt.saved[1]["path"], weights_only=False)
+    records = file["callbacks"][ckpt.state_key]["saved"]
+    assert [r["epoch"] for r in records] == [3, 6] and not any(k.startswith("sharpness/") for r in records for k in r)
+    for r in records:  # the format written before: each save record also held the values of its measures
+        r.update({k: v for h in measure.history if h["epoch"] == r["epoch"] for k, v in h.items()
+                  if k.startswith("sharpness/")})
+    torch.save(file, tmp_path / "older.ckpt")
+    resumed, _ = _fit_schedule(tmp_path / "resumed", 11, ckpt_path=str(tmp_path / "older.ckpt"))
+    full, _ = _fit_schedule(tmp_path / "full", 11)
+    assert [{k: v for k, v in s.items() if k != "path"} for s in resumed.saved] == \
+        [{k: v for k, v in s.items() if k != "path"} for s in full.saved]
+    assert all("sharpness/minimum" in s for s in full.saved)
+    assert not any(k.startswith("sharpness/") for r in resumed.state_dict()["saved"] for k in r)
+
+
 def test_loss_threshold_schedule_anchored_at_epoch_zero(tmp_path):
     # Bejan et al.'s wording: after the threshold epoch (3), every epoch count divisible by 3 (epochs 5, 8).
     ckpt, _ = _fit_schedule(tmp_path, 9, anchor="zero")
@@ -267,6 +284,26 @@ def test_a_measure_without_trigger_warns(tmp_path):
                          enable_checkpointing=False, **QUIET)
     with pytest.warns(UserWarning, match="will not measure"):
         trainer.fit(Plain(), DataLoader(dataset(32), batch_size=16))
+
+
+def test_any_callback_with_the_trigger_capability_runs_the_checkpoint_measures(tmp_path, recwarn):
+    from callbacks.base import measure_on_save
+
+    class EveryEpoch(pl.Callback):  # not a LossThresholdCheckpoint: found by triggers_measures alone
+        triggers_measures = True
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            measure_on_save(trainer, pl_module)
+
+    measure = MinimumSharpness(num_samples=20, batch_size=20)
+    idle = MinimumSharpness(name="idle", on_checkpoint=False)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[EveryEpoch(), measure, idle], logger=False,
+                         default_root_dir=tmp_path, enable_checkpointing=False, **QUIET)
+    trainer.fit(Plain(), DataLoader(dataset(32), batch_size=16))
+    assert [h["epoch"] for h in measure.history] == [0, 1] and idle.history == []
+    messages = [str(w.message) for w in recwarn if "will not measure" in str(w.message)]
+    assert messages == ["MinimumSharpness('idle') will not measure: it has every_n_epochs=None and "
+                        "on_checkpoint=False; add callbacks.LossThresholdCheckpoint or set every_n_epochs"]
 
 
 @pytest.mark.parametrize(
