@@ -59,6 +59,11 @@ class EpochMeans(nn.Module):
         super().__init__()
         self.means = nn.ModuleDict({name: EpochMean() for name in names})
 
+    @property
+    def device(self) -> torch.device:
+        """Where the sums are."""
+        return next(iter(self.means.values())).device
+
     def update(self, values: dict[str, Tensor], batch_size: int) -> None:
         """Add one batch's values, each weighted by ``batch_size`` (on the device, no host sync)."""
         for name, value in values.items():

@@ -141,9 +141,8 @@ class TwoPassModule(pl.LightningModule):
         self._bn_backup: list[Tensor] = []
         self._lr_peak: float | None = None
         step_values = ("loss", "grad_norm") + (("loss_perturbed",) if self.minimizer is not None else ())
-        self.train_means = EpochMeans(step_values)
-        self.val_means = EpochMeans(("loss",))
-        self.test_means = EpochMeans(("loss",))
+        # Outside the module tree (a plain dict), so the model summary and the state_dict are as without them.
+        self._means = {"train": EpochMeans(step_values), "val": EpochMeans(("loss",)), "test": EpochMeans(("loss",))}
 
     # ------------------------------------------------------------------ task interface
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -468,8 +467,11 @@ class TwoPassModule(pl.LightningModule):
         return loss
 
     def _epoch_means(self, stage: str) -> EpochMeans:
-        """The stage's batch-size-weighted epoch means of its step values (``loss``, ...)."""
-        return getattr(self, f"{stage}_means")
+        """The stage's batch-size-weighted epoch means of its step values (``loss``, ...), on this module's device."""
+        means = self._means[stage]
+        if means.device != self.device:
+            means.to(self.device)
+        return means
 
     def _log_epoch(self, stage: str) -> dict[str, Tensor]:
         """Log the stage's epoch means (weighted by batch size, over all ranks) and its metrics; return them."""

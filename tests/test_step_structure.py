@@ -204,3 +204,10 @@ def test_ddp_epoch_means_weigh_every_batch_of_every_rank(tmp_path):
         for rank in ranks:
             logged = rank["logged"][f"{stage}/loss"]
             assert logged.dtype == torch.float64 and float(logged) == pytest.approx(expected, rel=1e-12)
+
+
+def test_the_epoch_means_stay_out_of_the_module_tree():
+    """The model summary, state_dict and checkpoints list the network and the task's metrics only."""
+    model = Classifier(bn_mlp(dtype=torch.float32), num_classes=3, minimizer=SAM(0.05))
+    assert [name for name, _ in model.named_children()] == ["net", "train_acc", "val_acc", "test_acc"]
+    assert all(key.startswith("net.") for key in model.state_dict())
