@@ -29,10 +29,12 @@ class TwoPassModule(pl.LightningModule):
     One training step (docs/design.md, "The two-pass step"), manual optimization::
 
         pass 1: g = ∇L_B(w)                 (logged: train/loss, train/grad_norm = ‖g‖₂)
-                ε = minimizer.perturbation(w, g);  w ← w + ε   (a backup of w is kept)
-        pass 2: g_p = ∇L_B(w + ε)           (logged: train/loss_perturbed; BatchNorm stats restored)
-                w ← backup (exact copy);  d = minimizer.descent(g, g_p)
-                optimizer.step() with gradient d   (exactly once per batch)
+                ε = minimizer.perturbation(w, g)
+        pass 2: with PerturbedWeights(w, ε):   w ← w + ε; on exit, also on an error, w ← backup
+                    g_p = ∇L_B(w + ε)          (an exact copy) and the BatchNorm stats restored
+                                            (logged: train/loss_perturbed)
+                d = minimizer.descent(g, g_p), written over g_p in .grad
+                optimizer.step() with gradient d   (exactly once per batch; without d if it is not finite)
 
     ``minimizer=None`` trains with the base optimizer alone: one forward-backward pass, same module.
 
@@ -140,9 +142,10 @@ class TwoPassModule(pl.LightningModule):
         self._bn_buffers: list[Tensor] = []
         self._bn_backup: list[Tensor] = []
         self._lr_peak: float | None = None
-        step_values = ("loss", "grad_norm") + (("loss_perturbed",) if self.minimizer is not None else ())
         # Outside the module tree (a plain dict), so the model summary and the state_dict are as without them.
-        self._means = {"train": EpochMeans(step_values), "val": EpochMeans(("loss",)), "test": EpochMeans(("loss",))}
+        # A mean is logged when updated: loss_perturbed with a rule only (which may be set between steps).
+        self._means = {"train": EpochMeans(("loss", "grad_norm", "loss_perturbed")), "val": EpochMeans(("loss",)),
+                       "test": EpochMeans(("loss",))}
 
     # ------------------------------------------------------------------ task interface
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
