@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -12,13 +11,21 @@ import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from ._epoch_means import EpochMeans
 from ._micro_batches import leading_size, split, split_sizes
 from ._step import PerturbedWeights, all_reduce_mean, grads_or_zeros, rng_state, set_rng_state
+from .compat import (
+    attached_trainer,
+    launched_by_cli,
+    logging_step,
+    loss_scale,
+    running_stat_buffers,
+    sequential_schedulers,
+)
 from .minimizers import Minimizer, global_norm
+from .validation import check_choice, check_float, check_int
 
 NonFinitePolicy = Literal["raise", "stop", "skip", "ignore"]
 
@@ -106,14 +113,15 @@ class TwoPassModule(pl.LightningModule):
         train_metrics_at: Literal["clean", "perturbed"] = "clean",
     ) -> None:
         super().__init__()
-        _check_arguments(net, optimizer, minimizer, accumulate_grad_batches, gradient_clip_val,
-                         lr_scheduler_interval=lr_scheduler_interval, ascent=ascent,
-                         gradient_clip_algorithm=gradient_clip_algorithm, on_nonfinite=on_nonfinite,
-                         accumulate_ascent=accumulate_ascent, train_metrics_at=train_metrics_at)
+        accumulate, clip = _check_arguments(  # (new names: save_hyperparameters reads the arguments as given)
+            net, optimizer, minimizer, accumulate_grad_batches, gradient_clip_val,
+            lr_scheduler_interval=lr_scheduler_interval, ascent=ascent, gradient_clip_algorithm=gradient_clip_algorithm,
+            on_nonfinite=on_nonfinite, accumulate_ascent=accumulate_ascent, train_metrics_at=train_metrics_at,
+        )
         # Under LightningCLI the hparams are the parsed config (net and optimizer as class paths), so
         # load_from_checkpoint rebuilds everything. Python-built objects would make checkpoints
         # unloadable with torch.load(weights_only=True): keep them out; pass net= to load_from_checkpoint.
-        self.save_hyperparameters(ignore=None if _launched_by_cli() else list(_OBJECT_ARGS))
+        self.save_hyperparameters(ignore=None if launched_by_cli() else list(_OBJECT_ARGS))
         self.net = net
         self.optimizer_factory = optimizer
         self.minimizer = minimizer
@@ -121,12 +129,12 @@ class TwoPassModule(pl.LightningModule):
         self.lr_scheduler_interval = lr_scheduler_interval
         self.lr_scheduler_monitor = lr_scheduler_monitor
         self.ascent = ascent
-        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_val = clip
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.on_nonfinite = on_nonfinite
         self.share_dropout_rng = share_dropout_rng
         self.log_train_steps = log_train_steps
-        self.accumulate_grad_batches = accumulate_grad_batches
+        self.accumulate_grad_batches = accumulate
         self.accumulate_ascent = accumulate_ascent
         self.train_metrics_at = train_metrics_at
         self.automatic_optimization = False
@@ -224,13 +232,7 @@ class TwoPassModule(pl.LightningModule):
         names = {id(p): n for n, p in self.named_parameters()}
         self._params = [p for group in opt.param_groups for p in group["params"]]
         self._names = [names.get(id(p), "") for p in self._params]
-        self._bn_buffers = [
-            b
-            for m in self.net.modules()
-            if isinstance(m, _NormBase) and m.track_running_stats
-            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-            if b is not None
-        ]
+        self._bn_buffers = running_stat_buffers(self.net)
         self._bn_backup = [b.clone() for b in self._bn_buffers]
 
     # ------------------------------------------------------------------ the step
@@ -265,9 +267,9 @@ class TwoPassModule(pl.LightningModule):
         ``callback_metrics`` through ``self.log``.
         """
         self.log_dict(values, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
-        if self._trainer is None or not self.trainer.is_global_zero or not self.loggers:
+        if attached_trainer(self) is None or not self.trainer.is_global_zero or not self.loggers:
             return
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning's own logs use
+        step = logging_step(self.trainer)  # the step Lightning's own logs use
         metrics = {k: float(v) for k, v in values.items()}
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
@@ -459,7 +461,7 @@ class TwoPassModule(pl.LightningModule):
         if state is None:
             return
         self.skipped_steps = state.get("skipped_steps", 0)
-        if self._trainer is not None and "rng" in state:
+        if attached_trainer(self) is not None and "rng" in state:
             set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ helpers
@@ -480,8 +482,8 @@ class TwoPassModule(pl.LightningModule):
         """Log the stage's epoch means (weighted by batch size, over all ranks) and its metrics; return them."""
         distributed = self._world_size() > 1
         means = self._epoch_means(stage)
-        logged = {f"{stage}/{key}": mean if self.dtype == torch.float64 else mean.float()  # float64 runs keep 1e65 finite
-                  for key, mean in means.compute().items()}
+        keep = self.dtype == torch.float64  # float64 runs keep 1e65 finite
+        logged = {f"{stage}/{key}": mean if keep else mean.float() for key, mean in means.compute().items()}
         means.reset()
         for name, metric in self.stage_metrics(stage).items():
             if metric.update_called:
@@ -516,18 +518,15 @@ class TwoPassModule(pl.LightningModule):
     def _schedule_peak(self) -> float:
         """The peak lr of the first param group over the run (cached per fit; Python floats only)."""
         if self._lr_peak is None:
-            configs = self.trainer.lr_scheduler_configs if self._trainer is not None else []
+            configs = self.trainer.lr_scheduler_configs if attached_trainer(self) is not None else []
             self._lr_peak = schedule_peak_lr(self.trainer.optimizers[0], [c.scheduler for c in configs])
         return self._lr_peak
 
     def _world_size(self) -> int:
-        return self.trainer.world_size if self._trainer is not None else 1
+        return self.trainer.world_size if attached_trainer(self) is not None else 1
 
     def _loss_scale(self) -> Tensor | None:
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return None
-        return scaler._get_scale_async()
+        return loss_scale(self.trainer)
 
     def _update_is_finite(self, loss: Tensor, direction: list[Tensor], scale: Tensor | None) -> bool:
         """Is the loss (and, without loss scaling, d) finite on every rank? One host sync; none with "ignore".
@@ -572,7 +571,7 @@ class TwoPassModule(pl.LightningModule):
         Called after each optimizer step and at each epoch end; on resume Lightning replays the
         epoch-end hooks of a checkpoint written at validation end, so the count stays exact.
         """
-        if self._trainer is None:
+        if attached_trainer(self) is None:
             return
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
@@ -587,15 +586,6 @@ class TwoPassModule(pl.LightningModule):
 _OBJECT_ARGS = ("net", "optimizer", "minimizer", "lr_scheduler")
 
 
-def _launched_by_cli() -> bool:
-    """Whether LightningCLI is instantiating this module (it hands over the config as hparams)."""
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # pragma: no cover - older/newer Lightning
-        return False
-    return _given_hyperparameters.get() is not None
-
-
 _CHOICES: dict[str, tuple[str, ...]] = {
     "lr_scheduler_interval": ("epoch", "step"),
     "ascent": ("replica", "global"),
@@ -607,8 +597,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def _check_arguments(net: Any, optimizer: Any, minimizer: Any, accumulate_grad_batches: Any,
-                     gradient_clip_val: Any, **choices: str) -> None:
-    """Refuse a bad :class:`TwoPassModule` argument in one line naming it (the ``choices`` by ``_CHOICES``)."""
+                     gradient_clip_val: Any, **choices: str) -> tuple[int, float | None]:
+    """Refuse a bad :class:`TwoPassModule` argument in one line naming it (the ``choices`` by ``_CHOICES``).
+
+    Returns ``accumulate_grad_batches`` and ``gradient_clip_val`` as plain Python numbers.
+    """
     if not isinstance(net, nn.Module):
         raise TypeError(f"Invalid net: {type(net).__name__}; expected a torch.nn.Module")
     if not callable(optimizer):
@@ -619,17 +612,9 @@ def _check_arguments(net: Any, optimizer: Any, minimizer: Any, accumulate_grad_b
             "(SAM, USAM, ASAM, GSAM, AdaptiveGSAM) or None"
         )
     for name, value in choices.items():
-        _choice(name, value, _CHOICES[name])
-    if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) \
-            or accumulate_grad_batches < 1:
-        raise ValueError(f"Invalid accumulate_grad_batches: {accumulate_grad_batches!r}; expected an integer >= 1")
-    if gradient_clip_val is not None and not (math.isfinite(gradient_clip_val) and gradient_clip_val > 0):
-        raise ValueError(f"Invalid gradient_clip_val: {gradient_clip_val!r}; expected None or a finite value > 0")
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(map(repr, choices))}")
+        check_choice(name, value, _CHOICES[name])
+    return (check_int("accumulate_grad_batches", accumulate_grad_batches, 1),
+            check_float("gradient_clip_val", gradient_clip_val, minimum=0.0, strict=True, optional=True))
 
 
 def schedule_peak_lr(optimizer: torch.optim.Optimizer, schedulers: list[Any]) -> float:
@@ -652,6 +637,6 @@ def _scheduler_peak(scheduler: Any, initial: float) -> float | None:
     if isinstance(scheduler, sched.CyclicLR):
         return float(scheduler.max_lrs[0])
     if isinstance(scheduler, sched.SequentialLR):
-        peaks = [_scheduler_peak(s, initial) for s in scheduler._schedulers]
+        peaks = [_scheduler_peak(s, initial) for s in sequential_schedulers(scheduler)]
         return max(initial if p is None else p for p in peaks)
     return None
