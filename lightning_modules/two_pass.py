@@ -237,6 +237,7 @@ class TwoPassModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ the step
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One two-pass step: the direction d, then one optimizer step, with d unless it is not finite."""
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         parts = self._micro_batches(batch)
