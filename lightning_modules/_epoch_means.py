@@ -37,8 +37,8 @@ class EpochMean(MeanMetric):
 
     def update(self, value: Tensor, weight: float = 1.0) -> None:  # type: ignore[override]
         """Add ``weight·value`` (``value`` a 0-dim tensor, detached) and ``weight`` to the sums, on the device."""
-        self.mean_value += value.detach().to(torch.float64) * weight
-        self.weight += weight
+        self.mean_value.add_(value.detach().to(torch.float64) * weight)  # add_, not +=: no Metric.__setattr__
+        self.weight.add_(weight)
 
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = ()) -> nn.Module:
         """Move the states with the module, and keep them float64 when the module is cast."""
