@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from ._epoch_means import EpochMeans
+from ._micro_batches import leading_size, split, split_sizes
+from ._step import PerturbedWeights, all_reduce_mean, grads_or_zeros, rng_state, set_rng_state
+from .compat import (
+    attached_trainer,
+    launched_by_cli,
+    logging_step,
+    loss_scale,
+    running_stat_buffers,
+    sequential_schedulers,
+)
 from .minimizers import Minimizer, global_norm
+from .validation import check_choice, check_float, check_int
 
 NonFinitePolicy = Literal["raise", "stop", "skip", "ignore"]
 
@@ -24,13 +33,15 @@ NonFinitePolicy = Literal["raise", "stop", "skip", "ignore"]
 class TwoPassModule(pl.LightningModule):
     """Base LightningModule that trains ``net`` with a SAM-family rule on top of any base optimizer.
 
-    One training step (DESIGN.md §3), manual optimization::
+    One training step (docs/design.md, "The two-pass step"), manual optimization::
 
         pass 1: g = ∇L_B(w)                 (logged: train/loss, train/grad_norm = ‖g‖₂)
-                ε = minimizer.perturbation(w, g);  w ← w + ε   (a backup of w is kept)
-        pass 2: g_p = ∇L_B(w + ε)           (logged: train/loss_perturbed; BatchNorm stats restored)
-                w ← backup (exact copy);  d = minimizer.descent(g, g_p)
-                optimizer.step() with gradient d   (exactly once per batch)
+                ε = minimizer.perturbation(w, g)
+        pass 2: with PerturbedWeights(w, ε):   w ← w + ε; on exit, also on an error, w ← backup
+                    g_p = ∇L_B(w + ε)          (an exact copy) and the BatchNorm stats restored
+                                            (logged: train/loss_perturbed)
+                d = minimizer.descent(g, g_p), written over g_p in .grad
+                optimizer.step() with gradient d   (exactly once per batch; without d if it is not finite)
 
     ``minimizer=None`` trains with the base optimizer alone: one forward-backward pass, same module.
 
@@ -102,30 +113,15 @@ class TwoPassModule(pl.LightningModule):
         train_metrics_at: Literal["clean", "perturbed"] = "clean",
     ) -> None:
         super().__init__()
-        if not isinstance(net, nn.Module):
-            raise TypeError(f"Invalid net: {type(net).__name__}; expected a torch.nn.Module")
-        if not callable(optimizer):
-            raise TypeError(f"Invalid optimizer: {optimizer!r}; expected a callable that takes the parameters")
-        if minimizer is not None and not isinstance(minimizer, Minimizer):
-            raise TypeError(
-                f"Invalid minimizer: {type(minimizer).__name__}; expected a lightning_modules.minimizers.Minimizer "
-                "(SAM, USAM, ASAM, GSAM, AdaptiveGSAM) or None"
-            )
-        _choice("lr_scheduler_interval", lr_scheduler_interval, ("epoch", "step"))
-        _choice("ascent", ascent, ("replica", "global"))
-        _choice("gradient_clip_algorithm", gradient_clip_algorithm, ("norm", "value"))
-        _choice("on_nonfinite", on_nonfinite, ("raise", "stop", "skip", "ignore"))
-        _choice("accumulate_ascent", accumulate_ascent, ("accumulated", "micro"))
-        _choice("train_metrics_at", train_metrics_at, ("clean", "perturbed"))
-        if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) \
-                or accumulate_grad_batches < 1:
-            raise ValueError(f"Invalid accumulate_grad_batches: {accumulate_grad_batches!r}; expected an integer >= 1")
-        if gradient_clip_val is not None and not (math.isfinite(gradient_clip_val) and gradient_clip_val > 0):
-            raise ValueError(f"Invalid gradient_clip_val: {gradient_clip_val!r}; expected None or a finite value > 0")
+        accumulate, clip = _check_arguments(  # (new names: save_hyperparameters reads the arguments as given)
+            net, optimizer, minimizer, accumulate_grad_batches, gradient_clip_val,
+            lr_scheduler_interval=lr_scheduler_interval, ascent=ascent, gradient_clip_algorithm=gradient_clip_algorithm,
+            on_nonfinite=on_nonfinite, accumulate_ascent=accumulate_ascent, train_metrics_at=train_metrics_at,
+        )
         # Under LightningCLI the hparams are the parsed config (net and optimizer as class paths), so
         # load_from_checkpoint rebuilds everything. Python-built objects would make checkpoints
         # unloadable with torch.load(weights_only=True): keep them out; pass net= to load_from_checkpoint.
-        self.save_hyperparameters(ignore=None if _launched_by_cli() else list(_OBJECT_ARGS))
+        self.save_hyperparameters(ignore=None if launched_by_cli() else list(_OBJECT_ARGS))
         self.net = net
         self.optimizer_factory = optimizer
         self.minimizer = minimizer
@@ -133,15 +129,19 @@ class TwoPassModule(pl.LightningModule):
         self.lr_scheduler_interval = lr_scheduler_interval
         self.lr_scheduler_monitor = lr_scheduler_monitor
         self.ascent = ascent
-        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_val = clip
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.on_nonfinite = on_nonfinite
         self.share_dropout_rng = share_dropout_rng
         self.log_train_steps = log_train_steps
-        self.accumulate_grad_batches = accumulate_grad_batches
+        self.accumulate_grad_batches = accumulate
         self.accumulate_ascent = accumulate_ascent
         self.train_metrics_at = train_metrics_at
         self.automatic_optimization = False
+        self._init_step_state()
+
+    def _init_step_state(self) -> None:
+        """The state the step keeps between calls: counters, parameter lists, buffers, epoch means."""
         self.pass_index = 0
         self.skipped_steps = 0
         self._params: list[Tensor] = []
@@ -149,8 +149,11 @@ class TwoPassModule(pl.LightningModule):
         self._scratch: dict[str, tuple[tuple[int, ...], list[Tensor]]] = {}
         self._bn_buffers: list[Tensor] = []
         self._bn_backup: list[Tensor] = []
-        self._sums: dict[str, tuple[tuple[str, ...], Tensor]] = {}
         self._lr_peak: float | None = None
+        # Outside the module tree (a plain dict), so the model summary and the state_dict are as without them.
+        # A mean is logged when updated: loss_perturbed with a rule only (which may be set between steps).
+        self._means = {"train": EpochMeans(("loss", "grad_norm", "loss_perturbed")), "val": EpochMeans(("loss",)),
+                       "test": EpochMeans(("loss",))}
 
     # ------------------------------------------------------------------ task interface
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -229,34 +232,33 @@ class TwoPassModule(pl.LightningModule):
         names = {id(p): n for n, p in self.named_parameters()}
         self._params = [p for group in opt.param_groups for p in group["params"]]
         self._names = [names.get(id(p), "") for p in self._params]
-        self._bn_buffers = [
-            b
-            for m in self.net.modules()
-            if isinstance(m, _NormBase) and m.track_running_stats
-            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-            if b is not None
-        ]
+        self._bn_buffers = running_stat_buffers(self.net)
         self._bn_backup = [b.clone() for b in self._bn_buffers]
 
     # ------------------------------------------------------------------ the step
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """One two-pass step: the direction d, then one optimizer step, with d unless it is not finite."""
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         parts = self._micro_batches(batch)
         if self.minimizer is not None and self.accumulate_ascent == "micro" and len(parts) > 1:
-            logs, final, batch_size = self._micro_ascent_step(opt, parts)
+            logs, direction, batch_size = self._micro_ascent_step(opt, parts)
         else:
-            logs, _, final, batch_size = self._step_direction(opt, parts)
-        self.pass_index = 0
-
-        self._check_finite(logs["loss"], final, self._loss_scale(), opt)
-        opt.step()
+            logs, _, direction, batch_size = self._step_direction(opt, parts)
+        scale = self._loss_scale()
+        if not self._update_is_finite(logs["loss"], direction, scale):  # the step's one host sync
+            self._refuse_update(opt, logs["loss"], scale)
+        opt.step()  # also after a refused update, without gradients: Lightning counts every step
         self._sync_lr_schedulers(epoch=self.current_epoch)
-        self._accumulate("train", logs, batch_size)
+        self._record_step(logs, batch_size)
+        return logs["loss"]
+
+    def _record_step(self, logs: dict[str, Tensor], batch_size: int) -> None:
+        """Add the step's values to the epoch means and log the progress-bar loss (and ``train_step/*``)."""
+        self._epoch_means("train").update(logs, batch_size)
         self.log("loss", logs["loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=batch_size)
         if self.log_train_steps:
             self._log_every_step({f"train_step/{k}": v for k, v in logs.items()}, batch_size)
-        return logs["loss"]
 
     def _log_every_step(self, values: dict[str, Tensor], batch_size: int) -> None:
         """Log ``train_step/*`` at every step, whatever ``Trainer(log_every_n_steps)`` says.
@@ -266,9 +268,9 @@ class TwoPassModule(pl.LightningModule):
         ``callback_metrics`` through ``self.log``.
         """
         self.log_dict(values, on_step=True, on_epoch=False, logger=False, batch_size=batch_size)
-        if self._trainer is None or not self.trainer.is_global_zero or not self.loggers:
+        if attached_trainer(self) is None or not self.trainer.is_global_zero or not self.loggers:
             return
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning's own logs use
+        step = logging_step(self.trainer)  # the step Lightning's own logs use
         metrics = {k: float(v) for k, v in values.items()}
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
@@ -280,6 +282,7 @@ class TwoPassModule(pl.LightningModule):
         ``parts`` is the batch, or its micro-batches whose gradients accumulate (weighted by size) into
         one clean gradient g and one perturbed gradient g_p. ``micro``: one micro-batch of the per-micro-
         batch ascent (pass 2 without DDP sync, no averaging here: the caller averages the sum of the d).
+        d is returned in the parameters' ``.grad`` tensors, where ``optimizer.step()`` reads it.
         """
         rule = self.minimizer
         rngs: list[dict[str, Any]] | None = [] if rule is not None and self.share_dropout_rng else None
@@ -290,66 +293,78 @@ class TwoPassModule(pl.LightningModule):
         logs = {"loss": loss, "grad_norm": grad_norm if scale is None else grad_norm / scale}
         if rule is None:
             return logs, params, grads, batch_size
+        perturbed = self._perturbed_weights(opt, params, grads, names, grad_norm, scale)
+        clean = grads if rule.uses_clean_grad else None
+        del grads  # the other rules' pass 2 does not keep g
+        opt.zero_grad(set_to_none=True)
+        average = not micro and self.ascent == "replica" and rule.uses_clean_grad and self._world_size() > 1
+        with perturbed:  # w + ε; w and the BatchNorm statistics restored on exit, also when pass 2 raises
+            logs["loss_perturbed"], _ = self._accumulated_pass(parts, 2, micro or average, rngs)
+        direction = self._write_descent_direction(params, clean)
+        del clean
+        if average:  # GSAM's d formed on each replica from its own g, then averaged
+            with torch.no_grad():
+                all_reduce_mean(direction)
+        return logs, params, direction, batch_size
+
+    def _perturbed_weights(self, opt: Any, params: list[Tensor], grads: list[Tensor], names: list[str],
+                           grad_norm: Tensor, scale: Tensor | None) -> PerturbedWeights:
+        """The ascent ε = rule.perturbation(w, g), as the context manager that puts the weights at w + ε."""
+        rule = self.minimizer
+        assert rule is not None
         with torch.no_grad():
             eps = rule.perturbation(
                 params, grads, names=names if rule.uses_names else None, grad_norm=grad_norm,
                 lr=float(opt.optimizer.param_groups[0]["lr"]), lr_max=self._schedule_peak(),
             )
             if scale is not None and not rule.scale_invariant:
-                torch._foreach_div_(eps, scale)
-            backup = self._scratch_buffers("_backup", params)
-            torch._foreach_copy_(backup, params)
-            torch._foreach_add_(params, eps)
-            del eps
-            if self._bn_buffers:
-                torch._foreach_copy_(self._bn_backup, self._bn_buffers)
-        clean = grads if rule.uses_clean_grad else None
-        del grads
-        opt.zero_grad(set_to_none=True)
-        manual_average = not micro and self.ascent == "replica" and rule.uses_clean_grad and self._world_size() > 1
-        try:
-            logs["loss_perturbed"], _ = self._accumulated_pass(parts, 2, micro or manual_average, rngs)
-        finally:  # also when pass 2 raises (out of memory, ...): never leave the weights at w + ε
-            with torch.no_grad():
-                if self._bn_buffers:
-                    torch._foreach_copy_(self._bn_buffers, self._bn_backup)
-                torch._foreach_copy_(params, backup)
-            self.pass_index = 0
+                torch._foreach_div_(eps, scale)  # ε from the unscaled gradient
+        return PerturbedWeights(params, eps, self._scratch_buffers("_backup", params), self._bn_buffers,
+                                self._bn_backup)
+
+    def _write_descent_direction(self, params: list[Tensor], clean: list[Tensor] | None) -> list[Tensor]:
+        """Overwrite the pass-2 gradients g_p in ``.grad`` with the descent direction d; return the ``.grad`` tensors.
+
+        d = g_p, except for rules whose descent uses the clean gradient g (GSAM): their ``descent(g, g_p)``
+        edits its second argument in place, here the ``.grad`` tensors themselves.
+        """
         with torch.no_grad():
-            grads_p = self._perturbed_grads(params)
+            grads_p = grads_or_zeros(params)  # g_p = 0 for a parameter that pass 2 did not use
             if clean is not None:
-                rule.descent(clean, grads_p)
-                del clean
-            if manual_average:
-                _all_reduce_mean(grads_p)
-        return logs, params, grads_p, batch_size
+                self.minimizer.descent(clean, grads_p)  # in place: .grad now holds d
+        return grads_p
 
     def _accumulated_pass(self, parts: list[tuple[Any, float]], index: int, block_sync: bool,
                           rngs: list[dict[str, Any]] | None) -> tuple[Tensor, int]:
         """Forward-backward of each part, gradients summed in ``.grad`` with the parts' weights.
 
         Returns the weighted loss (detached) and the total batch size. ``pass_index`` is ``index``
-        during the backward that completes the pass's gradient, ``-index`` during earlier micro-batches.
-        Under DDP the gradients are all-reduced once, at the last part, unless ``block_sync``. With
-        ``rngs`` (shared dropout masks) pass 1 records the RNG state before each part and pass 2 replays it.
+        during the backward that completes the pass's gradient, ``-index`` during earlier micro-batches,
+        and 0 again when the pass returns or raises. Under DDP the gradients are all-reduced once, at the
+        last part, unless ``block_sync``. With ``rngs`` (shared dropout masks) pass 1 records the RNG state
+        before each part and pass 2 replays it.
         """
         total: Tensor | None = None
         batch_size = 0
         last = len(parts) - 1
-        for i, (part, weight) in enumerate(parts):
-            if rngs is not None and index == 1:
-                rngs.append(_rng_state())
-            elif rngs is not None:
-                _set_rng_state(rngs[i])
-            self.pass_index = index if i == last else -index
-            with self._no_sync(block_sync or i < last):
-                loss, output, target, size = self.forward_loss(part, "train")
-                self.manual_backward(loss if last == 0 else loss * weight)
-            if index == (2 if self.train_metrics_at == "perturbed" and self.minimizer is not None else 1):
-                self.update_metrics("train", output.detach(), target)
-            loss = loss.detach() if last == 0 else loss.detach() * weight
-            total = loss if total is None else total + loss
-            batch_size += size
+        metrics_pass = 2 if self.train_metrics_at == "perturbed" and self.minimizer is not None else 1
+        try:
+            for i, (part, weight) in enumerate(parts):
+                if rngs is not None and index == 1:
+                    rngs.append(rng_state())
+                elif rngs is not None:
+                    set_rng_state(rngs[i])
+                self.pass_index = index if i == last else -index
+                with self._no_sync(block_sync or i < last):
+                    loss, output, target, size = self.forward_loss(part, "train")
+                    self.manual_backward(loss if last == 0 else loss * weight)
+                if index == metrics_pass:
+                    self.update_metrics("train", output.detach(), target)
+                loss = loss.detach() if last == 0 else loss.detach() * weight
+                total = loss if total is None else total + loss
+                batch_size += size
+        finally:
+            self.pass_index = 0
         assert total is not None
         return total, batch_size
 
@@ -366,7 +381,7 @@ class TwoPassModule(pl.LightningModule):
         batch_size = 0
         for part, weight in parts:
             opt.zero_grad(set_to_none=True)
-            part_logs, params, final, size = self._step_direction(opt, [(part, 1.0)], micro=True)
+            part_logs, params, direction, size = self._step_direction(opt, [(part, 1.0)], micro=True)
             if not acc:
                 key = tuple(map(id, params))
                 acc = self._scratch_buffers("_accumulated", params)
@@ -376,22 +391,22 @@ class TwoPassModule(pl.LightningModule):
                     "accumulate_ascent='micro' needs every micro-batch to give gradients to the same parameters; "
                     "use accumulate_ascent='accumulated'"
                 )
-            torch._foreach_add_(acc, final, alpha=weight)
+            torch._foreach_add_(acc, direction, alpha=weight)
             logs = {k: v * weight + logs[k] if k in logs else v * weight for k, v in part_logs.items()}
             batch_size += size
-        torch._foreach_copy_(final, acc)  # the last micro-batch's .grad tensors hold d
+        torch._foreach_copy_(direction, acc)  # the last micro-batch's .grad tensors hold d
         if self._world_size() > 1:
-            _all_reduce_mean(final)
-        return logs, final, batch_size
+            all_reduce_mean(direction)
+        return logs, direction, batch_size
 
     def _micro_batches(self, batch: Any) -> list[tuple[Any, float]]:
         """The batch as ``accumulate_grad_batches`` micro-batches with weights nᵢ/N (the batch alone when 1)."""
         k = self.accumulate_grad_batches
         if k == 1:
             return [(batch, 1.0)]
-        n = _leading_size(batch, k)
+        n = leading_size(batch, k)
         k = min(k, n)
-        sizes = [n // k + (i < n % k) for i in range(k)]  # torch.tensor_split's chunk sizes
+        sizes = split_sizes(n, k)
         return [(part, size / n) for part, size in zip(self.split_batch(batch, k), sizes)]
 
     def split_batch(self, batch: Any, k: int) -> list[Any]:
@@ -399,7 +414,7 @@ class TwoPassModule(pl.LightningModule):
 
         Handles tensors and (named) tuples, lists and dicts of them; override for other batch types.
         """
-        return _split(batch, k)
+        return split(batch, k)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip the final direction d (after AMP unscaling), never the ascent."""
@@ -440,44 +455,37 @@ class TwoPassModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["flatminima"] = {"rng": _rng_state(), "skipped_steps": self.skipped_steps}
+        checkpoint["flatminima"] = {"rng": rng_state(), "skipped_steps": self.skipped_steps}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("flatminima")
         if state is None:
             return
         self.skipped_steps = state.get("skipped_steps", 0)
-        if self._trainer is not None and "rng" in state:
-            _set_rng_state(state["rng"])
+        if attached_trainer(self) is not None and "rng" in state:
+            set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ helpers
     def _eval_step(self, batch: Any, stage: str) -> Tensor:
         loss, output, target, batch_size = self.forward_loss(batch, stage)
-        self._accumulate(stage, {"loss": loss}, batch_size)
+        self._epoch_means(stage).update({"loss": loss}, batch_size)
         self.update_metrics(stage, output, target)
         return loss
 
-    def _accumulate(self, stage: str, values: dict[str, Tensor], batch_size: int) -> None:
-        """Add batch-size-weighted values to the stage's running sums, on the device (no host sync)."""
-        keys = tuple(values)
-        sums = self._sums.get(stage)
-        if sums is None or sums[0] != keys:
-            sums = self._sums[stage] = (keys, torch.zeros(len(keys) + 1, dtype=torch.float64, device=self.device))
-        row = torch.stack([v.detach().to(torch.float64) for v in values.values()]) * batch_size
-        sums[1][:-1] += row
-        sums[1][-1] += batch_size
+    def _epoch_means(self, stage: str) -> EpochMeans:
+        """The stage's batch-size-weighted epoch means of its step values (``loss``, ...), on this module's device."""
+        means = self._means[stage]
+        if means.device != self.device:
+            means.to(self.device)
+        return means
 
     def _log_epoch(self, stage: str) -> dict[str, Tensor]:
         """Log the stage's epoch means (weighted by batch size, over all ranks) and its metrics; return them."""
         distributed = self._world_size() > 1
-        logged: dict[str, Tensor] = {}
-        if stage in self._sums:
-            keys, sums = self._sums.pop(stage)
-            if distributed:
-                sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-            means = sums[:-1] / sums[-1]
-            means = means if self.dtype == torch.float64 else means.float()  # float64 runs keep 1e65 finite
-            logged.update({f"{stage}/{key}": means[i] for i, key in enumerate(keys)})
+        means = self._epoch_means(stage)
+        keep = self.dtype == torch.float64  # float64 runs keep 1e65 finite
+        logged = {f"{stage}/{key}": mean if keep else mean.float() for key, mean in means.compute().items()}
+        means.reset()
         for name, metric in self.stage_metrics(stage).items():
             if metric.update_called:
                 logged[f"{stage}/{name}"] = metric.compute()
@@ -493,13 +501,6 @@ class TwoPassModule(pl.LightningModule):
             keep = [i for i, g in enumerate(grads) if g is not None]
             params, names, grads = [params[i] for i in keep], [names[i] for i in keep], [grads[i] for i in keep]
         return params, grads, names
-
-    @staticmethod
-    def _perturbed_grads(params: list[Tensor]) -> list[Tensor]:
-        for p in params:
-            if p.grad is None:  # used in pass 1 but not in pass 2
-                p.grad = torch.zeros_like(p)
-        return [p.grad for p in params]
 
     def _scratch_buffers(self, name: str, params: list[Tensor]) -> list[Tensor]:
         """Per-step scratch tensors shaped like ``params`` (``_backup``, ``_accumulated``), kept while they match."""
@@ -518,31 +519,37 @@ class TwoPassModule(pl.LightningModule):
     def _schedule_peak(self) -> float:
         """The peak lr of the first param group over the run (cached per fit; Python floats only)."""
         if self._lr_peak is None:
-            configs = self.trainer.lr_scheduler_configs if self._trainer is not None else []
+            configs = self.trainer.lr_scheduler_configs if attached_trainer(self) is not None else []
             self._lr_peak = schedule_peak_lr(self.trainer.optimizers[0], [c.scheduler for c in configs])
         return self._lr_peak
 
     def _world_size(self) -> int:
-        return self.trainer.world_size if self._trainer is not None else 1
+        return self.trainer.world_size if attached_trainer(self) is not None else 1
 
     def _loss_scale(self) -> Tensor | None:
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return None
-        return scaler._get_scale_async()
+        return loss_scale(self.trainer)
 
-    def _check_finite(self, loss: Tensor, final: list[Tensor], scale: Tensor | None, opt: Any) -> bool:
-        """The step's one host sync: is the loss (and, without loss scaling, d) finite on every rank?"""
+    def _update_is_finite(self, loss: Tensor, direction: list[Tensor], scale: Tensor | None) -> bool:
+        """Is the loss (and, without loss scaling, d) finite on every rank? One host sync; none with "ignore".
+
+        Under AMP loss scaling the scaler checks d itself (and skips a non-finite one, lowering the scale).
+        """
         if self.on_nonfinite == "ignore":
             return True
         finite = torch.isfinite(loss.detach())
-        if scale is None and final:
-            finite = finite & torch.isfinite(global_norm(final))
+        if scale is None and direction:
+            finite = finite & torch.isfinite(global_norm(direction))
         ok = bool(finite)
         if self._world_size() > 1:
             ok = not self.trainer.strategy.reduce_boolean_decision(not ok, all=False)
-        if ok:
-            return True
+        return ok
+
+    def _refuse_update(self, opt: Any, loss: Tensor, scale: Tensor | None) -> None:
+        """A non-finite step, by ``on_nonfinite``: raise, or drop d and count it (warn; ``"stop"`` ends the run).
+
+        Dropping d (``.grad`` set to None) makes the ``optimizer.step()`` that follows leave every parameter and
+        its optimizer state as they are; under AMP loss scaling the scaler skips the non-finite d itself.
+        """
         where = f"epoch {self.current_epoch}, step {self.global_step}, batch loss {float(loss.detach()):.6g}"
         if self.on_nonfinite == "raise":
             raise FloatingPointError(
@@ -558,7 +565,6 @@ class TwoPassModule(pl.LightningModule):
             self.trainer.should_stop = True
         else:
             rank_zero_warn(f"Non-finite training loss or gradient at {where}: update skipped (on_nonfinite='skip').")
-        return False
 
     def _sync_lr_schedulers(self, epoch: int) -> None:
         """Step every scheduler up to its counter: the optimizer steps taken, or ``epoch`` epochs.
@@ -566,7 +572,7 @@ class TwoPassModule(pl.LightningModule):
         Called after each optimizer step and at each epoch end; on resume Lightning replays the
         epoch-end hooks of a checkpoint written at validation end, so the count stays exact.
         """
-        if self._trainer is None:
+        if attached_trainer(self) is None:
             return
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
@@ -581,18 +587,35 @@ class TwoPassModule(pl.LightningModule):
 _OBJECT_ARGS = ("net", "optimizer", "minimizer", "lr_scheduler")
 
 
-def _launched_by_cli() -> bool:
-    """Whether LightningCLI is instantiating this module (it hands over the config as hparams)."""
-    try:
-        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-    except ImportError:  # pragma: no cover - older/newer Lightning
-        return False
-    return _given_hyperparameters.get() is not None
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "lr_scheduler_interval": ("epoch", "step"),
+    "ascent": ("replica", "global"),
+    "gradient_clip_algorithm": ("norm", "value"),
+    "on_nonfinite": ("raise", "stop", "skip", "ignore"),
+    "accumulate_ascent": ("accumulated", "micro"),
+    "train_metrics_at": ("clean", "perturbed"),
+}
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(map(repr, choices))}")
+def _check_arguments(net: Any, optimizer: Any, minimizer: Any, accumulate_grad_batches: Any,
+                     gradient_clip_val: Any, **choices: str) -> tuple[int, float | None]:
+    """Refuse a bad :class:`TwoPassModule` argument in one line naming it (the ``choices`` by ``_CHOICES``).
+
+    Returns ``accumulate_grad_batches`` and ``gradient_clip_val`` as plain Python numbers.
+    """
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"Invalid net: {type(net).__name__}; expected a torch.nn.Module")
+    if not callable(optimizer):
+        raise TypeError(f"Invalid optimizer: {optimizer!r}; expected a callable that takes the parameters")
+    if minimizer is not None and not isinstance(minimizer, Minimizer):
+        raise TypeError(
+            f"Invalid minimizer: {type(minimizer).__name__}; expected a lightning_modules.minimizers.Minimizer "
+            "(SAM, USAM, ASAM, GSAM, AdaptiveGSAM) or None"
+        )
+    for name, value in choices.items():
+        check_choice(name, value, _CHOICES[name])
+    return (check_int("accumulate_grad_batches", accumulate_grad_batches, 1),
+            check_float("gradient_clip_val", gradient_clip_val, minimum=0.0, strict=True, optional=True))
 
 
 def schedule_peak_lr(optimizer: torch.optim.Optimizer, schedulers: list[Any]) -> float:
@@ -615,68 +638,6 @@ def _scheduler_peak(scheduler: Any, initial: float) -> float | None:
     if isinstance(scheduler, sched.CyclicLR):
         return float(scheduler.max_lrs[0])
     if isinstance(scheduler, sched.SequentialLR):
-        peaks = [_scheduler_peak(s, initial) for s in scheduler._schedulers]
+        peaks = [_scheduler_peak(s, initial) for s in sequential_schedulers(scheduler)]
         return max(initial if p is None else p for p in peaks)
     return None
-
-
-def _leading_size(batch: Any, k: int) -> int:
-    """The common first dimension of the batch's tensors, or a ValueError saying why it cannot be split."""
-    sizes: set[int] = set()
-
-    def visit(obj: Any) -> bool:
-        if isinstance(obj, Tensor):
-            if obj.ndim > 0:
-                sizes.add(obj.shape[0])
-            return obj.ndim > 0
-        if isinstance(obj, (tuple, list)):
-            return all(visit(o) for o in obj)
-        if isinstance(obj, dict):
-            return all(visit(o) for o in obj.values())
-        return False
-
-    if not visit(batch) or len(sizes) != 1:
-        what = type(batch).__name__ if len(sizes) <= 1 else f"tensors with first dimensions {sorted(sizes)}"
-        raise ValueError(
-            f"Invalid accumulate_grad_batches: {k}; it splits each batch along the first dimension of its tensors, "
-            f"and this batch ({what}) cannot be split that way. Use accumulate_grad_batches=1 (a larger batch "
-            "needs more memory) or override split_batch"
-        )
-    return sizes.pop()
-
-
-def _split(obj: Any, k: int) -> list[Any]:
-    if isinstance(obj, Tensor):
-        return list(obj.tensor_split(k))
-    if isinstance(obj, dict):
-        columns = {key: _split(v, k) for key, v in obj.items()}
-        return [type(obj)({key: c[i] for key, c in columns.items()}) for i in range(k)]
-    rows = zip(*(_split(o, k) for o in obj))
-    if hasattr(obj, "_fields"):  # namedtuple
-        return [type(obj)(*row) for row in rows]
-    return [type(obj)(row) for row in rows]
-
-
-def _all_reduce_mean(tensors: list[Tensor]) -> None:
-    """Average a list of tensors over the process group with one flat all-reduce."""
-    if not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
-
-
-def _rng_state() -> dict[str, Any]:
-    """torch's CPU and CUDA generator states (what dropout draws from), as tensors."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
