@@ -53,7 +53,7 @@ from cli_support.help import DESCRIPTION, HelpFormatter, presets_epilog
 from cli_support.hparams import HParamsWriter, readable_hparams
 from cli_support.quiet import HeldRecords, quiet_noise
 from cli_support.report import StepCounter, final_metrics, run_folder, table
-from lightning_modules import TwoPassModule
+from lightning_modules import TwoPassModule, compat
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = compose.DEFAULT_CONFIG
@@ -75,11 +75,11 @@ class FlatMinimaParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error or self.plan is None or self.plan.verbose:
             return super().error(message, ex)
-        parsers = list(_parsers(self))
+        actions = [a for p in _parsers(self) for a in compat.parser_actions(p)]
         line = errors.summarize(
             message,
-            options=[s for p in parsers for a in p._actions for s in a.option_strings if s.startswith("--")],
-            keys=[a.dest for p in parsers for a in p._actions if a.dest and a.dest != "help"],
+            options=[s for a in actions for s in a.option_strings if s.startswith("--")],
+            keys=[a.dest for a in actions if a.dest and a.dest != "help"],
             configs=self.plan.configs,
             subcommands=[*(compose.SUBCOMMANDS if self.plan.subcommand or _has_subcommands(self) else ()), "study"],
         )
@@ -89,13 +89,12 @@ class FlatMinimaParser(LightningArgumentParser):
 
 def _parsers(parser):
     yield parser
-    action = getattr(parser, "_subcommands_action", None)
-    for sub in getattr(action, "_name_parser_map", {}).values():
+    for sub in compat.subcommand_parsers(parser).values():
         yield from _parsers(sub)
 
 
 def _has_subcommands(parser) -> bool:
-    return getattr(parser, "_subcommands_action", None) is not None
+    return bool(compat.subcommand_parsers(parser))
 
 
 class FlatMinimaCLI(LightningCLI):

@@ -16,6 +16,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_modules import compat
+
 #: Arguments that are implementation switches or paths, not hyperparameters.
 SKIPPED = frozenset({"foreach", "fused", "differentiable", "capturable", "maximize", "data_dir", "download",
                      "num_workers", "eps"})
@@ -106,6 +108,6 @@ class HParamsWriter(pl.Callback):
     def _write(trainer: pl.Trainer, summary: Any) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                writer = logger.experiment._get_file_writer()
+                writer = compat.tensorboard_file_writer(logger.experiment)
                 writer.add_summary(summary)
                 writer.flush()
