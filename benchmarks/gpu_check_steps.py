@@ -114,7 +114,7 @@ def formula_errors(rule, r: dict) -> dict[str, float]:
         eps = rule.perturbation(w, g, names=r["names"] if rule.uses_names else None, lr=LR, lr_max=LR)
         d = [t.clone() for t in gp]
         if rule.uses_clean_grad:
-            rule.descent(g, d)
+            rule.descent_(g, d)
     w64, d_seen = cpu64(w), cpu64(r["d"])
     eps_seen = [a - b for a, b in zip(cpu64(r["w_pert"]), w64)]
     stepped = [a - LR * b for a, b in zip(w64, d_seen)]  # SGD's first step (momentum buffer = d)

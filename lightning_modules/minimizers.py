@@ -7,7 +7,7 @@ DDP, AMP, the one ``optimizer.step()``) live once in :class:`lightning_modules.T
     pass 1: g   = ∇L_B(w)
             ε   = rule.perturbation(w, g)        where to climb
     pass 2: g_p = ∇L_B(w + ε)
-            d   = rule.descent(g, g_p)           how to combine the two gradients
+            d   = rule.descent_(g, g_p)          how to combine the two gradients
             w  ← w (exact copy), then base_optimizer.step() with gradient d
 
 ``‖·‖`` is one global L2 norm over every parameter that has a gradient, and ``eps`` (1e-12) is added
@@ -85,10 +85,10 @@ def _safe_scale(numerator: float | Tensor, norm: Tensor, eps: float) -> Tensor:
 
 
 class Minimizer:
-    """Base class of a SAM-family rule: where to climb (``perturbation``) and how to descend (``descent``).
+    """Base class of a SAM-family rule: where to climb (``perturbation``) and how to descend (``descent_``).
 
     Subclasses implement :meth:`perturbation`; rules whose descent uses the clean gradient (GSAM)
-    set ``uses_clean_grad = True`` and override :meth:`descent`.
+    set ``uses_clean_grad = True`` and override :meth:`descent_`.
 
     Args:
         rho: Radius ρ ≥ 0 of the neighbourhood.
@@ -97,7 +97,7 @@ class Minimizer:
 
     #: ε is unchanged when every gradient is multiplied by one constant (AMP loss scaling).
     scale_invariant: ClassVar[bool] = True
-    #: ``descent`` needs the clean pass-1 gradient g (else d = g_p and the module may let DDP average g_p).
+    #: ``descent_`` needs the clean pass-1 gradient g (else d = g_p and the module may let DDP average g_p).
     uses_clean_grad: ClassVar[bool] = False
     #: ``perturbation`` needs the parameter names (``names=``).
     uses_names: ClassVar[bool] = False
@@ -133,8 +133,18 @@ class Minimizer:
         """
         raise NotImplementedError
 
-    def descent(self, grads: Sequence[Tensor], perturbed_grads: Sequence[Tensor]) -> None:
-        """Turn the pass-2 gradients g_p into the descent direction d, in place (default: d = g_p)."""
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "descent" in vars(cls):  # the old name would be silently ignored by the module
+            raise TypeError(f"{cls.__name__} defines descent(); the method is descent_(grads, perturbed_grads) -> list")
+
+    def descent_(self, grads: Sequence[Tensor], perturbed_grads: list[Tensor]) -> list[Tensor]:
+        """Overwrite the pass-2 gradients g_p with the descent direction d, in place; return them (default: d = g_p).
+
+        The trailing underscore is torch's in-place convention: the caller's ``perturbed_grads`` (the
+        ``.grad`` tensors, in the module) hold d afterwards; no parameter-sized list is allocated.
+        """
+        return perturbed_grads
 
     def _grad_norm(self, grads: Sequence[Tensor], grad_norm: Tensor | None) -> Tensor:
         return global_norm(grads) if grad_norm is None else grad_norm
@@ -337,15 +347,16 @@ class GSAM(SAM):
         rho = self.current_rho(lr, lr_max)
         return list(torch._foreach_mul(grads, _safe_scale(rho, self._grad_norm(grads, grad_norm), self.eps)))
 
-    def descent(self, grads: Sequence[Tensor], perturbed_grads: Sequence[Tensor]) -> None:
-        """d = g_p − α·g⊥ = (1 + α·c)·g_p − α·g with c = ⟨g, g_p⟩/‖g_p‖² (c = 0 when g_p = 0)."""
+    def descent_(self, grads: Sequence[Tensor], perturbed_grads: list[Tensor]) -> list[Tensor]:
+        """d = g_p − α·g⊥ = (1 + α·c)·g_p − α·g with c = ⟨g, g_p⟩/‖g_p‖² (c = 0 when g_p = 0), in place."""
         if self.alpha == 0.0 or len(grads) == 0:
-            return
+            return perturbed_grads
         gp_sq = global_norm(perturbed_grads) ** 2
         dot = foreach_dot(grads, perturbed_grads)
         c = torch.where(gp_sq > 0, dot / torch.where(gp_sq > 0, gp_sq, torch.ones_like(gp_sq)), torch.zeros_like(dot))
         torch._foreach_mul_(perturbed_grads, 1.0 + self.alpha * c)
         torch._foreach_add_(perturbed_grads, grads, alpha=-self.alpha)
+        return perturbed_grads
 
     def extra_repr(self) -> str:
         sched = "" if self.rho_min is None else f", rho_min={self.rho_min}, lr_max={self.lr_max}, lr_min={self.lr_min}"

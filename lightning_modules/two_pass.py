@@ -40,7 +40,7 @@ class TwoPassModule(pl.LightningModule):
         pass 2: with PerturbedWeights(w, ε):   w ← w + ε; on exit, also on an error, w ← backup
                     g_p = ∇L_B(w + ε)          (an exact copy) and the BatchNorm stats restored
                                             (logged: train/loss_perturbed)
-                d = minimizer.descent(g, g_p), written over g_p in .grad
+                d = minimizer.descent_(g, g_p), written over g_p in .grad
                 optimizer.step() with gradient d   (exactly once per batch; without d if it is not finite)
 
     ``minimizer=None`` trains with the base optimizer alone: one forward-backward pass, same module.
@@ -325,14 +325,12 @@ class TwoPassModule(pl.LightningModule):
     def _write_descent_direction(self, params: list[Tensor], clean: list[Tensor] | None) -> list[Tensor]:
         """Overwrite the pass-2 gradients g_p in ``.grad`` with the descent direction d; return the ``.grad`` tensors.
 
-        d = g_p, except for rules whose descent uses the clean gradient g (GSAM): their ``descent(g, g_p)``
-        edits its second argument in place, here the ``.grad`` tensors themselves.
+        d = g_p, except for rules whose descent uses the clean gradient g (GSAM): their ``descent_(g, g_p)``
+        overwrites its second argument in place, here the ``.grad`` tensors themselves, and returns it.
         """
         with torch.no_grad():
             grads_p = grads_or_zeros(params)  # g_p = 0 for a parameter that pass 2 did not use
-            if clean is not None:
-                self.minimizer.descent(clean, grads_p)  # in place: .grad now holds d
-        return grads_p
+            return grads_p if clean is None else self.minimizer.descent_(clean, grads_p)
 
     def _accumulated_pass(self, parts: list[tuple[Any, float]], index: int, block_sync: bool,
                           rngs: list[dict[str, Any]] | None) -> tuple[Tensor, int]:

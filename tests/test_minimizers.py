@@ -103,7 +103,7 @@ def test_gsam(tensors):
     _close(rule.perturbation(params, grads), [RHO * g / (n + 1e-12) for g in grads])
     gp = [g.flip(0) * 0.7 + 0.1 for g in grads]
     expected = _gsam_descent(grads, gp, 0.3)
-    rule.descent(grads, gp)
+    rule.descent_(grads, gp)
     _close(gp, expected, tol=1e-13)
 
 
@@ -111,14 +111,14 @@ def test_gsam_descent_removes_only_the_orthogonal_part(tensors):
     _, _, grads = tensors
     gp = [g * 2.0 for g in grads]  # parallel: g⊥ = 0, so d = g_p
     expected = [t.clone() for t in gp]
-    GSAM(alpha=0.5).descent(grads, gp)
+    GSAM(alpha=0.5).descent_(grads, gp)
     _close(gp, expected, tol=1e-13)
 
 
 def test_gsam_zero_perturbed_gradient_is_safe(tensors):
     _, _, grads = tensors
     gp = [torch.zeros_like(g) for g in grads]
-    GSAM(alpha=0.5).descent(grads, gp)  # c = 0: d = −α g
+    GSAM(alpha=0.5).descent_(grads, gp)  # c = 0: d = −α g
     _close(gp, [-0.5 * g for g in grads], tol=0)
 
 
@@ -138,7 +138,7 @@ def test_adaptive_gsam(tensors):
     _close(rule.perturbation(params, grads), expected)
     gp = [g.roll(1) for g in grads]
     want = _gsam_descent(grads, gp, 0.2)
-    rule.descent(grads, gp)
+    rule.descent_(grads, gp)
     _close(gp, want, tol=1e-13)
 
 
@@ -223,3 +223,19 @@ def test_gsam_rho_is_clamped_to_its_range_and_warns_once():
     assert len([w for w in record if "outside" in str(w.message)]) == 1
     with pytest.warns(UserWarning, match="cannot follow the lr"):
         assert GSAM(rho=0.1, rho_min=0.0, lr_min=0.2).current_rho(lr=0.1, lr_max=0.1) == 0.1
+
+
+def test_descent_is_in_place_and_returns_the_perturbed_gradients(tensors):
+    _, _, grads = tensors
+    for rule in (SAM(), GSAM(alpha=0.4), GSAM(alpha=0.0)):
+        gp = [g.flip(0) + 0.2 for g in grads]
+        ids = [id(t) for t in gp]
+        out = rule.descent_(grads, gp)
+        assert out is gp and [id(t) for t in out] == ids  # no new list, no new tensors
+
+
+def test_a_rule_defining_the_old_descent_name_is_refused():
+    with pytest.raises(TypeError, match="descent_"):
+        class OldStyle(SAM):  # noqa: F841
+            def descent(self, grads, perturbed_grads):
+                pass
