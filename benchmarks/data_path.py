@@ -210,8 +210,8 @@ def main() -> None:
         print(f"| {name} | {a[name] * 1e3:.3f} | {a['step'] * 1e3:.2f} | {a[name] / a['step']:.3f} |")
 
     limit, lightning, plain = epochs(mem, fraction, args.repeats)
-    print(f"\n(b) training epoch of {limit} batches ({fraction:g} of an epoch): Lightning Classifier + in-memory loader "
-          f"/ plain loop over pre-built batches ({args.repeats} of each, alternating; medians)")
+    print(f"\n(b) training epoch of {limit} batches ({fraction:g} of an epoch): Lightning Classifier + in-memory "
+          f"loader / plain loop over pre-built batches ({args.repeats} of each, alternating; medians)")
     print("| batches | Lightning (s) | plain loop (s) | Lightning / plain | per step: Lightning, plain (ms) |")
     print("| --- | --- | --- | --- | --- |")
     print(f"| {limit} | {lightning:.2f} | {plain:.2f} | {lightning / plain:.3f} | "

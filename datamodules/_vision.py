@@ -254,7 +254,7 @@ class VisionDataModule(SplitDataModule):
 
 
 def as_nchw(images: np.ndarray | Tensor) -> Tensor:
-    """uint8 images ``(N, H, W)`` or ``(N, H, W, C)`` (torchvision's ``data``) as a contiguous ``(N, C, H, W)`` tensor."""
+    """uint8 images ``(N, H, W)`` or ``(N, H, W, C)`` (torchvision's ``data``) as contiguous ``(N, C, H, W)``."""
     x = torch.as_tensor(images)
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     return x.contiguous()

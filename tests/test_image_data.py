@@ -159,7 +159,8 @@ def test_md5_of_the_decompressed_bytes_is_checked(tmp_path, monkeypatch):
     raw = tmp_path / "FashionMNIST" / "raw"
     write_mnist(tmp_path, "FashionMNIST", train=6, test=4, gzip=True)
     table = _md5_table(raw)  # of the plain files; the .gz archives themselves have other sums
-    assert table["train-labels-idx1-ubyte"] != hashlib.md5((raw / "train-labels-idx1-ubyte.gz").read_bytes()).hexdigest()
+    archive = hashlib.md5((raw / "train-labels-idx1-ubyte.gz").read_bytes()).hexdigest()
+    assert table["train-labels-idx1-ubyte"] != archive
     monkeypatch.setattr(FashionMNISTDataModule, "md5", table)
     dm = FashionMNISTDataModule(str(tmp_path))
     dm.setup()
@@ -300,7 +301,8 @@ def test_cifar10_in_memory_batches_equal_the_per_sample_reference(cifar):
             assert torch.equal(y, yr)
             assert torch.equal(x, xr)  # bit for bit: padding value, crop, flip, cutout square
     for (x, y), s in zip(dm.test_dataloader(), range(0, 6, 4)):  # evaluation: no augmentation
-        xr = torch.stack([reference_image(arrays["test_x"][i], i, {}, dm.mean, dm.std, 0, 0) for i in range(s, s + len(y))])
+        xr = torch.stack([reference_image(arrays["test_x"][i], i, {}, dm.mean, dm.std, 0, 0)
+                          for i in range(s, s + len(y))])
         assert torch.equal(x, xr) and y.tolist() == arrays["test_y"][s : s + len(y)].tolist()
 
 
@@ -487,7 +489,8 @@ def test_with_indices_and_device(cifar):
     dm = CIFAR10DataModule(str(root), batch_size=8, with_indices=True, augment=False)
     dm.setup()
     x, y, idx = next(iter(dm.train_dataloader()))
-    assert idx.dtype == torch.long and torch.equal(x, dm.train_set.images[idx]) and torch.equal(y, dm.train_set.labels[idx])
+    assert idx.dtype == torch.long and torch.equal(x, dm.train_set.images[idx])
+    assert torch.equal(y, dm.train_set.labels[idx])
     assert len(next(iter(dm.val_dataloader()))) == 2  # evaluation batches stay (x, y)
     assert dm.train_set.device.type == "cpu"  # device "auto" without a Trainer
     on_meta = CIFAR10DataModule(str(root), batch_size=8, **CIFAR_AUG)  # "auto": the Trainer's root device
