@@ -82,6 +82,7 @@ class InMemoryImages(Dataset):
 
     @property
     def device(self) -> torch.device:
+        """Where the images and labels are."""
         return self.images.device
 
     def to(self, device: torch.device | str) -> InMemoryImages:
