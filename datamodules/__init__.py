@@ -5,6 +5,13 @@ and ``num_features`` (vectors, graphs), ``in_channels``/``image_size`` (images) 
 sensing), which ``setup`` checks against the model's net. A missing file raises
 :class:`DataNotFoundError` naming the path and how to get the data.
 
+The image data sets (MNIST, FashionMNIST, CIFAR-10, digits) are held in memory as normalised tensors
+(``in_memory: true``, the default; ``false`` is torchvision's per-sample path): batches by indexing, the
+training augmentation on whole batches with per-sample draws seeded by ``(data_seed, epoch, sample)``, and
+a training loader that Lightning checkpoints and resumes mid-epoch. MNIST and FashionMNIST read their idx
+files as distributed (``.gz`` or not; FashionMNIST also from Debian's ``dataset-fashion-mnist`` folder),
+checked by the MD5 of their decompressed bytes.
+
 ``CoraDataModule`` is the former name of :class:`PlanetoidDataModule` (it serves Cora, CiteSeer and
 PubMed); it still resolves, with a ``FutureWarning``, so the ``config.yaml`` files saved by earlier
 runs (``class_path: datamodules.CoraDataModule``) keep working.

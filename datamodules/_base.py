@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_modules.validation import check_int, is_integer
 
-from ._loaders import make_loader
+from ._loaders import EpochShuffleSampler, make_loader
+from ._memory import InMemoryImages, InMemoryLoader
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -67,8 +68,11 @@ class SplitDataModule(pl.LightningDataModule):
     """Base of the data modules with ``train_set``/``val_set``/``test_set`` datasets built in ``setup``.
 
     Provides the loaders: the training loader shuffles with a per-epoch permutation seeded by
-    ``data_seed`` (resumable, see :func:`~datamodules._loaders.make_loader`); the evaluation loaders
-    keep the order. Subclasses save ``batch_size``, ``eval_batch_size``, ``num_workers`` and
+    ``data_seed`` (see :class:`~datamodules._loaders.EpochShuffleSampler`); the evaluation loaders
+    keep the order. A data set held as :class:`~datamodules._memory.InMemoryImages` gets an
+    :class:`~datamodules._memory.InMemoryLoader` (batches by indexing, resumable mid-epoch; training
+    batches carry the sample indices when the ``with_indices`` hyperparameter is true); any other a
+    ``DataLoader``. Subclasses save ``batch_size``, ``eval_batch_size``, ``num_workers`` and
     ``data_seed`` as hyperparameters.
     """
 
@@ -79,6 +83,10 @@ class SplitDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset | None, stage: str, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.{stage}_dataloader() called before setup()")
+        if isinstance(dataset, InMemoryImages):
+            sampler = EpochShuffleSampler(dataset, self.hparams.data_seed) if shuffle else None
+            with_indices = stage == "train" and bool(self.hparams.get("with_indices", False))
+            return InMemoryLoader(dataset, batch_size, sampler=sampler, with_indices=with_indices)
         return make_loader(dataset, batch_size, shuffle=shuffle, seed=self.hparams.data_seed,
                            num_workers=self.hparams.num_workers)
 

@@ -1,4 +1,4 @@
-"""CIFAR-10 (Krizhevsky, 2009) through torchvision.
+"""CIFAR-10 (Krizhevsky, 2009), read by torchvision.
 
 The data of Bejan, Sanchez Ndoye & Vuckovic, of Khalid, Ponraj & Mukherjee and of Wong, Yao & Huang.
 """
@@ -17,7 +17,8 @@ class CIFAR10DataModule(VisionDataModule):
     horizontal flip; per-channel normalisation with the training set's mean and standard deviation;
     optional Cutout (DeVries & Taylor 2017; davda54/sam, the base of Wong, Yao & Huang, uses 16 px with p 0.5).
     Files: torchvision's ``<data_dir>/cifar-10-batches-py/`` (``data_batch_1`` … ``data_batch_5``,
-    ``test_batch``, ``batches.meta``; torchvision checks their MD5 sums). See
+    ``test_batch``, ``batches.meta``; torchvision reads them and checks their MD5 sums). Held in memory by
+    default (740 MB as float32), the crop, flip and Cutout then applied to whole batches. See
     :class:`~datamodules._vision.VisionDataModule` for the arguments.
     """
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
-
 from lightning_modules.validation import check_choice, check_fraction, check_int, invalid
 
 from ._base import SplitDataModule, check_loader_args, check_net
 from ._labels import LABEL_NOISE_MODES, LabelNoiseMode, corrupt_labels
+from ._memory import BOOLS, DATA_DEVICES, DataDevice, InMemoryImages, data_device
 from ._splits import sklearn_split
 
 
@@ -36,11 +35,13 @@ class DigitsDataModule(SplitDataModule):
     (default, as in the studies, which report test curves) the validation loader serves the test split,
     as for the torchvision image modules. A seeded fraction ``label_noise`` of the remaining training
     labels is corrupted (``noisy_indices``: their positions in ``train_set``). No augmentation.
+    The sets are :class:`~datamodules._memory.InMemoryImages` served by the in-memory loader (batches by
+    indexing, the same batches as a ``TensorDataset`` would give, resumable mid-epoch).
 
     Args:
         batch_size: Training batch size.
         eval_batch_size: Batch size of the validation and test loaders.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes: 0 (batches are index operations).
         test_fraction: Fraction of the images in the test split, in (0, 1).
         val_size: Number of training images held out for validation (0: validate on the test split).
         stratify: Keep the class proportions in every split (a stratified split) instead of a plain shuffle split.
@@ -48,6 +49,9 @@ class DigitsDataModule(SplitDataModule):
         label_noise: Fraction of the training labels to corrupt (seeded; 0 = clean labels).
         label_noise_mode: ``"shuffle"`` the chosen labels among themselves, or draw them ``"uniform"``-ly.
         data_seed: Seed of the split, of the label noise and of the shuffling.
+        device: Where the tensors live: ``"auto"`` on the Trainer's root device, ``"cpu"`` in host memory.
+        with_indices: Training batches are ``(images, labels, index)``, ``index`` the LongTensor of the
+            samples' positions in ``train_set``.
     """
 
     num_classes = 10
@@ -66,6 +70,8 @@ class DigitsDataModule(SplitDataModule):
         label_noise: float = 0.0,
         label_noise_mode: LabelNoiseMode = "shuffle",
         data_seed: int = 0,
+        device: DataDevice = "auto",
+        with_indices: bool = False,
     ) -> None:
         super().__init__()
         batch_size, eval_batch_size, num_workers = check_loader_args(batch_size, eval_batch_size, num_workers)
@@ -76,6 +82,11 @@ class DigitsDataModule(SplitDataModule):
         label_noise = check_fraction("label_noise", label_noise)
         check_choice("label_noise_mode", label_noise_mode, LABEL_NOISE_MODES)
         data_seed = check_int("data_seed", data_seed, 0)
+        check_choice("device", device, DATA_DEVICES)
+        check_choice("with_indices", with_indices, BOOLS)
+        if num_workers:
+            raise invalid("num_workers", num_workers, "0 (the digits are held in memory: batches are index "
+                          "operations in the main process)")
         self.save_hyperparameters()
         self.pixel_mean: float | None = None
         self.pixel_std: float | None = None
@@ -103,7 +114,10 @@ class DigitsDataModule(SplitDataModule):
         if h.label_noise > 0:  # training labels only; validation and test stay clean
             y_train, self.noisy_indices = corrupt_labels(y_train, h.label_noise, self.num_classes, h.data_seed,
                                                          h.label_noise_mode)
-        self.train_set = TensorDataset(x[train_idx], y_train)
-        self.test_set = TensorDataset(x[test_idx], y[test_idx])
-        self.val_set = TensorDataset(x[val_idx], y[val_idx]) if h.val_size else self.test_set
+        self.train_set = InMemoryImages(x[train_idx], y_train)
+        self.test_set = InMemoryImages(x[test_idx], y[test_idx])
+        self.val_set = InMemoryImages(x[val_idx], y[val_idx]) if h.val_size else self.test_set
         self.split_indices = {"train": train_idx, "val": val_idx, "test": test_idx}
+        device = data_device(self, h.device)
+        for dataset in {id(d): d for d in (self.train_set, self.val_set, self.test_set)}.values():
+            dataset.to(device)

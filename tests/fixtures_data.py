@@ -8,11 +8,14 @@ the formats torchvision 0.29 reads, and load them through the data modules' real
   ``batches.meta`` (``label_names``). torchvision also checks the files' MD5 sums, which tiny files
   cannot match: :func:`skip_md5` patches only that check.
 - MNIST / FashionMNIST: ``<root>/<Name>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``,
-  uncompressed idx files (big-endian magic ``0x0803``/``0x0801``, dimensions, uint8 data).
+  idx files (big-endian magic ``0x0803``/``0x0801``, dimensions, uint8 data), uncompressed or as
+  ``.gz`` archives (``gzip=True``). The data modules check the MD5 of the decompressed files, which tiny
+  files cannot match either: :func:`skip_md5` patches that comparison too.
 """
 
 from __future__ import annotations
 
+import gzip as gzip_module
 import os
 import pickle
 import shutil
@@ -93,23 +96,31 @@ def write_cifar10(root: Path, per_batch: int = 4, test: int = 6, seed: int = 0) 
     }
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
+def idx_bytes(array: np.ndarray) -> bytes:
     """An idx file: magic (0, 0, type 0x08 = ubyte, ndim), big-endian int32 dimensions, then the data."""
-    with open(path, "wb") as f:
-        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
-        f.write(struct.pack(f">{array.ndim}I", *array.shape))
-        f.write(np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def _write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
+    data = idx_bytes(array)
+    if compress:
+        Path(f"{path}.gz").write_bytes(gzip_module.compress(data, mtime=0))
+    else:
+        Path(path).write_bytes(data)
 
 
 def write_mnist(
-    root: Path, name: str = "MNIST", train: int = 12, test: int = 6, seed: int = 0
+    root: Path, name: str = "MNIST", train: int = 12, test: int = 6, seed: int = 0, *, gzip: bool = False,
+    folder: Path | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write tiny idx-ubyte files to ``<root>/<name>/raw/`` (``name``: MNIST or FashionMNIST).
+    """Write tiny idx-ubyte files to ``<root>/<name>/raw/`` (``name``: MNIST or FashionMNIST), or to ``folder``.
 
+    With ``gzip`` each file is written as ``<file>.gz`` (gzip-compressed) instead.
     Returns the arrays written: ``train_x`` (n, 28, 28) uint8, ``train_y``, ``test_x``, ``test_y``.
     """
     rng = np.random.default_rng(seed)
-    raw = Path(root) / name / "raw"
+    raw = Path(folder) if folder is not None else Path(root) / name / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     arrays = {
         "train_x": _images(rng, train, (28, 28)),
@@ -117,15 +128,19 @@ def write_mnist(
         "test_x": _images(rng, test, (28, 28)),
         "test_y": rng.integers(0, 10, size=test, dtype=np.uint8),
     }
-    _write_idx(raw / "train-images-idx3-ubyte", arrays["train_x"])
-    _write_idx(raw / "train-labels-idx1-ubyte", arrays["train_y"])
-    _write_idx(raw / "t10k-images-idx3-ubyte", arrays["test_x"])
-    _write_idx(raw / "t10k-labels-idx1-ubyte", arrays["test_y"])
+    _write_idx(raw / "train-images-idx3-ubyte", arrays["train_x"], gzip)
+    _write_idx(raw / "train-labels-idx1-ubyte", arrays["train_y"], gzip)
+    _write_idx(raw / "t10k-images-idx3-ubyte", arrays["test_x"], gzip)
+    _write_idx(raw / "t10k-labels-idx1-ubyte", arrays["test_y"], gzip)
     return arrays
 
 
 def skip_md5(monkeypatch) -> None:
-    """Let torchvision accept the tiny CIFAR-10 files: patch its MD5 comparison (and nothing else)."""
+    """Let the tiny files through the MD5 checks: torchvision's (CIFAR-10) and the idx reader's (MNIST,
+    FashionMNIST); only the comparisons are patched, everything else (format, shapes) is still checked."""
     import torchvision.datasets.utils as tv_utils
 
+    import datamodules._idx as idx
+
     monkeypatch.setattr(tv_utils, "check_md5", lambda fpath, md5, **kwargs: True)
+    monkeypatch.setattr(idx, "check_md5", lambda data, expected: None)

@@ -232,7 +232,7 @@ def test_cifar10_md5_check_is_live(tmp_path):
 def test_cifar10_augmentation_and_cutout(tmp_path, monkeypatch):
     write_cifar10(tmp_path)
     skip_md5(monkeypatch)
-    dm = CIFAR10DataModule(str(tmp_path), cutout=16, cutout_prob=1.0)
+    dm = CIFAR10DataModule(str(tmp_path), cutout=16, cutout_prob=1.0, in_memory=False)  # torchvision's path
     dm.setup()
     names = [type(t).__name__ for t in dm.train_set.transform.transforms]
     assert names == ["RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize", "Cutout"]
@@ -243,24 +243,32 @@ def test_cifar10_augmentation_and_cutout(tmp_path, monkeypatch):
     views = torch.stack([dm.train_set[0][0] for _ in range(8)])
     assert views.shape == (8, 3, 32, 32)
     assert not all(torch.equal(views[0], v) for v in views[1:])  # random augmentation
-    plain = CIFAR10DataModule(str(tmp_path), augment=False)
+    plain = CIFAR10DataModule(str(tmp_path), augment=False, in_memory=False)
     plain.setup()
     assert [type(t).__name__ for t in plain.train_set.transform.transforms] == ["ToTensor", "Normalize"]
 
 
-def test_cifar10_validation_split_and_label_noise(tmp_path, monkeypatch):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_cifar10_validation_split_and_label_noise(tmp_path, monkeypatch, in_memory):
     arrays = write_cifar10(tmp_path, per_batch=8)  # 40 training images
     skip_md5(monkeypatch)
 
     def make(seed=0, **kwargs):
-        dm = CIFAR10DataModule(str(tmp_path), val_size=10, augment=False, data_seed=seed, **kwargs)
+        dm = CIFAR10DataModule(str(tmp_path), val_size=10, augment=False, data_seed=seed, in_memory=in_memory,
+                               **kwargs)
         dm.setup()
         return dm
 
+    def split(dm):
+        train, val = dm.split_indices["train"].tolist(), dm.split_indices["val"].tolist()
+        if not in_memory:  # torchvision's path: Subsets of those images
+            assert (dm.train_set.indices, dm.val_set.indices) == (train, val)
+        return train, val
+
     dm = make(label_noise=0.5)
-    train_idx, val_idx = dm.train_set.indices, dm.val_set.indices
+    train_idx, val_idx = split(dm)
     assert (len(train_idx), len(val_idx)) == (30, 10) and not set(train_idx) & set(val_idx)
-    assert val_idx == make().val_set.indices and val_idx != make(seed=1).val_set.indices
+    assert val_idx == split(make())[1] and val_idx != split(make(seed=1))[1]
     clean = arrays["train_y"]
     # validation images: eval transform and clean labels
     for i, j in enumerate(val_idx):
@@ -296,9 +304,10 @@ def test_cifar10_failed_download_is_a_clear_error(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- FashionMNIST and MNIST (tiny idx files)
 @pytest.mark.parametrize("module, name", [(FashionMNISTDataModule, "FashionMNIST"), (MNISTDataModule, "MNIST")])
-def test_mnist_family_tiny_idx_files(tmp_path, module, name):
+def test_mnist_family_tiny_idx_files(tmp_path, monkeypatch, module, name):
     arrays = write_mnist(tmp_path, name, train=12, test=6)
-    dm = module(str(tmp_path), batch_size=4, eval_batch_size=6)
+    skip_md5(monkeypatch)
+    dm = module(str(tmp_path), batch_size=4, eval_batch_size=6, in_memory=False)  # torchvision's path
     dm.prepare_data()
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.test_set)) == (12, 6)
@@ -316,6 +325,7 @@ def test_mnist_family_tiny_idx_files(tmp_path, module, name):
     "module, cls, folder", [(FashionMNISTDataModule, FashionMNIST, "FashionMNIST"), (MNISTDataModule, MNIST, "MNIST")]
 )
 def test_mnist_family_missing_and_failed_download(tmp_path, monkeypatch, module, cls, folder):
+    monkeypatch.setattr(module, "system_dirs", ())  # as on a machine without the Debian package
     other = "MNIST" if folder == "FashionMNIST" else "FashionMNIST"
     write_mnist(tmp_path, other)  # the other data set's files do not count
     with pytest.raises(DataNotFoundError, match=f"{folder} not found") as err:
@@ -327,8 +337,9 @@ def test_mnist_family_missing_and_failed_download(tmp_path, monkeypatch, module,
         module(str(tmp_path), download=True).prepare_data()
 
 
-def test_mnist_label_noise_uniform(tmp_path):
+def test_mnist_label_noise_uniform(tmp_path, monkeypatch):
     arrays = write_mnist(tmp_path, "MNIST", train=40)
+    skip_md5(monkeypatch)
     dm = MNISTDataModule(str(tmp_path), label_noise=0.25, label_noise_mode="uniform")
     dm.setup()
     labels = torch.as_tensor([dm.train_set[i][1] for i in range(40)])
