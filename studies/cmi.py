@@ -151,7 +151,7 @@ def cmi_score(measure: Sequence[float | None], gap: Sequence[float | None],
 
 
 def pair_codes(measure: np.ndarray, gap: np.ndarray) -> np.ndarray:
-    """The (n, n) code 2·[g_i > g_j] + [μ_i > μ_j] of every ordered pair: 0 = (−,−), 1 = (−,+), 2 = (+,−), 3 = (+,+)."""
+    """The (n, n) code 2·[g_i > g_j] + [μ_i > μ_j] of each ordered pair: 0 (−,−), 1 (−,+), 2 (+,−), 3 (+,+)."""
     v_g = gap[:, None] > gap[None, :]
     v_mu = measure[:, None] > measure[None, :]
     return 2 * v_g.astype(np.int64) + v_mu

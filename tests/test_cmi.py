@@ -53,8 +53,7 @@ def pgdl_table(prediction, specs, conditioning):
         for m2 in specs:
             k0 = 0 if specs[m1]["metrics"]["gen_gap"] > specs[m2]["metrics"]["gen_gap"] else 1
             k1 = 0 if prediction[m1] > prediction[m2] else 1
-            key = "".join(str(specs[m1]["hparams"][h]["current_value"]) + str(specs[m2]["hparams"][h]["current_value"])
-                          for h in conditioning)
+            key = "".join(str(specs[m]["hparams"][h]["current_value"]) for h in conditioning for m in (m1, m2))
             table[k0, k1, index[key]] += 1
     return table
 
