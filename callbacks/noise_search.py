@@ -26,6 +26,7 @@ The number of evaluated perturbations never exceeds ``depth × samples`` (``Radi
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -53,6 +54,8 @@ class RadiusSearch:
         drop: The combined drop at the last probe.
         evaluations: Perturbations evaluated (≤ depth × samples).
         probes: Radii probed (≤ depth).
+        saturated: ``"lower"`` when every probe exceeded the target (the crossing may lie below the first
+            bracket: the radius is an upper bound), ``"upper"`` when none did (a lower bound), else None.
     """
 
     radius: float
@@ -61,6 +64,19 @@ class RadiusSearch:
     drop: float
     evaluations: int
     probes: int
+    saturated: Literal["lower", "upper"] | None = None
+
+    def warn_if_saturated(self, what: str, first: tuple[float, float]) -> None:
+        """Warn (``UserWarning``) that ``what`` hit an end of the first bracket ``first``: a bound, not a value."""
+        if self.saturated is None:
+            return
+        if self.saturated == "lower":
+            why = f"every probe dropped the accuracy by more than the target, down to {self.radius:.3g}"
+        else:
+            why = f"no probe dropped the accuracy by more than the target, up to {self.radius:.3g}"
+        warnings.warn(f"{what}: the search reached the {self.saturated} end of its bracket [{first[0]:g}, "
+                      f"{first[1]:g}] ({why}); the value is a bound, not a measurement: widen lower/upper",
+                      UserWarning, stacklevel=3)
 
 
 def sample_seeds(seed: int, samples: int) -> list[int]:
@@ -143,4 +159,5 @@ def bisect_radius(
             hi = mid
         else:
             lo = mid
-    return RadiusSearch(middle(lo, hi), lo, hi, value, evaluations, depth)
+    saturated = "lower" if lo == lower else "upper" if hi == upper else None
+    return RadiusSearch(middle(lo, hi), lo, hi, value, evaluations, depth, saturated)

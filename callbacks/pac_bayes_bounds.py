@@ -110,8 +110,11 @@ def pac_bayes_sigma(
                 scale = w_abs * sigma + magnitude_eps
             return clean - accuracy_at(fm, fm.w0 + scale * z, data, reduce, "PAC-Bayes flatness")
 
-        return bisect_radius(drop, target, samples=samples, depth=depth, lower=lower, upper=upper, tol=tol,
-                             scale=scale)
+        found = bisect_radius(drop, target, samples=samples, depth=depth, lower=lower, upper=upper, tol=tol,
+                              scale=scale)
+    noise = "sigma" if magnitude_eps is None else f"sqrt(sigma^2 w^2 + {magnitude_eps:g}^2)"
+    found.warn_if_saturated(f"PAC-Bayes sigma' (noise std {noise}, {distribution})", (lower, upper))
+    return found
 
 
 def pac_bayes_bound(distance_sq: float, sigma: float, m: int) -> float:

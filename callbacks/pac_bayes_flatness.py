@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -82,7 +83,9 @@ class PacBayesFlatness(InitialWeights, SharpnessCallback):
 
     def check_batch(self, network: nn.Module, batch: Any) -> None:
         """The network must classify the batch (integer targets)."""
-        measures.pac_bayes_sigma(network, [batch], depth=1, samples=1)
+        with warnings.catch_warnings():  # one probe: always at an end of the bracket
+            warnings.simplefilter("ignore", UserWarning)
+            measures.pac_bayes_sigma(network, [batch], depth=1, samples=1)
 
     def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
                 trainer: pl.Trainer) -> Values:

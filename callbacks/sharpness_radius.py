@@ -123,5 +123,8 @@ def sharpness_alpha(
             worst = min(worst, accuracy_at(fm, fm.w0 + u, data, reduce, "worst-case sharpness"))
             return clean - worst
 
-        return bisect_radius(drop, target, samples=restarts, depth=depth, lower=lower, upper=upper, tol=tol,
-                             combine="max", scale=scale)
+        found = bisect_radius(drop, target, samples=restarts, depth=depth, lower=lower, upper=upper, tol=tol,
+                              combine="max", scale=scale)
+    box = "alpha" if magnitude_eps is None else f"alpha |w| + {magnitude_eps:g}"
+    found.warn_if_saturated(f"worst-case sharpness alpha' (box |u| <= {box})", (lower, upper))
+    return found

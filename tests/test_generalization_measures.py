@@ -400,3 +400,14 @@ def test_bad_arguments_are_refused_with_a_clear_message(call, message):
     x, y = data(n=6, shape=(5,))
     with pytest.raises(ValueError, match=re.escape(message)):
         call(mlp(), [(x, y)])
+
+
+def test_a_search_that_never_crosses_the_target_warns_that_it_is_a_bound():
+    x, y = data(n=20, shape=(5,))
+    net = mlp()
+    with pytest.warns(UserWarning, match=r"reached the lower end of its bracket \[0.5, 2\].*a bound"):
+        found = measures.pac_bayes_sigma(net, [(x, net(x).argmax(1))], lower=0.5, upper=2.0, depth=3, samples=2)
+    assert found.saturated == "lower"
+    with pytest.warns(UserWarning, match=r"reached the upper end of its bracket \[1e-06, 1e-05\]"):
+        found = measures.sharpness_alpha(net, [(x, net(x).argmax(1))], lower=1e-6, upper=1e-5, depth=3, tol=0.0)
+    assert found.saturated == "upper"
