@@ -21,8 +21,8 @@ class FinalTrainEvaluation(SharpnessCallback):
     the network in eval mode on the training examples, read through the data module's
     ``train_eval_dataloader()`` when it has one (the project's data modules: the training set with the
     evaluation transforms, no augmentation, training labels included) and otherwise from the training
-    loader's dataset (whose transforms then apply), in a fixed order under a seeded RNG. The accuracy is
-    logged for integer class targets only.
+    loader's dataset (whose transforms then apply), in a fixed order under a seeded RNG, collated at each
+    evaluation and not kept in memory between them. The accuracy is logged for integer class targets only.
 
     Logs:
         ``<name>/loss``: the mean loss over the examples (``loss_fn``, default cross-entropy).
@@ -54,6 +54,13 @@ class FinalTrainEvaluation(SharpnessCallback):
         datamodule = getattr(trainer, "datamodule", None)
         make = getattr(datamodule, "train_eval_dataloader", None)
         return make() if callable(make) else trainer.train_dataloader
+
+    def local_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
+        """This rank's share of the evaluated examples, collated anew each time (the training set is not kept)."""
+        try:
+            return super().local_batches(trainer, pl_module)
+        finally:
+            self._batches = None
 
     def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
                 trainer: pl.Trainer) -> Values:

@@ -103,12 +103,12 @@ def pac_bayes_sigma(
         def drop(sigma: float, k: int) -> float:
             z = standard_noise(seeds[k], fm.numel, distribution, device=fm.device, dtype=fm.dtype)
             if w_abs is None:
-                scale = sigma
+                size = sigma
             elif distribution == "gaussian":
-                scale = torch.sqrt(w_abs.square() * sigma**2 + magnitude_eps**2)
+                size = torch.sqrt(w_abs.square() * sigma**2 + magnitude_eps**2)
             else:
-                scale = w_abs * sigma + magnitude_eps
-            return clean - accuracy_at(fm, fm.w0 + scale * z, data, reduce, "PAC-Bayes flatness")
+                size = w_abs * sigma + magnitude_eps
+            return clean - accuracy_at(fm, fm.w0 + size * z, data, reduce, "PAC-Bayes flatness")
 
         found = bisect_radius(drop, target, samples=samples, depth=depth, lower=lower, upper=upper, tol=tol,
                               scale=scale)
