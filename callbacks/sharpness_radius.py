@@ -8,9 +8,10 @@ a target (0.1), with
 * r_i = α (sharpness-flatness, eq. (52): 1/α′²), or
 * r_i = α |w_i| + ε, ε = 1e-3 (magnitude-aware, sharpness-mag-flatness, eq. (60): 1/α′²).
 
-The maximum over the box is estimated as in their code's description (and in Dziugaite et al. 2020's
-re-implementation): from ``restarts`` random starts u⁰ ~ U[−r, r], a few steps of projected sign-gradient
-ascent on the training cross-entropy of all the batches, u ← clip(u + η r ⊙ sign ∇L(w + u), −r, r), with
+Jiang et al. do not publish how they maximize over the box; we estimate the maximum (as other
+re-implementations do, with random starts and projected gradient ascent) from ``restarts`` random starts
+u⁰ ~ U[−r, r], each followed by a few steps of projected sign-gradient ascent on the training
+cross-entropy of all the batches, u ← clip(u + η r ⊙ sign ∇L(w + u), −r, r), with
 η = ``step_size`` (default 2.5/steps, Madry et al. 2018's heuristic); the drop of a start is the clean
 accuracy minus the lowest accuracy seen along its path (the start included). α′ comes from the seeded
 bisection of :mod:`callbacks.noise_search` with the worst start (combine = max); the starts are the same at
