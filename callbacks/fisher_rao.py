@@ -6,7 +6,7 @@ Liang, Poggio, Rakhlin & Stokes (2019), "Fisher-Rao metric, geometry, and comple
     ‖w‖²_fr = (1/n) Σ_i ⟨w, ∇_w ℓ(f_w(x_i), y_i)⟩²
 
 over all trainable parameters w. Their Lemma 2.1: for a ReLU network without biases, of L + 1 layers,
-⟨w, ∇_w ℓ⟩ = (L + 1)⟨∂ℓ/∂f, f⟩ (Jiang et al. 2020's eq. (45) writes the norm in that form). We compute the
+⟨w, ∇_w ℓ⟩ = (L + 1)⟨∂ℓ/∂f, f⟩ (Jiang et al. 2020 list the norm in that form). We compute the
 definition directly: ⟨w, ∇_w ℓ_i⟩ = ⟨∂ℓ_i/∂f_i, J_i w⟩, with J_i w, the derivative of the outputs along w,
 from one forward-mode pass (``torch.func.jvp``) per batch, so no per-example gradient is formed.
 """

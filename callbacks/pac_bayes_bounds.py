@@ -134,10 +134,10 @@ def pac_bayes_mag_bound(w: Tensor, reference: Tensor, sigma: float, eps: float, 
 
         (1/4) Σ_i log[ (ε² + (σ′² ‖w‖² + ‖w − w_ref‖²)/ω) / (ε² + σ′² w_i²) ] + log(m/σ′) + 10
 
-    with w_ref = w⁰ (pac-bayes-mag-init) or 0 (pac-bayes-mag-orig, where it is Jiang et al.'s eq. (57)).
-    Jiang et al.'s eq. (56) and the reference code write the variances with w − w⁰ in place of w (and the
-    reference uses w − w⁰ in the denominator of the orig bound too), which does not match the noise whose σ′
-    was searched; we use the posterior of the search.
+    with w_ref = w⁰ (pac-bayes-mag-init, eq. (56)) or 0 (pac-bayes-mag-orig, eq. (57); its numerator is the
+    reference code's (σ′² + 1)‖w‖²/ω). The reference code writes the init bound's variances with w − w⁰ in
+    place of w, and uses w − w⁰ in the denominator of the orig bound too, which does not match the noise
+    whose σ′ was searched; we use the posterior of the search.
     """
     w64, ref64 = w.to(torch.float64), reference.to(torch.float64)
     omega = w64.numel()

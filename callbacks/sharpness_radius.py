@@ -5,8 +5,8 @@ them" (ICLR; arXiv:1912.02178), appendix C, the "sharpness" family: α′ is the
 perturbation u of the trainable parameters in the box |u_i| ≤ r_i drops the training accuracy by more than
 a target (0.1), with
 
-* r_i = α (sharpness-flatness, eq. (52): 1/α′²), or
-* r_i = α |w_i| + ε, ε = 1e-3 (magnitude-aware, sharpness-mag-flatness, eq. (60): 1/α′²).
+* r_i = α (sharpness-flatness: 1/α′²), or
+* r_i = α |w_i| + ε, ε = 1e-3 (magnitude-aware, sharpness-mag-flatness: 1/α′²).
 
 Jiang et al. do not publish how they maximize over the box; we estimate the maximum (as other
 re-implementations do, with random starts and projected gradient ascent) from ``restarts`` random starts
@@ -74,7 +74,7 @@ def sharpness_alpha(
 ) -> RadiusSearch:
     """α′: the largest box radius within which gradient ascent from random starts drops the accuracy ≤ ``target``.
 
-    Jiang et al. (2020), appendix C, eqs. (52) and (60) (see the module docstring for the box, the ascent and
+    Jiang et al. (2020), appendix C, sharpness-flatness (see the module docstring for the box, the ascent and
     the bisection). Per probe at most ``restarts`` starts (a probe stops at the first start over the target),
     each ``steps`` forward-backward passes plus one forward pass over the batches: at most
     ``depth × restarts`` evaluated starts and ``depth × restarts × (steps + 1)`` passes, plus one clean pass.
