@@ -6,7 +6,10 @@ Layout, one concept per module:
   it) over ``_core`` (plumbing); ``inputs`` (``batch_to_inputs`` hooks and losses);
 * the measures as callbacks: ``base`` (:class:`SharpnessCallback`: schedule, subset, storage, shared
   options) with its helpers ``_subset``, ``_distributed``, ``_names``, ``_epoch_end``, and one module per
-  measure: ``minimum_sharpness``, ``adaptive_sharpness``, ``hessian_spectrum``, ``gradient_norm``;
+  measure: ``minimum_sharpness``, ``adaptive_sharpness``, ``hessian_spectrum``, ``gradient_norm``,
+  ``pac_bayes_flatness``, ``worst_case_sharpness``, ``average_case_sharpness``, ``complexity`` (norms, margins,
+  Fisher–Rao; with ``_initial``: the initial weights some of them compare with), and ``final_train`` (the final
+  weights re-evaluated on the training set);
 * other callbacks: ``checkpoint`` (:class:`LossThresholdCheckpoint`, with ``_monitor``), ``stopping``,
   ``summary``, ``progress``.
 
@@ -50,14 +53,19 @@ except ModuleNotFoundError as _missing:  # only Lightning's own absence is toler
         raise
 else:
     from .adaptive_sharpness import AdaptiveSharpness
+    from .average_case_sharpness import AverageSharpness
     from .base import SharpnessCallback
     from .checkpoint import LossThresholdCheckpoint
+    from .complexity import ComplexityMeasures, FisherRaoNorm
+    from .final_train import FinalTrainEvaluation
     from .gradient_norm import GradientNormSharpness
     from .hessian_spectrum import HessianSpectrum
     from .minimum_sharpness import MinimumSharpness
+    from .pac_bayes_flatness import PacBayesFlatness
     from .progress import EpochLines
     from .stopping import RelativeLossStopping
     from .summary import RunSummary
+    from .worst_case_sharpness import WorstCaseSharpness
 
     __all__ += [
         "SharpnessCallback",
@@ -65,6 +73,12 @@ else:
         "AdaptiveSharpness",
         "GradientNormSharpness",
         "HessianSpectrum",
+        "PacBayesFlatness",
+        "WorstCaseSharpness",
+        "AverageSharpness",
+        "ComplexityMeasures",
+        "FisherRaoNorm",
+        "FinalTrainEvaluation",
         "LossThresholdCheckpoint",
         "RelativeLossStopping",
         "RunSummary",

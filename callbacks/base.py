@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
@@ -95,13 +96,13 @@ class SharpnessCallback(EpochEndTracker, Callback):
     """Base class: a sharpness measure on a fixed, seeded subset of the training set.
 
     Subclasses implement :meth:`compute`. A measurement runs every ``every_n_epochs`` epochs (at the end
-    of the training epoch) and/or whenever a callback with the :func:`triggers_measures` capability
-    (:class:`~callbacks.checkpoint.LossThresholdCheckpoint`) saves (``on_checkpoint``), at most once per
-    (epoch, step). Values are logged with ``pl_module.log`` (or to the loggers directly from hooks that
-    forbid logging) and kept in :attr:`history` — the one store of the measured values: it is saved in
-    the callback state (so it survives a resume); the checkpoint saved at the same step also gets a copy
-    under ``checkpoint["sharpness"][key]`` for readers of the file (never read back), and
-    ``LossThresholdCheckpoint.saved`` reads the values from it (:meth:`measurement_at`).
+    of the training epoch), whenever a callback with the :func:`triggers_measures` capability
+    (:class:`~callbacks.checkpoint.LossThresholdCheckpoint`) saves (``on_checkpoint``) and/or at the end of
+    fit (``at_end``), at most once per (epoch, step). Values are logged with ``pl_module.log`` (or to the
+    loggers directly from hooks that forbid logging) and kept in :attr:`history` — the one store of the
+    measured values: it is saved in the callback state (so it survives a resume); the checkpoint saved at
+    the same step also gets a copy under ``checkpoint["sharpness"][key]`` for readers of the file (never
+    read back), and ``LossThresholdCheckpoint.saved`` reads the values from it (:meth:`measurement_at`).
 
     Several instances of one measure (a sweep over ρ, ...) may share a Trainer: the callback state is
     keyed on the arguments, and instances of one class with the same ``name`` log under
@@ -121,6 +122,9 @@ class SharpnessCallback(EpochEndTracker, Callback):
         name: Metric name: the callback logs ``sharpness/<name>`` (and derived keys).
         every_n_epochs: Measure at the end of every N-th training epoch (None: only at checkpoints).
         on_checkpoint: Measure whenever a LossThresholdCheckpoint saves.
+        at_end: Measure the final weights at the end of fit (in ``on_train_end``, logged through the loggers
+            and kept in ``trainer.callback_metrics``), unless they were already measured at that step; a
+            run resumed from a checkpoint written after its last epoch measures them in ``on_fit_end``.
         num_samples: Size of the fixed random subset of the training set (None: all of it), drawn once
             with ``seed`` and stored in the callback state.
         batch_size: Batch size of the subset's batches (the m of m-sharpness).
@@ -148,6 +152,7 @@ class SharpnessCallback(EpochEndTracker, Callback):
         *,
         every_n_epochs: int | None = None,
         on_checkpoint: bool = True,
+        at_end: bool = False,
         num_samples: int | None = 1024,
         batch_size: int = 128,
         seed: int = 0,
@@ -162,6 +167,8 @@ class SharpnessCallback(EpochEndTracker, Callback):
         self.metric_name = name  # sharpness/<metric_name>; told apart from same-named instances at setup
         self.every_n_epochs = None if every_n_epochs is None else check_int("every_n_epochs", every_n_epochs, 1)
         self.on_checkpoint = on_checkpoint
+        self.at_end = bool(at_end)
+        self._ended = False  # the at_end measurement ran in this fit
         self.num_samples = None if num_samples is None else check_int("num_samples", num_samples, 1)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self.seed = check_int("seed", seed, 0)
@@ -226,13 +233,15 @@ class SharpnessCallback(EpochEndTracker, Callback):
         self.metric_name = metric_names([c for c in trainer.callbacks if isinstance(c, SharpnessCallback)])[id(self)]
         self._state_key = self._arguments_key()
         self._start_tracking(trainer)
+        self._ended = False
         triggered = self.on_checkpoint and any(triggers_measures(c) for c in trainer.callbacks)
-        self._measures_subset = self.every_n_epochs is not None or triggered
-        if stage == "fit" and self.every_n_epochs is None and not triggered and self._warn_without_trigger:
+        self._measures_subset = self.every_n_epochs is not None or triggered or self.at_end
+        if stage == "fit" and not self._measures_subset and self._warn_without_trigger:
             rank_zero_warn(
-                f"{type(self).__name__}({self.name!r}) will not measure: it has every_n_epochs=None and "
+                f"{type(self).__name__}({self.name!r}) will not measure: it has every_n_epochs=None, at_end=False "
+                "and "
                 + ("no LossThresholdCheckpoint among the callbacks" if self.on_checkpoint else "on_checkpoint=False")
-                + "; add callbacks.LossThresholdCheckpoint or set every_n_epochs"
+                + "; add callbacks.LossThresholdCheckpoint or set every_n_epochs or at_end"
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -242,6 +251,19 @@ class SharpnessCallback(EpochEndTracker, Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._catch_up(trainer, pl_module)  # a resume at the very end runs no training hook at all
+        if not self._ended:
+            self._measure_at_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._measure_at_end(trainer, pl_module)
+
+    def _measure_at_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The ``at_end`` measurement of the final weights, unless these weights (this step) were measured."""
+        self._ended = True
+        measured = any(h["step"] == trainer.global_step for h in self.history)
+        if not self.at_end or trainer.sanity_checking or measured:
+            return
+        self.measure_now(trainer, pl_module, via_logger=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_ended(trainer)
@@ -301,6 +323,7 @@ class SharpnessCallback(EpochEndTracker, Callback):
         if via_logger:
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=key[1])
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
         else:
             for metric, value in values.items():
                 pl_module.log(metric, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max",
@@ -328,10 +351,20 @@ class SharpnessCallback(EpochEndTracker, Callback):
         share = self._batches[trainer.global_rank::trainer.world_size]
         return [move_data_to_device(batch, pl_module.device) for batch in share]
 
+    def all_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
+        """Every batch of the fixed subset on the module's device (the same on every rank; for cheap measures)."""
+        if self._batches is None:
+            self._batches = self._load(trainer)
+        return [move_data_to_device(batch, pl_module.device) for batch in self._batches]
+
+    def source_loader(self, trainer: pl.Trainer) -> Any:
+        """The loader whose dataset the subset is drawn from (``trainer.train_dataloader``)."""
+        return trainer.train_dataloader
+
     def _load(self, trainer: pl.Trainer) -> list[Any]:
         """The fixed subset's batches (through ``batch_to_inputs``), its indices drawn on first use."""
         kind = type(self).__name__
-        loader = training_loader(trainer.train_dataloader, kind)
+        loader = training_loader(self.source_loader(trainer), kind)
         n = len(loader.dataset)
         if self._indices is None:
             self._indices = draw_indices(n, self.num_samples, self.sampling, self.seed)

@@ -17,6 +17,14 @@ Measures (formulas in each docstring):
 Lower-level pieces: :func:`layer_traces` (per-layer exact CE-Hessian traces), :func:`minimize_scaled_trace`
 (the α solve), :func:`gradient_norm` (from gradients already computed, e.g. by a training step),
 :func:`adaptive_sharpness_per_batch`, :class:`HessianOperator` (H v with a reduce hook).
+
+Generalization measures of Jiang et al. (2020) and beside them (each in its own module, gathered here):
+:func:`pac_bayes` (PAC-Bayes flatness, magnitude-aware, and the bounds; :func:`pac_bayes_sigma`),
+:func:`sharpness_alpha` (worst-case sharpness radius α′), :func:`bisect_radius` (the seeded bisection both
+use), :func:`average_sharpness` (Andriushchenko et al. 2023), :func:`norm_measures` (norms, margins, path-norm,
+counts; :func:`fold_batchnorm`), :func:`fisher_rao_norm` (Liang et al. 2019), :func:`loss_and_accuracy`.
+The bisection measures reduce correct counts and gradients; :func:`norm_measures` takes every batch on every
+process and no ``reduce``.
 """
 
 from __future__ import annotations
@@ -47,7 +55,15 @@ from ._core import (
 from .adaptive import Box, Method, apgd_checkpoints, worst_case_per_batch
 from .alpha_scaling import Solver, minimize_scaled_trace, scaled_trace
 from .per_layer_traces import LayerTraces, UnsupportedNetworkError, feed_forward_layers, layer_traces
+from .accuracy import loss_and_accuracy
+from .average_case import MonteCarloEstimate, average_sharpness
+from .batchnorm_folding import fold_batchnorm
+from .fisher_rao import fisher_rao_norm
 from .hessian import HessianOperator, TraceEstimate, hutchinson, lanczos_top
+from .noise_search import RadiusSearch, bisect_radius
+from .norms import norm_measures
+from .pac_bayes_bounds import pac_bayes, pac_bayes_sigma
+from .sharpness_radius import sharpness_alpha
 
 __all__ = [
     "check_batch",
@@ -69,6 +85,17 @@ __all__ = [
     "HessianOperator",
     "TraceEstimate",
     "Reduce",
+    "pac_bayes",
+    "pac_bayes_sigma",
+    "sharpness_alpha",
+    "bisect_radius",
+    "RadiusSearch",
+    "average_sharpness",
+    "MonteCarloEstimate",
+    "norm_measures",
+    "fold_batchnorm",
+    "fisher_rao_norm",
+    "loss_and_accuracy",
 ]
 
 

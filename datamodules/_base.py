@@ -79,6 +79,7 @@ class SplitDataModule(pl.LightningDataModule):
     train_set: Dataset | None = None
     val_set: Dataset | None = None
     test_set: Dataset | None = None
+    train_eval_set: Dataset | None = None  # the training examples with the evaluation transforms (None: train_set)
 
     def _loader(self, dataset: Dataset | None, stage: str, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -95,6 +96,14 @@ class SplitDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, "val", self.hparams.eval_batch_size, shuffle=False)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training examples (and labels) as the test set is read: evaluation transforms, fixed order.
+
+        For evaluating the final weights on the training set (``callbacks.FinalTrainEvaluation``).
+        """
+        dataset = self.train_eval_set if self.train_eval_set is not None else self.train_set
+        return self._loader(dataset, "train_eval", self.hparams.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, "test", self.hparams.eval_batch_size, shuffle=False)

@@ -246,6 +246,8 @@ class VisionDataModule(SplitDataModule):
             targets[train_idx] = labels
             train.targets = targets.tolist() if isinstance(full.targets, list) else targets
         self.train_set = train if h.val_size == 0 else Subset(train, train_idx.tolist())
+        plain = _with_transform(train, self.eval_transform())  # same images and (noisy) labels, no augmentation
+        self.train_eval_set = plain if h.val_size == 0 else Subset(plain, train_idx.tolist())
         self.test_set = _with_transform(test, self.eval_transform())
         if h.val_size:
             self.val_set = Subset(_with_transform(full, self.eval_transform()), val_idx.tolist())

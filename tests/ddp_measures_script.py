@@ -28,10 +28,16 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from callbacks import (  # noqa: E402
     AdaptiveSharpness,
+    AverageSharpness,
+    ComplexityMeasures,
+    FinalTrainEvaluation,
+    FisherRaoNorm,
     GradientNormSharpness,
     HessianSpectrum,
     LossThresholdCheckpoint,
     MinimumSharpness,
+    PacBayesFlatness,
+    WorstCaseSharpness,
     measures,
 )
 
@@ -68,6 +74,12 @@ def main(out: Path) -> None:
         AdaptiveSharpness(rho=0.05, n_iters=5, **subset),
         HessianSpectrum(k=2, tol=1e-6, n_probes=8, **subset),
         GradientNormSharpness(rho=0.1, on_checkpoint=True, **subset),
+        PacBayesFlatness(depth=5, samples=3, **subset),
+        WorstCaseSharpness(depth=4, restarts=2, steps=2, **subset),
+        AverageSharpness(rho=0.1, samples=3, **subset),
+        ComplexityMeasures(**subset),
+        FisherRaoNorm(**subset),
+        FinalTrainEvaluation(on_checkpoint=True, batch_size=8),
     ]
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=callbacks, logger=False,
@@ -91,6 +103,17 @@ def main(out: Path) -> None:
         }
         eigs = measures.hessian_eigenvalues(net, batches, 2, tol=1e-6)
         single.update({f"sharpness/hessian_eig{i + 1}": v for i, v in enumerate(eigs)})
+        initial = callbacks[5].initial
+        single.update({f"sharpness/{k}": v for k, v in measures.pac_bayes(
+            net, batches, initial=initial, m=64, depth=5, samples=3).items()})
+        for key, magnitude_eps in (("sharpness_flatness", None), ("sharpness_mag_flatness", 1e-3)):
+            alpha = measures.sharpness_alpha(net, batches, depth=4, restarts=2, steps=2, magnitude_eps=magnitude_eps)
+            single[f"sharpness/{key}"] = 1 / alpha.radius**2
+        single["sharpness/average"] = measures.average_sharpness(net, batches, 0.1, samples=3).value
+        single.update({f"complexity/{k}": v for k, v in measures.norm_measures(net, batches, initial=initial).items()})
+        single["complexity/fisher_rao"] = measures.fisher_rao_norm(net, batches)
+        loss, acc = measures.loss_and_accuracy(net, [(x, y)], F.cross_entropy)
+        single.update({"train_final/loss": loss, "train_final/acc": acc})
         (out / "single.json").write_text(json.dumps(single))
 
 

@@ -302,8 +302,8 @@ def test_any_callback_with_the_trigger_capability_runs_the_checkpoint_measures(t
     trainer.fit(Plain(), DataLoader(dataset(32), batch_size=16))
     assert [h["epoch"] for h in measure.history] == [0, 1] and idle.history == []
     messages = [str(w.message) for w in recwarn if "will not measure" in str(w.message)]
-    assert messages == ["MinimumSharpness('idle') will not measure: it has every_n_epochs=None and "
-                        "on_checkpoint=False; add callbacks.LossThresholdCheckpoint or set every_n_epochs"]
+    assert messages == ["MinimumSharpness('idle') will not measure: it has every_n_epochs=None, at_end=False and "
+                        "on_checkpoint=False; add callbacks.LossThresholdCheckpoint or set every_n_epochs or at_end"]
 
 
 @pytest.mark.parametrize(
