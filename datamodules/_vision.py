@@ -234,6 +234,7 @@ class VisionDataModule(SplitDataModule):
         device = data_device(self, h.device)
         for dataset in {id(d): d for d in (self.train_set, self.val_set, self.test_set)}.values():
             dataset.to(device)
+        self.train_eval_set = InMemoryImages(self.train_set.images, self.train_set.labels)  # no augmentation
 
     def _setup_torchvision(self) -> None:
         h = self.hparams

@@ -165,22 +165,25 @@ def test_at_end_and_the_loss_threshold_checkpoint_measure_the_final_weights_once
         "complexity/fisher_rao": fisher.history[0]["complexity/fisher_rao"]}
 
 
-def test_vision_data_modules_evaluate_the_training_set_without_augmentation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_vision_data_modules_evaluate_the_training_set_without_augmentation(tmp_path, monkeypatch, in_memory):
     from datamodules import CIFAR10DataModule
     from fixtures_data import skip_md5, write_cifar10
 
     write_cifar10(tmp_path, per_batch=4, test=2)
     skip_md5(monkeypatch)
-    dm = CIFAR10DataModule(str(tmp_path), val_size=4, cutout=8, label_noise=0.5, eval_batch_size=16)
+    dm = CIFAR10DataModule(str(tmp_path), val_size=4, cutout=8, label_noise=0.5, eval_batch_size=16,
+                           in_memory=in_memory)
     dm.setup()
     x, y = next(iter(dm.train_eval_dataloader()))
-    plain = CIFAR10DataModule(str(tmp_path), val_size=4, augment=False, eval_batch_size=16)  # no cutout either
+    plain = CIFAR10DataModule(str(tmp_path), val_size=4, augment=False, eval_batch_size=16,  # no cutout either
+                              in_memory=in_memory)
     plain.setup()
     clean_x, clean_y = next(iter(plain.train_eval_dataloader()))
     assert x.shape == (16, 3, 32, 32) and torch.equal(x, clean_x)  # the training images, not augmented
     assert torch.equal(y, torch.tensor([dm.train_set[i][1] for i in range(16)]))  # the (noisy) training labels
     assert not torch.equal(y, clean_y)
-    augmented = torch.stack([dm.train_set[i][0] for i in range(16)])
+    augmented = torch.stack([dm.train_set[i][0] for i in range(16)])  # outside the loader: global-RNG draws
     assert not torch.equal(augmented, x)
 
 
