@@ -241,3 +241,18 @@ def test_callback_logs_a_and_l_into_the_run_summary(tmp_path):
         with torch.no_grad():
             assert metrics[f"{key}_clean_loss"] == pytest.approx(float(F.mse_loss(module.net(x), data.tensors[1])),
                                                                  rel=1e-6)
+
+
+def test_the_notebook_config_measures_both_selections():
+    import yaml
+
+    config = yaml.safe_load(open("configs/experiments/adaptive_sharpness_abalone_notebook.yaml"))
+    callbacks = config["trainer"]["callbacks"]
+    notebook, best = [c["init_args"] for c in callbacks if c["class_path"] == "callbacks.AdaptiveSharpness"]
+    assert (notebook.get("name", "adaptive"), notebook["select"], notebook["passes"], notebook["n_iters"]) == (
+        "adaptive", "best_pass_end", 6, 318)  # their 6 passes of 53 steps
+    assert (best["name"], best.get("select", "best_iterate"), best["n_iters"], best["box"]) == (
+        "adaptive_best_iterate", "best_iterate", 318, "signed")
+    assert {k: v for k, v in notebook.items() if k not in ("select", "passes")} == \
+        {k: v for k, v in best.items() if k != "name"}
+    AdaptiveSharpness(**{k: v for k, v in notebook.items() if k != "loss_fn"})  # the options are accepted together
