@@ -26,6 +26,11 @@ module), with sync-free tensor bookkeeping (no host round trip inside the iterat
   ascent δ ← Π(δ + η·∇L) with η the training learning rate, ``n_iters`` (5) steps, the best loss over
   the iterates after the first step (so it can be negative when the ascent fails, as they report).
 
+What each ascent returns (:class:`Ascents`, one entry per batch): A, the loss of the selected iterate
+(the ascent loss), L, the loss at w (the clean loss), and how many of the ascent steps lowered the loss
+below the previous iterate's (δ = 0 before the first step); the sharpness is A − L. A monotone ascent
+has no such step.
+
 Options of ``"pga"`` for the authors' notebooks (Hammoud et al. 2023, github.com/HadiHammoud44/CS439_Sharpness):
 
 * ``score`` — a callable ``score(flat) -> loss`` (e.g. the loss over the whole training set): every
@@ -34,6 +39,10 @@ Options of ``"pga"`` for the authors' notebooks (Hammoud et al. 2023, github.com
 * ``box="signed"`` (p = ∞, adaptive) — the bounds ±ρ·w with torch.clamp's rule (``min(max(δ, −ρw), ρw)``,
   the upper bound winning when the bounds cross) instead of ±ρ·|w|: their FCNN notebook's projection
   ``clamp(w, w0 − ρ·w0, w0 + ρ·w0)``, which pins every negative weight at w0 − ρ·|w0|.
+* ``select="best_pass_end"`` — the selection of their FCNN notebook: the ``n_iters`` steps form ``passes``
+  passes of ``n_iters / passes`` consecutive steps, and the selected iterate is the one at the end of the
+  pass whose summed loss (over its iterates) is the largest, the earliest on ties, instead of the best
+  iterate (``select="best_iterate"``).
 
 Projections: p = ∞ clamps δ to the box |δ| ≤ ρ·c; p = 2 without adaptivity rescales onto the ball;
 adaptive p = 2 projects onto the ellipsoid ‖δ/c‖₂ ≤ ρ exactly, δ = v·c²/(c² + λ) with λ ≥ 0 found by
@@ -45,17 +54,34 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._core import FlatModel, LossFn
+from ._core import FlatModel, LossFn, check_choice, check_int
 
 Method = Literal["apgd", "apgd_reset", "pga"]
 Box = Literal["abs", "signed"]
 Score = Callable[[Tensor], Tensor]
+Select = Literal["best_iterate", "best_pass_end"]
 _BISECTION_STEPS = 60
+
+
+class Ascents(NamedTuple):
+    """The outcome of the worst-case ascents, one entry per batch (1-D tensors in the compute dtype)."""
+
+    ascent: Tensor
+    """A: the loss (or score) of the selected iterate."""
+    clean: Tensor
+    """L: the loss (or score) at w, δ = 0."""
+    falls: Tensor
+    """How many ascent steps ended below the previous iterate's loss (δ = 0 before the first step)."""
+
+    @property
+    def values(self) -> Tensor:
+        """The per-batch sharpness A − L."""
+        return self.ascent - self.clean
 
 
 def apgd_checkpoints(n_iters: int) -> list[int]:
@@ -122,14 +148,15 @@ def _direction(g: Tensor, p: float, c: Tensor | None) -> Tensor:
 
 
 def _apgd(fm: FlatModel, batch: Any, loss_fn: LossFn, rho: float, p: float, c: Tensor | None,
-          n_iters: int, step_size: float, reset: bool = False) -> Tensor:
+          n_iters: int, step_size: float, reset: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(best loss over all iterates, δ = 0 included; the batch loss at w0; the number of steps that lowered it)."""
     zero = torch.zeros_like(fm.w0)
     loss0, g = fm.loss_and_grad(fm.w0, batch, loss_fn)
     delta, delta_prev = zero, zero
     best, best_delta, best_grad = loss0, zero, g
     step = loss0.new_tensor(step_size)
     prev_step, prev_best = step, best
-    improvements = loss0.new_zeros(())
+    improvements, falls, prev_loss = loss0.new_zeros(()), loss0.new_zeros(()), loss0
     prev_checkpoint = 0
     checkpoints = set(apgd_checkpoints(n_iters))
     for i in range(n_iters):
@@ -141,6 +168,7 @@ def _apgd(fm: FlatModel, batch: Any, loss_fn: LossFn, rho: float, p: float, c: T
                 loss = fm.loss(fm.w0 + delta, batch, loss_fn).detach()
         else:
             loss, g = fm.loss_and_grad(fm.w0 + delta, batch, loss_fn)
+        falls, prev_loss = falls + (loss < prev_loss), loss
         improved = loss > best
         best = torch.where(improved, loss, best)
         improvements = improvements + improved
@@ -160,15 +188,40 @@ def _apgd(fm: FlatModel, batch: Any, loss_fn: LossFn, rho: float, p: float, c: T
             if reset:  # apgd_reset: the iterate itself restarts from the best point
                 delta = torch.where(halve, best_delta, delta)
                 delta_prev = torch.where(halve, best_delta, delta_prev)
-    return best - loss0
+    return best, loss0, falls
 
 
-def _pga(fm: FlatModel, batch: Any, loss_fn: LossFn, rho: float, p: float, c: Tensor | None,
-         n_iters: int, step_size: float, score: Score | None = None, box: Box = "abs") -> tuple[Tensor, Tensor]:
-    """(best loss over the PGA iterates after the first step, scored by ``score`` if given; the batch loss at w0)."""
+class _PassEnds:
+    """The selection ``passes``: the iterate ending the pass with the largest summed loss (earliest on ties)."""
+
+    def __init__(self, like: Tensor, pass_steps: int) -> None:
+        self.pass_steps = pass_steps
+        self.total = like.new_zeros(())
+        self.best_total = like.new_tensor(-math.inf)
+        self.selected = like.new_tensor(-math.inf)
+
+    def add(self, i: int, loss: Tensor) -> None:
+        """Take the loss of the iterate after step ``i`` (0-based)."""
+        self.total = self.total + loss
+        if (i + 1) % self.pass_steps == 0:  # the end of a pass
+            larger = (self.total > self.best_total) | self.total.isnan()  # NaN propagates, as torch.maximum
+            self.best_total = torch.where(larger, self.total, self.best_total)
+            self.selected = torch.where(larger, loss, self.selected)
+            self.total = torch.zeros_like(self.total)
+
+
+def _pga(fm: FlatModel, batch: Any, loss_fn: LossFn, rho: float, p: float, c: Tensor | None, n_iters: int,
+         step_size: float, score: Score | None = None, clean: Tensor | None = None, box: Box = "abs",
+         passes: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(the selected iterate's loss, scored by ``score`` if given; the clean loss, ``clean`` when scored, else the
+    batch loss at w0; the number of steps that lowered the loss). The selection: the best iterate after the first
+    step, or with ``passes`` the end of the pass with the largest summed loss."""
     loss0, g = fm.loss_and_grad(fm.w0, batch, loss_fn)
+    clean = loss0 if score is None else clean
     delta = torch.zeros_like(fm.w0)
     best = fm.w0.new_tensor(-math.inf)
+    ends = None if passes is None else _PassEnds(best, n_iters // passes)
+    falls, prev_loss = loss0.new_zeros(()), clean
     for i in range(n_iters):
         delta = delta + step_size * g
         delta = project_signed(delta, rho, fm.w0) if box == "signed" else project(delta, rho, p, c)
@@ -182,11 +235,31 @@ def _pga(fm: FlatModel, batch: Any, loss_fn: LossFn, rho: float, p: float, c: Te
                 loss = fm.loss(fm.w0 + delta, batch, loss_fn).detach()
         else:
             loss, g = fm.loss_and_grad(fm.w0 + delta, batch, loss_fn)
-        best = torch.maximum(best, loss)
-    return best, loss0
+        falls, prev_loss = falls + (loss < prev_loss), loss
+        if ends is None:
+            best = torch.maximum(best, loss)
+        else:
+            ends.add(i, loss)
+    return (best if ends is None else ends.selected), clean, falls
 
 
-def worst_case_per_batch(
+def check_selection(method: str, n_iters: int, select: str, passes: int) -> None:
+    """Refuse a selection that does not apply (``ValueError`` naming ``select`` or ``passes``).
+
+    ``select="best_pass_end"`` needs method pga and ``passes`` dividing ``n_iters``; ``passes`` > 1 needs it.
+    """
+    check_choice("select", select, ("best_iterate", "best_pass_end"))
+    check_int("passes", passes, 1)
+    if select == "best_pass_end" and method != "pga":
+        raise ValueError(f"Invalid select: 'best_pass_end' with method={method!r}; it applies to method='pga'")
+    if select == "best_iterate" and passes != 1:
+        raise ValueError(f"Invalid passes: {passes} with select='best_iterate'; expected 1 (passes apply to "
+                         "select='best_pass_end')")
+    if n_iters % passes:
+        raise ValueError(f"Invalid passes: {passes}; expected a divisor of n_iters={n_iters} (passes of equal length)")
+
+
+def worst_case_ascents(
     fm: FlatModel,
     batches: Iterable[tuple[Any, Any]],
     rho: float,
@@ -199,27 +272,41 @@ def worst_case_per_batch(
     loss_fn: LossFn,
     score: Score | None = None,
     box: Box = "abs",
-) -> Tensor:
-    """Per-batch worst-case sharpness values (a 1-D tensor, one entry per batch, in order).
+    select: Select = "best_iterate",
+    passes: int = 1,
+) -> Ascents:
+    """The ascent loss A, clean loss L and falling steps of every batch's ascent (:class:`Ascents`, in order).
 
     ``fm`` is the :class:`FlatModel` of a network already in the no-trace context; ``batches`` are
     prepared ``(inputs, targets)`` pairs on its device. See the module docstring for the algorithms;
-    ``score`` and ``box`` apply to ``method="pga"`` only.
+    ``score``, ``box`` and ``select`` apply to ``method="pga"`` only. With ρ = 0, A = L (no ascent runs).
     """
     c = fm.w0.abs() if adaptive else None
     if method != "pga" and (score is not None or box != "abs"):
         raise ValueError(f"Invalid method: {method!r} with a score set or box='signed'; these apply to method='pga'")
-    values = []
-    base = None
+    check_selection(method, n_iters, select, passes)
+    with torch.no_grad():
+        base = None if score is None else score(fm.w0).detach()  # the clean score, once
+    rows = []
     for batch in batches:
         if rho <= 0:
-            values.append(fm.w0.new_zeros(()))
-        elif method == "pga":
-            if score is not None and base is None:
+            if base is None:
                 with torch.no_grad():
-                    base = score(fm.w0).detach()  # the clean score, once
-            best, loss0 = _pga(fm, batch, loss_fn, rho, p, c, n_iters, step_size, score, box)
-            values.append(best - (loss0 if score is None else base))
+                    loss0 = fm.loss(fm.w0, batch, loss_fn).detach()
+            rows.append((loss0 if base is None else base,) * 2 + (fm.w0.new_zeros(()),))
+        elif method == "pga":
+            rows.append(_pga(fm, batch, loss_fn, rho, p, c, n_iters, step_size, score, base, box,
+                             passes if select == "best_pass_end" else None))
         else:
-            values.append(_apgd(fm, batch, loss_fn, rho, p, c, n_iters, step_size, reset=method == "apgd_reset"))
-    return torch.stack(values) if values else fm.w0.new_zeros(0)
+            rows.append(_apgd(fm, batch, loss_fn, rho, p, c, n_iters, step_size, reset=method == "apgd_reset"))
+    if not rows:
+        return Ascents(*(fm.w0.new_zeros(0),) * 3)
+    return Ascents(*(torch.stack(column) for column in zip(*rows)))
+
+
+def worst_case_per_batch(fm: FlatModel, batches: Iterable[tuple[Any, Any]], rho: float, **kwargs: Any) -> Tensor:
+    """Per-batch worst-case sharpness values A − L (a 1-D tensor, one entry per batch, in order).
+
+    The arguments are those of :func:`worst_case_ascents`.
+    """
+    return worst_case_ascents(fm, batches, rho, **kwargs).values

@@ -15,6 +15,7 @@ from lightning_modules.validation import check_choice, check_float, check_int, c
 
 from . import measures
 from ._subset import seeded_rng
+from .adaptive import check_selection
 from .base import SharpnessCallback, Values
 
 
@@ -26,11 +27,16 @@ class AdaptiveSharpness(SharpnessCallback):
     ``n_iters=5``, p = ∞, ``batch_size=64``, ``num_samples=3200`` (50 batches), the step the training
     learning rate (taken from the first optimizer when ``step_size`` is None).
 
-    Hammoud et al.'s notebooks measure differently; the options ``score``, ``box``, ``train_mode`` and
-    ``sampling`` reproduce their choices (see :func:`callbacks.measures.adaptive_sharpness`).
+    Hammoud et al.'s notebooks measure differently; the options ``score``, ``box``, ``select``, ``train_mode``
+    and ``sampling`` reproduce their choices (see :func:`callbacks.measures.adaptive_sharpness`).
 
-    Logs:
-        ``sharpness/<name>``: the sharpness.
+    Logs (means over the batches; :func:`callbacks.measures.adaptive_sharpness_parts`):
+        ``sharpness/<name>``: the sharpness A − L.
+        ``sharpness/<name>_ascent_loss``: A, the loss of the selected ascent iterate (the training-set
+        loss with ``score="train_set"``).
+        ``sharpness/<name>_clean_loss``: L, the loss at the measured weights, the one the sharpness subtracts.
+        ``sharpness/<name>_ascent_falls``: the fraction of ascent steps whose loss fell below the previous
+        iterate's (0 when every ascent is monotone); counted from the losses the ascent computes anyway.
 
     Args:
         rho: Radius ρ ≥ 0.
@@ -47,6 +53,11 @@ class AdaptiveSharpness(SharpnessCallback):
             GAT notebooks), the value being the best score minus the clean training-set loss.
         box: pga with p = ∞ only: ``"abs"`` (|δ| ≤ ρ|w|) or ``"signed"`` (their FCNN notebook's clamp
             with bounds ±ρ·w, which pins negative weights at w − ρ|w|).
+        select: pga only: ``"best_iterate"`` (the largest loss over the iterates) or ``"best_pass_end"``
+            (their FCNN notebook: the ``n_iters`` steps form ``passes`` passes of equal length, and the
+            iterate ending the pass with the largest summed loss is taken).
+        passes: The number of passes of ``select="best_pass_end"`` (a divisor of ``n_iters``; their
+            notebook: 6 passes of 53 steps); 1 with ``"best_iterate"``.
         train_mode: Measure with the network in training mode (dropout on, as their GAT and LeNet-5
             notebooks do); the dropout masks are drawn from a generator seeded with ``seed`` at every
             measurement, and the global RNG is restored afterwards.
@@ -54,8 +65,8 @@ class AdaptiveSharpness(SharpnessCallback):
             (``"replacement"``: their GAT notebook draws its 64 nodes with replacement).
     """
 
-    identity_args = ("rho", "p", "adaptive", "n_iters", "method", "step_size", "score", "box", "train_mode",
-                     "sampling") + SharpnessCallback.identity_args
+    identity_args = ("rho", "p", "adaptive", "n_iters", "method", "step_size", "score", "box", "select", "passes",
+                     "train_mode", "sampling") + SharpnessCallback.identity_args
 
     def __init__(
         self,
@@ -68,6 +79,8 @@ class AdaptiveSharpness(SharpnessCallback):
         name: str = "adaptive",
         score: Literal["batch", "train_set"] = "batch",
         box: Literal["abs", "signed"] = "abs",
+        select: Literal["best_iterate", "best_pass_end"] = "best_iterate",
+        passes: int = 1,
         train_mode: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -80,8 +93,11 @@ class AdaptiveSharpness(SharpnessCallback):
         self.step_size = None if step_size is None else check_float("step_size", step_size, strict=True)
         self.score = check_choice("score", score, ("batch", "train_set"))
         self.box = check_choice("box", box, ("abs", "signed"))
+        self.select = check_choice("select", select, ("best_iterate", "best_pass_end"))
+        self.passes = check_int("passes", passes, 1)
         self.train_mode = bool(train_mode)
         measures.check_pga_options(self.method, self.p, self.adaptive, self.box, self.score != "batch", "score")
+        check_selection(self.method, self.n_iters, self.select, self.passes)
         self._score_batches: list[Any] | None = None
 
     def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
@@ -93,12 +109,15 @@ class AdaptiveSharpness(SharpnessCallback):
             step_size = float(trainer.optimizers[0].param_groups[0]["lr"])
         score_batches = self.training_set_batch(trainer) if self.score == "train_set" else None
         with seeded_rng(self.seed) if self.train_mode else contextlib.nullcontext():
-            value = measures.adaptive_sharpness(
+            parts = measures.adaptive_sharpness_parts(
                 network, batches, self.rho, p=self.p, adaptive=self.adaptive, n_iters=self.n_iters,
                 method=self.method, step_size=step_size, loss_fn=self.loss_fn, reduce=reduce,
-                score_batches=score_batches, box=self.box, train_mode=self.train_mode,
+                score_batches=score_batches, box=self.box, select=self.select, passes=self.passes,
+                train_mode=self.train_mode,
             )
-        return {f"sharpness/{self.metric_name}": value}
+        key = f"sharpness/{self.metric_name}"
+        return {key: parts.value, f"{key}_ascent_loss": parts.ascent_loss, f"{key}_clean_loss": parts.clean_loss,
+                f"{key}_ascent_falls": parts.falls}
 
     def training_set_batch(self, trainer: pl.Trainer) -> list[Any]:
         """The whole training set collated as one batch (through ``batch_to_inputs``), drawn once and kept."""

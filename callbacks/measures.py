@@ -16,7 +16,8 @@ Measures (formulas in each docstring):
     :func:`hessian_eigenvalues`, :func:`hessian_trace` (and :func:`hutchinson_trace` with its error).
 Lower-level pieces: :func:`layer_traces` (per-layer exact CE-Hessian traces), :func:`minimize_scaled_trace`
 (the α solve), :func:`gradient_norm` (from gradients already computed, e.g. by a training step),
-:func:`adaptive_sharpness_per_batch`, :class:`HessianOperator` (H v with a reduce hook).
+:func:`adaptive_sharpness_per_batch`, :func:`adaptive_sharpness_parts` (A, L and falling steps),
+:class:`HessianOperator` (H v with a reduce hook).
 
 Generalization measures of Jiang et al. (2020) and beside them (each in its own module, gathered here):
 :func:`pac_bayes` (PAC-Bayes flatness, magnitude-aware, and the bounds; :func:`pac_bayes_sigma`),
@@ -32,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ from ._core import (
     prepared,
     unwrap,
 )
-from .adaptive import Box, Method, apgd_checkpoints, worst_case_per_batch
+from .adaptive import Ascents, Box, Method, Select, apgd_checkpoints, check_selection, worst_case_ascents
 from .alpha_scaling import Solver, minimize_scaled_trace, scaled_trace
 from .per_layer_traces import LayerTraces, UnsupportedNetworkError, feed_forward_layers, layer_traces
 from .accuracy import loss_and_accuracy
@@ -70,6 +71,8 @@ __all__ = [
     "minimum_sharpness",
     "adaptive_sharpness",
     "adaptive_sharpness_per_batch",
+    "adaptive_sharpness_parts",
+    "AdaptiveParts",
     "gradient_norm_sharpness",
     "gradient_norm",
     "hessian_eigenvalues",
@@ -163,12 +166,14 @@ def minimum_sharpness(
 
 # ---------------------------------------------------------------------------------------- adaptive sharpness
 def _check_worst_case(rho: float, p: float, n_iters: int, method: str, step_size: float | None, box: str = "abs",
-                      adaptive: bool = True, scored: bool = False) -> tuple[float, float]:
+                      adaptive: bool = True, scored: bool = False, select: str = "best_iterate",
+                      passes: int = 1) -> tuple[float, float]:
     rho = check_float("rho", rho)
     p = check_p(p, allowed=(2.0, math.inf))
     check_int("n_iters", n_iters, 1)
     check_choice("method", method, ("apgd", "apgd_reset", "pga"))
     check_pga_options(method, p, adaptive, box, scored)
+    check_selection(method, n_iters, select, passes)
     if step_size is None:
         if method == "pga":
             raise ValueError(
@@ -218,17 +223,18 @@ def _score(fm: FlatModel, batches: Iterable[Any] | None, loss_fn: LossFn) -> Cal
 
 def _worst_case(model: nn.Module, batches: Iterable[Any], rho: float, p: float, adaptive: bool, n_iters: int,
                 method: Method, step_size: float | None, loss_fn: LossFn, score_batches: Iterable[Any] | None,
-                box: Box, train_mode: bool) -> Tensor:
-    """The per-batch values of this process's batches (in the model's compute dtype)."""
-    rho, p = _check_worst_case(rho, p, n_iters, method, step_size, box, adaptive, score_batches is not None)
+                box: Box, train_mode: bool, select: Select = "best_iterate", passes: int = 1) -> Ascents:
+    """The ascents of this process's batches (per batch, in the model's compute dtype)."""
+    rho, p = _check_worst_case(rho, p, n_iters, method, step_size, box, adaptive, score_batches is not None,
+                               select, passes)
     model = unwrap(model)
     with evaluating(model):
         fm = FlatModel(model)
         with _mode(model, fm, train_mode):
-            return worst_case_per_batch(
+            return worst_case_ascents(
                 fm, prepared(batches, fm.device, fm.dtype), rho, p=p, adaptive=adaptive, n_iters=n_iters,
                 method=method, step_size=2.0 * rho if step_size is None else step_size, loss_fn=loss_fn,
-                score=_score(fm, score_batches, loss_fn), box=box,
+                score=_score(fm, score_batches, loss_fn), box=box, select=select, passes=passes,
             )
 
 
@@ -246,10 +252,12 @@ def adaptive_sharpness_per_batch(
     score_batches: Iterable[Any] | None = None,
     box: Box = "abs",
     train_mode: bool = False,
+    select: Select = "best_iterate",
+    passes: int = 1,
 ) -> list[float]:
     """Per-batch worst-case sharpness values of :func:`adaptive_sharpness` (this process's batches only)."""
     values = _worst_case(model, batches, rho, p, adaptive, n_iters, method, step_size, loss_fn, score_batches, box,
-                         train_mode)
+                         train_mode, select, passes).values
     return [float(v) for v in values.cpu()]
 
 
@@ -268,6 +276,8 @@ def adaptive_sharpness(
     score_batches: Iterable[Any] | None = None,
     box: Box = "abs",
     train_mode: bool = False,
+    select: Select = "best_iterate",
+    passes: int = 1,
 ) -> float:
     """Adaptive worst-case m-sharpness, averaged over batches.
 
@@ -291,7 +301,8 @@ def adaptive_sharpness(
     ``torch.clamp`` does (negative weights pinned at w − ρ|w|, see :func:`callbacks.adaptive.project_signed`);
     ``train_mode=True`` runs the network in training mode (dropout drawn from the global RNG, which is
     restored afterwards; BatchNorm on batch statistics, its running statistics untouched), as their GAT
-    and LeNet-5 notebooks do.
+    and LeNet-5 notebooks do; ``select="best_pass_end"`` takes, instead of the best iterate, the iterate
+    ending the pass (of ``n_iters / passes`` steps) with the largest summed loss, as their FCNN notebook does.
 
     Args:
         model: Any network; ``model(inputs)`` (or ``model(*inputs)``) feeds ``loss_fn``.
@@ -308,13 +319,53 @@ def adaptive_sharpness(
             ascent batch's own loss).
         box: pga with p = ∞ and adaptive only: ``"abs"`` (|δ| ≤ ρ|w|, the definition) or ``"signed"``.
         train_mode: Measure with the network in training mode (dropout on).
+        select: pga only: ``"best_iterate"`` (the largest loss over the iterates) or ``"best_pass_end"``
+            (the iterate ending the pass with the largest summed loss).
+        passes: The number of passes of equal length ``select="best_pass_end"`` splits the ``n_iters`` steps
+            into (a divisor of ``n_iters``; 1 otherwise).
 
     Returns:
         The mean over all batches of the per-batch sharpness.
     """
     values = _worst_case(model, batches, rho, p, adaptive, n_iters, method, step_size, loss_fn, score_batches, box,
-                         train_mode)
+                         train_mode, select, passes).values
     return float(mean_of(values.sum(), values.numel(), reduce, "adaptive sharpness"))
+
+
+class AdaptiveParts(NamedTuple):
+    """:func:`adaptive_sharpness` with its two terms and the monotonicity of its ascents (means over batches)."""
+
+    value: float
+    """The sharpness A − L (equal to :func:`adaptive_sharpness`'s value)."""
+    ascent_loss: float
+    """A: the loss (or score) of the selected iterate."""
+    clean_loss: float
+    """L: the loss (or score) at w."""
+    falls: float
+    """The fraction of ascent steps that ended below the previous iterate's loss (0 for a monotone ascent)."""
+
+
+def adaptive_sharpness_parts(model: nn.Module, batches: Iterable[Any], rho: float, *, n_iters: int = 20,
+                             reduce: Reduce | None = None, **kwargs: Any) -> AdaptiveParts:
+    """:func:`adaptive_sharpness` (the same arguments) with A, L and the fraction of falling steps; one reduce.
+
+    A − L is the sharpness: A the mean over batches of the selected iterate's loss, L the mean clean loss
+    (with ``score_batches``, both are scores on that set). A step *falls* when its iterate's loss is below
+    the previous iterate's (δ = 0 before the first step); ``falls`` is their number over ``n_iters`` steps
+    and all batches (0 with ρ = 0, where no step is taken).
+    """
+    ascents = _worst_case_kw(model, batches, rho, n_iters=n_iters, **kwargs)
+    rows = torch.stack([ascents.values.sum(), ascents.ascent.sum(), ascents.clean.sum(), ascents.falls.sum() / n_iters])
+    value, ascent, clean, falls = mean_of(rows, ascents.values.numel(), reduce, "adaptive sharpness").tolist()
+    return AdaptiveParts(value, ascent, clean, falls)
+
+
+def _worst_case_kw(model: nn.Module, batches: Iterable[Any], rho: float, *, p: float = math.inf,
+                   adaptive: bool = True, n_iters: int = 20, method: Method = "apgd", step_size: float | None = None,
+                   loss_fn: LossFn = F.cross_entropy, score_batches: Iterable[Any] | None = None, box: Box = "abs",
+                   train_mode: bool = False, select: Select = "best_iterate", passes: int = 1) -> Ascents:
+    return _worst_case(model, batches, rho, p, adaptive, n_iters, method, step_size, loss_fn, score_batches, box,
+                       train_mode, select, passes)
 
 
 # ---------------------------------------------------------------------------------------- gradient norm

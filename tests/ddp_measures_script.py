@@ -95,9 +95,12 @@ def main(out: Path) -> None:
     if trainer.global_rank == 0:
         net = module.net
         batches = callbacks[1]._batches
+        parts = measures.adaptive_sharpness_parts(net, batches, 0.05, n_iters=5)
         single = {
             "sharpness/minimum": measures.minimum_sharpness(net, batches),
             "sharpness/adaptive": measures.adaptive_sharpness(net, batches, 0.05, n_iters=5),
+            "sharpness/adaptive_ascent_loss": parts.ascent_loss,
+            "sharpness/adaptive_clean_loss": parts.clean_loss,
             "sharpness/gradient_norm_subset": measures.gradient_norm_sharpness(net, batches, 0.1),
             "sharpness/hessian_trace": measures.hutchinson_trace(net, batches, n_probes=8).value,
         }

@@ -115,7 +115,9 @@ def test_callbacks_in_a_foreign_module_log_and_store_the_pure_function_values(tm
     last = torch.load(ckpt.saved[-1]["path"], weights_only=False)
     assert last["loss_threshold"]["epoch"] == 2
     stored = last["sharpness"]
-    expected_keys = {"sharpness/minimum", "sharpness/minimum_trace", "sharpness/adaptive", "sharpness/hessian_eig1",
+    expected_keys = {"sharpness/minimum", "sharpness/minimum_trace", "sharpness/adaptive",
+                     "sharpness/adaptive_ascent_loss", "sharpness/adaptive_clean_loss",
+                     "sharpness/adaptive_ascent_falls", "sharpness/hessian_eig1",
                      "sharpness/hessian_eig2", "sharpness/hessian_trace", "sharpness/hessian_trace_stderr",
                      "sharpness/gradient_norm_subset"}
     assert set(stored) == expected_keys
