@@ -1,6 +1,6 @@
 """Run ONE run of a study in the current process, through the same LightningCLI code path as ``cli.py fit``.
 
-A run is ``cli.main(["fit", ...])`` with the study's configs and overrides, the seed, a TensorBoard logger
+A run is ``cli_support.app.main(["fit", ...])`` (what ``python cli.py fit`` runs) with the study's configs and overrides, the seed, a TensorBoard logger
 and checkpoints in ``DIR/runs/<id>/``, the :class:`~callbacks.summary.RunSummary` callback and
 ``--test_after_fit=true`` — exactly the argument list ``study run --dry-run`` prints as
 ``python cli.py fit ...``, so a printed command run by hand writes the same summary. The run's stdout,
@@ -34,7 +34,7 @@ from .files import read_json, write_json
 from .spec import Run
 
 ROOT = Path(__file__).resolve().parents[1]
-WARM_MODULES = ("cli",)
+WARM_MODULES = ("cli_support.app",)
 """What a worker imports before its first run (torch, Lightning and the project, through the CLI)."""
 OUT_PLACEHOLDER = "{out}"
 
@@ -137,7 +137,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
     """Run one task in this process; never raises. Returns ``{id, status, error, seconds, summary}``.
 
     ``DIR/runs/<id>/run.json`` records the command and arguments (before the run), then the worker's pid, the
-    task's seconds and the seconds inside ``cli.main`` (after it).
+    task's seconds and the seconds inside ``cli_support.app.main`` (after it).
     """
     start = time.perf_counter()
     with isolated(task["cwd"], task["threads"]):
@@ -173,10 +173,10 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def _call_cli(args: list[str]) -> None:
-    """The one call into ``cli.py``: ``cli.main(args)`` (fit, then test)."""
-    import cli
+    """The one call into the CLI: ``cli_support.app.main(args)``, what ``python cli.py`` runs (fit, then test)."""
+    from cli_support.app import main
 
-    cli.main(list(args))
+    main(list(args))
 
 
 def warm_up() -> None:
