@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import analysis, pool, report, runner
+from formats.summary import Summary
+
 from .progress import Progress
 from .spec import Study, StudyError, load
 
@@ -61,7 +64,7 @@ def run(study: Study, out: str | Path, *, engine: str = "local", workers: int | 
     progress.close()
     if analyze_after:
         analyze(out, stream=stream)
-    summaries = [runner.read_summary(out, t["id"]) or {} for t in tasks]
+    summaries = [runner.read_run_summary(out, t["id"]) or {} for t in tasks]
     return 0 if all(s.get("status") == "finished" for s in summaries) else 1
 
 
@@ -123,24 +126,22 @@ def analyze(directory: str | Path, x: list[str] | None = None, y: list[str] | No
     return result
 
 
-def _figures(directory: Path, runs: list[dict[str, Any]], result: dict[str, Any], axes: list[str]) -> list[str]:
-    """Save the figures as PNG and to TensorBoard; returns their paths relative to ``directory``."""
+def _figures(directory: Path, runs: list[Summary], result: dict[str, Any], axes: list[str]) -> list[str]:
+    """Save the figures as PNG and to TensorBoard, one at a time; returns their paths relative to ``directory``."""
     from . import board, figures
-
-    import matplotlib.pyplot as plt
 
     folder = directory / "figures"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    made = figures.make_all(runs, result)
-    try:
-        names = []
-        for name, fig in made:
-            fig.savefig(folder / f"{name}.png")
+    names = []
+    with board.Board(directory / "tensorboard") as tensorboard:
+        for name, fig in figures.make_all(runs, result):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png")
+            png = buffer.getvalue()
+            (folder / f"{name}.png").write_bytes(png)
+            tensorboard.add_image(f"study/{name}", png)
             names.append(f"figures/{name}.png")
-        board.write(directory / "tensorboard", made, runs, axes)
-    finally:
-        for _, fig in made:
-            plt.close(fig)
+        tensorboard.add_runs(runs, axes)
     return names

@@ -7,9 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .files import write_json
-
-Summary = dict[str, Any]
+from formats.summary import Summary, write_json
 
 
 def write_csv(path: str | Path, summaries: Sequence[Summary], axes: Sequence[str], keys: Sequence[str]) -> None:
@@ -87,15 +85,18 @@ def _describe(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     cell = {(r["group"], r["key"]): r for r in rows}
-    out = ["## Per group (mean ± std over runs)", "", "| group | n | " + " | ".join(keys) + " |",
+    out = ["## Per group (mean ± std over runs)", "", "Over the finite values; ±inf and NaN (a diverged run) are "
+           "counted beside them.", "", "| group | n | " + " | ".join(keys) + " |",
            "| --- | ---: | " + " | ".join("---:" for _ in keys) + " |"]
     for g in groups:
         n = max(cell[(g, k)]["n"] for k in keys)
         values = []
         for k in keys:
             r = cell[(g, k)]
-            values.append("–" if r["mean"] is None else
-                          _num(r["mean"]) + ("" if r["std"] is None else f" ± {_num(r['std'])}"))
+            text = "–" if r["mean"] is None else _num(r["mean"]) + ("" if r["std"] is None else f" ± {_num(r['std'])}")
+            if r.get("nonfinite"):
+                text += f" (+{r['nonfinite']} non-finite)"
+            values.append(text)
         out.append(f"| {g} | {n} | " + " | ".join(values) + " |")
     return out + [""]
 
@@ -121,4 +122,5 @@ def _p(v: float | None) -> str:
 
 
 def _cell(v: Any) -> str:
+    """A CSV cell: empty for a missing value, ``repr`` of a float (``inf``, ``-inf`` and ``nan`` for non-finite ones)."""
     return "" if v is None else repr(v) if isinstance(v, float) else str(v)

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .files import read_json, write_json
+from formats.summary import Summary, read_json, read_summary, write_json
 from .spec import Run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,14 +107,14 @@ def _json(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------- status on disk
-def read_summary(out: str | os.PathLike, run_id: str) -> dict[str, Any] | None:
-    """The run's ``summary.json``, or None when absent or unreadable."""
-    return read_json(run_dir(out, run_id) / "summary.json")
+def read_run_summary(out: str | os.PathLike, run_id: str) -> Summary | None:
+    """The run's ``summary.json`` (numbers decoded), or None when absent or unreadable."""
+    return read_summary(run_dir(out, run_id) / "summary.json")
 
 
 def is_done(task: dict[str, Any]) -> bool:
     """True when the summary says finished and the run's arguments are those it was run with."""
-    summary = read_summary(task["out"], task["id"])
+    summary = read_run_summary(task["out"], task["id"])
     if summary is None or summary.get("status") != "finished":
         return False
     recorded = read_json(run_dir(task["out"], task["id"]) / "run.json")
@@ -125,7 +125,7 @@ def is_done(task: dict[str, Any]) -> bool:
 
 def write_failed(task: dict[str, Any], error: str) -> dict[str, Any]:
     """Record a failed run (keeping what a partial summary already holds); returns the summary."""
-    summary = read_summary(task["out"], task["id"]) or {}
+    summary = read_run_summary(task["out"], task["id"]) or {}
     summary.update(id=task["id"], status="failed", error=error, axes=dict(task["axes"]), seed=task["seed"])
     summary.setdefault("metrics", {})
     write_json(run_dir(task["out"], task["id"]) / "summary.json", summary)
@@ -161,7 +161,7 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
                     traceback.print_exc()
         cli_seconds = time.perf_counter() - cli_start
         error = _error(failure, folder / "log.txt")
-        summary = read_summary(task["out"], task["id"])
+        summary = read_run_summary(task["out"], task["id"])
         if error is None and (summary is None or summary.get("status") != "finished"):
             error = "the run ended without a finished summary (see log.txt)"
         if error is not None:

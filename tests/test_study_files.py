@@ -11,7 +11,6 @@ import io
 import math
 from functools import partial
 
-import matplotlib
 import pytest
 import torch
 
@@ -144,5 +143,3 @@ def test_added_figures_are_made_for_the_study_figures():
     assert lines[2].get_marker() == "x" and lines[2].get_ydata()[0] == 7e7
     bars = made["bars-test_loss"]
     assert sorted(round(p.get_height(), 6) for ax in bars.axes for p in ax.patches) == [2.0, 2.0, 3.0, 4.0]
-    for fig in made.values():
-        matplotlib.pyplot.close(fig)

@@ -10,14 +10,15 @@ imports under ``if TYPE_CHECKING:`` are left out (they never run).
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("lightning_modules", "datamodules", "callbacks", "cli_support", "studies", "benchmarks")
-LAYERS = {"lightning_modules": 0, "datamodules": 1, "callbacks": 1, "cli_support": 2, "studies": 3, "cli": 4,
+PACKAGES = ("formats", "lightning_modules", "datamodules", "callbacks", "cli_support", "studies", "benchmarks")
+LAYERS = {"formats": -1, "lightning_modules": 0, "datamodules": 1, "callbacks": 1, "cli_support": 2, "studies": 3, "cli": 4,
           "benchmarks": 5}
 """docs/design.md, "Import direction": a package imports only packages of a lower layer (or its own)."""
 
@@ -145,11 +146,13 @@ BLOCKER = textwrap.dedent("""
 """)
 
 
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+
+
 def without_torch(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter in which importing torch or Lightning raises."""
     return subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(code)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
-                                                       "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
+                          text=True, timeout=120, env=ENV)
 
 
 def test_the_blocker_blocks():
@@ -157,30 +160,35 @@ def test_the_blocker_blocks():
     assert out.returncode == 1 and "blocked by the test" in out.stderr
 
 
+STUDY_MODULES = """
+    import studies, studies.analysis, studies.commands, studies.cli, studies.figures, studies.board
+    import studies.runner, studies.engines.local, studies.engines.ray, studies.pool, studies.report, formats.summary
+    print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "lightning", "pytorch_lightning"}))
+"""
+
+
 def test_studies_import_neither_torch_nor_lightning():
-    out = without_torch("""
-        import studies, studies.analysis, studies.commands, studies.cli, studies.figures, studies.board
-        import studies.runner, studies.engines.local, studies.pool, studies.report, studies.files
-        print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "lightning")))
-    """)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    """Where both are installed, importing the study tool still imports neither (without them: the next test)."""
+    installed = subprocess.run([sys.executable, "-c", "import sys" + textwrap.dedent(STUDY_MODULES)], cwd=ROOT,
+                               capture_output=True, text=True, timeout=120, env=ENV)
+    assert installed.returncode == 0, installed.stderr
+    assert installed.stdout.strip() == "[]"
 
 
 def test_study_analyze_runs_without_torch_and_lightning(tmp_path):
     from test_study_analysis import synthetic_study
 
     directory = synthetic_study(tmp_path)
-    out = without_torch(f"""
+    out = without_torch(textwrap.dedent(STUDY_MODULES) + textwrap.dedent(f"""
         import runpy
         sys.argv = ["cli.py", "study", "analyze", {str(directory)!r}, "--bootstrap", "50"]
         try:
             runpy.run_path({str(ROOT / "cli.py")!r}, run_name="__main__")
         except SystemExit as done:
             print("exit", done.code, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "lightning")))
-    """)
+    """))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "exit 0 []", out.stderr
+    assert out.stdout.split() == ["[]", "exit", "0", "[]"], out.stderr
     assert (directory / "analysis.md").is_file() and (directory / "results.csv").is_file()
     assert len(list((directory / "figures").glob("*.png"))) == 11
     assert list((directory / "tensorboard").rglob("events.out.tfevents.*"))

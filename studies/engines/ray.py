@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import runner
-from ..files import read_json, write_json
+from formats.summary import decode, dumps, read_json, write_json
 from ..spec import Resources
 
 MISSING = 'the ray engine needs Ray Tune: pip install "flatminima[ray]"'
@@ -43,7 +43,7 @@ def _trainable(config: dict[str, Any]) -> None:
 
     result = runner.run_task(config["task"])
     tune.report({"status": result["status"], "error": result["error"] or "", "seconds": result["seconds"],
-                 "summary_json": json.dumps(result["summary"], allow_nan=False)})
+                 "summary_json": dumps(result["summary"])})
 
 
 class RayEngine:
@@ -108,14 +108,14 @@ def _result(by_id: dict[str, dict[str, Any]], result: Any) -> dict[str, Any]:
     metrics = result.metrics or {}
     if result.error is not None or "summary_json" not in metrics:
         error = f"Ray trial failed: {_first_line(result.error)}" if result.error else "Ray trial reported nothing"
-        summary = runner.read_summary(task["out"], task["id"])
+        summary = runner.read_run_summary(task["out"], task["id"])
         if summary is None or summary.get("status") != "failed":
             summary = runner.write_failed(task, error)
         return {"id": task["id"], "status": "failed", "error": summary.get("error"), "seconds": 0.0,
                 "summary": summary}
-    summary = json.loads(metrics["summary_json"])
+    summary = decode(json.loads(metrics["summary_json"]))
     path = runner.run_dir(task["out"], task["id"]) / "summary.json"
-    if read_json(path) != summary:
+    if read_json(path) != json.loads(metrics["summary_json"]):  # compared as written ("nan" == "nan")
         write_json(path, summary)
     return {"id": task["id"], "status": summary["status"], "error": summary.get("error"),
             "seconds": float(metrics.get("seconds", 0.0)), "summary": summary}
