@@ -9,6 +9,8 @@ from typing import Any
 
 from formats.summary import Summary, write_json
 
+from .analysis import MIN_BOOTSTRAP_RUNS
+
 
 def write_csv(path: str | Path, summaries: Sequence[Summary], axes: Sequence[str], keys: Sequence[str]) -> None:
     """One row per run: id, status, the axes, seed, every metric key (empty where absent), the error."""
@@ -44,10 +46,12 @@ def markdown(result: dict[str, Any], title: str, figures: Sequence[str] = ()) ->
 def _kendall(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
-    out = ["## Kendall τ", "", "τ-b (scipy), two-sided p-value, 95% percentile bootstrap interval over runs.", "",
+    out = ["## Kendall τ", "", "τ-b (scipy), two-sided p-value, 95% percentile bootstrap interval over runs "
+           f"(—: no interval below {MIN_BOOTSTRAP_RUNS} runs, where resampling a few runs overstates the certainty, "
+           "e.g. [1, 1] for any perfectly ordered sample; or none asked).", "",
            "| x | y | group | n | τ | p | 95% CI |", "| --- | --- | --- | ---: | ---: | ---: | --- |"]
     for r in rows:
-        ci = f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r["ci95"] else "–"
+        ci = f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r["ci95"] else "—"
         out.append(f"| {r['x']} | {r['y']} | {r['group']} | {r['n']} | {_num(r['tau'])} | {_p(r['p'])} | {ci} |")
     return out + [""]
 

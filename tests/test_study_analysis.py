@@ -295,3 +295,23 @@ def test_without_x_every_final_sharpness_and_complexity_key_is_an_x():
         "sharpness/adaptive": 1.0, "complexity/path_norm": 2.0, "complexity/params": 3.0, "test/acc": 0.5,
         "sharpness/adaptive@threshold": 1.0, "sharpness/gradient_norm_step": 0.1, "train/loss": 0.2}}]
     assert study_pool.default_x(runs) == ["complexity/params", "complexity/path_norm", "sharpness/adaptive"]
+
+
+def test_no_bootstrap_interval_below_ten_runs_and_the_table_says_why():
+    """Four perfectly ordered runs: τ = 1 with p = 1/12 (exact), and no interval (not [1, 1], which claims certainty)."""
+    from studies import report
+
+    x = np.arange(4.0)
+    result = analysis.analyze(pool(x, x), ["x"], ["y"], resamples=200)
+    r = row(result["kendall"])
+    assert r["tau"] == pytest.approx(1.0) and r["p"] == pytest.approx(1 / 12) and r["ci95"] is None
+    text = report.markdown(result, "small")
+    assert "| x | y | all | 4 | 1 | 0.0833 | — |" in text and "[1.000, 1.000]" not in text
+    assert f"no interval below {analysis.MIN_BOOTSTRAP_RUNS} runs" in text
+    assert analysis.MIN_BOOTSTRAP_RUNS == 10
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=10)
+    b = a + rng.normal(size=10)
+    assert analysis.bootstrap_tau(a[:9], b[:9]) is None
+    lo, hi = analysis.bootstrap_tau(a, b)
+    assert -1 <= lo < stats.kendalltau(a, b).statistic < hi <= 1
