@@ -8,6 +8,7 @@ here: ``cli.py``, and a study worker running one run (:mod:`studies.runner`), wh
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from callbacks.progress import EpochLines
-from cli_support import compose, errors
+from cli_support import claims, compose, errors
 from cli_support.help import DESCRIPTION, HelpFormatter, presets_epilog
 from cli_support.hparams import HParamsWriter, readable_hparams
 from cli_support.quiet import HeldRecords, quiet_noise
@@ -260,8 +261,26 @@ def main(args: list[str] | None = None, run: bool = True) -> FlatMinimaCLI:
 
 
 def entry(args: list[str] | None = None) -> int:
-    """The command line: :func:`main`, with an error raised during the run printed as one line (exit code 1)."""
+    """The command line: :func:`main`, with an error raised during the run printed as one line (exit code 1).
+
+    With ``FLATMINIMA_CLAIM=<path>`` set (the commands ``study run --dry-run`` prints), a ``fit`` claims
+    ``<path>`` while it trains (:mod:`cli_support.claims`; the first process of a multi-process launch
+    only): a run that a live process already claimed (``study run``, or the same command started twice)
+    is left to it, with one line and exit code 0; a dead owner's claim is taken over.
+    """
     raw = list(sys.argv[1:] if args is None else args)
+    path = os.environ.get(claims.CLAIM_ENV)
+    if path and raw[:1] == ["fit"] and claims.rank_zero():
+        with claims.held(path, "cli.py fit") as outcome:
+            if not outcome.acquired:
+                holder = outcome.holder.describe() if outcome.holder else "another process"
+                sys.stderr.write(f"{path}: claimed by {holder}, which trains this run: nothing to do here\n")
+                return 0
+            return _entry(args, raw)
+    return _entry(args, raw)
+
+
+def _entry(args: list[str] | None, raw: list[str]) -> int:
     try:
         main(args)
     except Exception as err:  # noqa: BLE001 - the command line reports every failure in one line

@@ -288,10 +288,15 @@ class Heartbeat:
         with self._lock:
             paths = list(self._paths)
         for path in paths:
-            if not touch(path, self.owner):
+            current = holder(path)
+            if current is None:
+                continue  # released (by whoever claimed it in this owner's name, e.g. a Ray trial)
+            if current.token != self.owner.token:
                 with self._lock:
                     if path in self._paths:
                         self._lost.add(path)
+            else:
+                touch(path, self.owner)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every):

@@ -152,3 +152,25 @@ def test_process_identity_from_proc():
     me = os.getpid()
     assert processes.alive(me, processes.start_time(me)) and not processes.alive(me, processes.start_time(me) + 1)
     assert processes.parent_pid(me) == os.getppid()
+
+
+def test_a_printed_fit_command_leaves_a_run_another_process_holds(tmp_path, monkeypatch, capsys):
+    """``FLATMINIMA_CLAIM=<claim> python cli.py fit ...`` (what ``study run --dry-run`` prints) claims before training."""
+    from cli_support import app
+
+    path = tmp_path / "claims" / "run.claim"
+    other = claims.Owner.this_process("study run")  # alive: this process, another token
+    assert claims.acquire(path, other).acquired
+    monkeypatch.setenv(claims.CLAIM_ENV, str(path))
+    monkeypatch.setattr(app, "main", lambda args=None: pytest.fail("trained a run another process holds"))
+    assert app.entry(["fit", "--trainer.max_epochs=1"]) == 0
+    assert f"{path}: claimed by {other.describe()}, which trains this run" in capsys.readouterr().err
+    assert claims.holder(path) == other
+    claims.release(path, other)
+    seen = []
+    monkeypatch.setattr(app, "main", lambda args=None: seen.append(claims.holder(path)))
+    assert app.entry(["fit", "--trainer.max_epochs=1"]) == 0
+    assert seen[0].what == "cli.py fit" and seen[0].pid == os.getpid() and not path.exists()  # held while it ran
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP rank other than the first never claims
+    assert app.entry(["fit", "--trainer.max_epochs=1"]) == 0
+    assert seen[1] is None

@@ -54,7 +54,7 @@ def test_full_size_study_fits_one_step_on_format_faithful_files(name, tmp_path, 
     write_mnist(root, "FashionMNIST", train=8, test=4)
     skip_md5(monkeypatch)
     study = load(f"configs/studies/{name}.yaml")
-    args = runner.make_task(study.runs()[0], tmp_path / "out", 1, ROOT)["args"]
+    args = list(runner.make_task(study.runs()[0], tmp_path / "out", 1, ROOT).args)
     small = ["--data.init_args.batch_size=2"] + (["--data.init_args.eval_batch_size=2"] if "cifar" in name else [])
     built = cli.main([*args, f"--data.init_args.data_dir={root}", "--trainer.fast_dev_run=true", *small])
     assert built.trainer.state.finished and built.trainer.global_step == 1
