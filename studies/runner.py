@@ -99,9 +99,18 @@ def make_task(run: Run, out: str | os.PathLike, threads: int, cwd: str | os.Path
 
 
 def result_of(task: Task, summary: Summary, seconds: float) -> RunResult:
-    """The result of a task that ran here, from the summary it left (the one place a result is built)."""
-    return RunResult(id=task.id, status=summary["status"], error=summary.get("error"), seconds=seconds,
-                     summary=summary)
+    """The result of a task that ran here, from the summary it left."""
+    return _result(task, summary["status"], summary.get("error"), seconds, summary)
+
+
+def elsewhere(task: Task, why: str | None) -> RunResult:
+    """The result of a task this process did not run: another process holds its claim (``why``: who, or how)."""
+    return _result(task, "elsewhere", why, 0.0, None)
+
+
+def _result(task: Task, status: RunStatus, error: str | None, seconds: float, summary: Summary | None) -> RunResult:
+    """The one place a :class:`RunResult` is built."""
+    return RunResult(id=task.id, status=status, error=error, seconds=seconds, summary=summary)
 
 
 def failed(task: Task, error: str, seconds: float = 0.0) -> RunResult:

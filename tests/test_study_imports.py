@@ -192,3 +192,25 @@ def test_study_analyze_runs_without_torch_and_lightning(tmp_path):
     assert (directory / "analysis.md").is_file() and (directory / "results.csv").is_file()
     assert len(list((directory / "figures").glob("*.png"))) == 11
     assert list((directory / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_the_summary_type_is_defined_once_and_run_results_are_built_in_the_runner():
+    """One ``Summary`` (formats/summary.py, a TypedDict), no ``dict[str, Any]`` alias of it; ``RunResult(...)`` is
+    called in studies/runner.py only."""
+    definitions, constructions = [], []
+    for name, path in project_modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name == "Summary":
+                definitions.append((name, "class"))
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(isinstance(t, ast.Name) and t.id == "Summary" for t in targets):
+                    definitions.append((name, "alias"))
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "RunResult":
+                constructions.append(name)
+    assert definitions == [("formats.summary", "class")]
+    assert set(constructions) == {"studies.runner"}
+    from formats.summary import Summary
+
+    assert Summary.__annotations__["metrics"] and Summary.__total__ is False  # a TypedDict

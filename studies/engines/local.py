@@ -176,8 +176,8 @@ class LocalEngine:
             worker.process.kill()
             worker.process.join()
             task, worker.task, worker.started = worker.task, None, None
-            return RunResult(task.id, "elsewhere", "its claim was taken over by another process (this one was "
-                             "presumed dead); the run was stopped here", 0.0)
+            return runner.elsewhere(task, "its claim was taken over by another process (this one was presumed "
+                                          "dead); the run was stopped here")
         if not worker.process.is_alive():
             return self._lost(worker, _death(worker.process))
         if self.timeout is not None and worker.started is not None:

@@ -133,11 +133,11 @@ def _result(by_id: dict[str, Task], claims: Claims | None, result: Any) -> RunRe
     task = by_id[result.config["run"]["task"]["id"]]
     metrics = result.metrics or {}
     if metrics.get("status") == "elsewhere":
-        return RunResult(task.id, "elsewhere", metrics.get("error") or None, 0.0)
+        return runner.elsewhere(task, metrics.get("error") or None)
     if result.error is not None or "summary_json" not in metrics:
         error = f"Ray trial failed: {_first_line(result.error)}" if result.error else "Ray trial reported nothing"
         if claims is not None and not claims.holds(task) and not claims.acquire(task):
-            return RunResult(task.id, "elsewhere", error, 0.0)  # another process has the run and records it
+            return runner.elsewhere(task, error)  # another process has the run and records it
         summary = runner.read_run_summary(task.out, task.id)
         outcome = (runner.result_of(task, summary, 0.0) if summary is not None and summary.get("status") == "failed"
                    else runner.failed(task, error))
@@ -201,8 +201,13 @@ def _events(by_id: dict[str, Task], claims: Claims | None, on_start: OnStart | N
                 claims.forget(task)
             elif claims is not None:
                 claims.untrack(task)
-            if self.context.on_done is not None:
-                self.context.on_done(RunResult(task.id, status, result.get("error") or None,
-                                               float(result.get("seconds", 0.0))))
+            if self.context.on_done is None:
+                return
+            if status == "elsewhere":
+                self.context.on_done(runner.elsewhere(task, result.get("error") or None))
+            else:  # the summary as the trial reported it (or the failure Tune saw; the driver records it after)
+                summary = decode(json.loads(result["summary_json"])) if result.get("summary_json") else \
+                    {"id": task.id, "status": "failed", "error": result.get("error") or "Ray trial failed"}
+                self.context.on_done(runner.result_of(task, summary, float(result.get("seconds", 0.0))))
 
     return Events(_Context(by_id, claims, on_start, on_done))
