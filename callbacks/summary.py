@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +10,8 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerStatus
+
+from formats.summary import Status, Summary, write_json
 
 FinishAfter = Literal["fit", "test"]
 HIGHER_IS_BETTER = ("acc", "accuracy", "f1", "auroc", "precision", "recall")
@@ -22,7 +21,8 @@ class RunSummary(Callback):
     """Write ``summary.json``: status, final metrics, generalization gaps and every ``sharpness/*`` value.
 
     The file is the interface between training and the study analysis (``python cli.py study analyze``);
-    it is written atomically (temporary file, then ``os.replace``) and only on global rank 0. It needs
+    its format is :mod:`formats.summary` (the :class:`~formats.summary.Summary` dictionary),
+    and it is written atomically (temporary file, fsync, ``os.replace``) and only on global rank 0. It needs
     nothing from this project: the values are taken from what the run's loggers receive (so they equal
     what TensorBoard shows), or from ``trainer.callback_metrics`` when the trainer has no logger.
 
@@ -39,7 +39,9 @@ class RunSummary(Callback):
     ``train/<m>`` and ``test/<m>`` (``train − test`` for accuracy-like names — acc, f1, auroc, precision,
     recall — and ``test − train`` for losses and errors, so a larger gap always means worse
     generalization), and ``<key>@threshold``, the value of each per-epoch key at ``threshold_epoch``.
-    Non-finite values are written as null (strict JSON).
+    Non-finite values are kept: a diverged loss is ``inf``, written as the string ``"inf"`` (``"-inf"``,
+    ``"nan"``), since JSON has no infinity; :func:`formats.summary.read_summary` reads them back as
+    floats.
 
     Example::
 
@@ -80,7 +82,7 @@ class RunSummary(Callback):
 
     def _reset(self) -> None:
         self._start: float | None = None
-        self._last: dict[str, float] = {}
+        self._last: dict[str, float] = {}  # non-finite values included
         self._history: dict[str, dict[int, tuple[int, float]]] = {}
         self._tapped: list[tuple[Any, Any]] = []
         self._threshold_epoch: int | None = None
@@ -136,9 +138,9 @@ class RunSummary(Callback):
         step = trainer.global_step if step is None else int(step)
         for key, value in metrics.items():
             number = _float(value)
-            if key in ("epoch", "step") or (number is None and not _is_nonfinite(value)):
+            if key in ("epoch", "step") or number is None:
                 continue  # not a number: nothing to summarise
-            self._last[key] = number  # None for NaN/inf (strict JSON)
+            self._last[key] = number  # inf and nan included (written as "inf", "nan")
             if not key.endswith("_step") and not key.startswith("train_step/"):
                 self._history.setdefault(key, {})[epoch] = (step, number)
 
@@ -147,7 +149,7 @@ class RunSummary(Callback):
         if not trainer.loggers:  # nothing was tapped: the callback metrics are the final values
             for key, value in trainer.callback_metrics.items():
                 number = _float(value)
-                if number is not None or _is_nonfinite(value):
+                if number is not None:
                     self._last[key] = number
         for callback in trainer.callbacks:
             epoch = getattr(callback, "threshold_epoch", None)
@@ -155,8 +157,8 @@ class RunSummary(Callback):
                 self._threshold_epoch = epoch
         self._epochs, self._global_step = trainer.current_epoch, trainer.global_step
 
-    def summary(self, trainer: pl.Trainer, status: str, error: str | None = None) -> dict[str, Any]:
-        """The summary dictionary of the run so far (what :meth:`write` writes)."""
+    def summary(self, trainer: pl.Trainer, status: Status, error: str | None = None) -> Summary:
+        """The summary dictionary of the run so far (what :meth:`write` writes; non-finite values as floats)."""
         path = self._path(trainer)
         metrics = dict(sorted(self._last.items()))
         metrics.update(gaps(metrics))
@@ -181,7 +183,7 @@ class RunSummary(Callback):
             "history": history,
         }
 
-    def write(self, trainer: pl.Trainer, status: str, error: str | None = None) -> Path | None:
+    def write(self, trainer: pl.Trainer, status: Status, error: str | None = None) -> Path | None:
         """Write the summary atomically (rank 0 only); returns the path written."""
         if not trainer.is_global_zero:
             return None
@@ -205,7 +207,7 @@ def gaps(metrics: dict[str, float | None]) -> dict[str, float | None]:
     """Generalization gaps ``gap/<m>`` from ``train/<m>`` and ``test/<m>`` (positive = worse on test).
 
     ``train − test`` for accuracy-like names (acc, accuracy, f1, auroc, precision, recall), ``test − train``
-    for the others (losses, errors).
+    for the others (losses, errors). Non-finite values give what the arithmetic gives (∞ − 1 = ∞, ∞ − ∞ = NaN).
     """
     out: dict[str, float | None] = {}
     for key, train in metrics.items():
@@ -222,27 +224,6 @@ def gaps(metrics: dict[str, float | None]) -> dict[str, float | None]:
         else:
             out[f"gap/{name}"] = test - train
     return out
-
-
-_NUMBERS = re.compile(r"\[\s*((?:-?[0-9][0-9.eE+-]*|null)(?:,\s*(?:-?[0-9][0-9.eE+-]*|null))*)\s*\]")
-
-
-def dumps(data: Any) -> str:
-    """Strict JSON (no NaN), indented, with lists of numbers kept on one line."""
-    text = json.dumps(data, indent=1, allow_nan=False)
-    return _NUMBERS.sub(lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]", text) + "\n"
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as strict JSON to ``path`` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(dumps(data))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _has_test_loader(trainer: pl.Trainer) -> bool:
@@ -264,16 +245,9 @@ def _config_path(trainer: pl.Trainer, summary: Path) -> str | None:
 
 
 def _float(value: Any) -> float | None:
-    """A finite Python float from a number or a one-element tensor, else None."""
+    """A Python float (inf and nan included) from a number or a one-element tensor, else None."""
     if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _is_nonfinite(value: Any) -> bool:
-    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
-        value = value.item()
-    return isinstance(value, float) and not math.isfinite(value)
+    return float(value)

@@ -4,6 +4,8 @@
 the same LightningCLI path as ``cli.py fit`` on reused worker processes (:mod:`studies.engines.local`) or
 Ray Tune (:mod:`studies.engines.ray`), and analyses the pool (:mod:`studies.analysis`: Kendall τ with
 bootstrap intervals, the granulated coefficient Ψ of Jiang et al. 2020, KS tests); ``python cli.py study
-analyze DIR`` analyses any folder of ``runs/*/summary.json``. Importing this package imports neither torch
-nor Lightning.
+analyze DIR`` analyses any folder of ``runs/*/summary.json`` (format: :mod:`formats.summary`). Several
+processes, on one machine or several, may run one study folder at once (:mod:`studies.shared`: each run is
+claimed before it is trained). Importing this package imports neither torch nor Lightning (a worker
+imports them when it trains).
 """

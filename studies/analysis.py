@@ -4,9 +4,16 @@ Pure numpy/scipy on summary dictionaries (``{"id", "status", "axes", "seed", "me
 trained anywhere can be analysed. Runs whose status is not ``finished`` are left out and counted; a run
 lacking a key (or holding null) is left out of the statistics of that key only.
 
+Non-finite values (a diverged run's ``inf`` loss): the rank statistics (τ, its interval, Ψ, KS) keep ±∞,
+which order as they should (a loss of +∞ ranks above every finite loss; two of them tie), and leave NaN
+out, which has no order; the descriptive statistics (mean, std, min, max) are over the finite values,
+with the count of non-finite ones beside them (``nonfinite``).
+
 * Kendall's τ-b and its p-value: ``scipy.stats.kendalltau``; the 95% interval is the percentile
   bootstrap over runs (resampled with replacement, seeded; τ-b of all resamples at once, from how often
-  each resample draws each run).
+  each resample draws each run), given from :data:`MIN_BOOTSTRAP_RUNS` runs on and None below: over a
+  handful of runs the resamples hold only a few distinct runs, and a perfectly ordered sample gives
+  the degenerate interval [1, 1] whatever its p-value.
 * The granulated coefficient Ψ of Jiang et al. 2020 ("Fantastic generalization measures and where to
   find them", §4): for each axis, the runs that agree on every other axis and on the seed form a group;
   ψ_axis is the mean of τ within the groups of at least two runs (groups where τ is undefined — a
@@ -27,9 +34,15 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from formats.summary import Summary, number
+
 from .spec import KSTest
 
-Summary = dict[str, Any]
+MIN_BOOTSTRAP_RUNS = 10
+"""No bootstrap interval of τ over fewer runs. Chosen by simulation (bivariate normal pools, 1000 resamples per
+interval, 400–1000 pools per cell): the nominal 95% percentile interval covered the true τ in 45 %, 63 %, 81 %
+and 92 % of pools of 4, 5, 6 and 8 runs at τ = 0.80 (ρ = 0.95), and in ≥ 96 % from 10 runs on for every
+τ ≤ 0.84 (86 % at τ = 0.91, where perfectly ordered samples, hence intervals [1, 1], are common)."""
 
 
 # ---------------------------------------------------------------------------------------- the pool
@@ -50,16 +63,25 @@ def axes_of(runs: Sequence[Summary]) -> list[str]:
 
 
 def value(run: Summary, key: str) -> float | None:
-    """The run's finite value of ``key`` (from ``metrics``), else None."""
-    v = (run.get("metrics") or {}).get(key)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
+    """The run's value of ``key`` (from ``metrics``) as a float, ±inf and NaN included; None when it has none."""
+    return number((run.get("metrics") or {}).get(key))
+
+
+def ordered(run: Summary, key: str) -> float | None:
+    """The run's value of ``key`` where it has an order: finite or ±inf; None when absent or NaN."""
+    v = value(run, key)
+    return None if v is None or math.isnan(v) else v
+
+
+def finite(run: Summary, key: str) -> float | None:
+    """The run's finite value of ``key``, else None."""
+    v = value(run, key)
+    return v if v is not None and math.isfinite(v) else None
 
 
 def paired(runs: Sequence[Summary], x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
-    """The (x, y) values of the runs that hold both keys."""
-    pairs = [(value(r, x), value(r, y)) for r in runs]
+    """The (x, y) values of the runs that hold both keys with an order (±inf kept, NaN left out)."""
+    pairs = [(ordered(r, x), ordered(r, y)) for r in runs]
     pairs = [p for p in pairs if p[0] is not None and p[1] is not None]
     if not pairs:
         return np.empty(0), np.empty(0)
@@ -85,8 +107,9 @@ def tau_b_resampled(x: np.ndarray, y: np.ndarray, counts: np.ndarray) -> np.ndar
     concordant minus discordant pairs over the root of the products of the pairs untied in x and in y. A
     run drawn c_i times contributes c_i·c_j pairs with run j, so each sum is cᵀ M c for the n × n matrix M of
     the original runs (S_x ⊙ S_y, |S_x|, |S_y|): three matrix products instead of B·n² pair signs.
-    NaN where a resample is constant in x or y.
+    NaN where a resample is constant in x or y. ``x`` and ``y`` may hold ±inf (their ranks are used).
     """
+    x, y = stats.rankdata(x), stats.rankdata(y)  # same signs, ties included; ∞ − ∞ never formed
     sx = np.sign(x[:, None] - x[None, :])
     sy = np.sign(y[:, None] - y[None, :])
     counts = counts.astype(float)
@@ -100,11 +123,15 @@ def tau_b_resampled(x: np.ndarray, y: np.ndarray, counts: np.ndarray) -> np.ndar
 
 
 def bootstrap_tau(x: Sequence[float], y: Sequence[float], resamples: int = 1000, seed: int = 0,
-                  level: float = 0.95) -> list[float] | None:
-    """Percentile bootstrap interval of τ-b: runs resampled with replacement (seeded); None if undefined."""
+                  level: float = 0.95, min_runs: int = MIN_BOOTSTRAP_RUNS) -> list[float] | None:
+    """Percentile bootstrap interval of τ-b: runs resampled with replacement (seeded).
+
+    None when undefined (every resample constant), when ``resamples`` is 0, or under ``min_runs`` runs
+    (:data:`MIN_BOOTSTRAP_RUNS`: below it the percentile interval overstates what a few runs show).
+    """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     n = len(x)
-    if n < 3 or resamples < 1:
+    if n < max(3, min_runs) or resamples < 1:
         return None
     index = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     counts = np.bincount((index + n * np.arange(resamples)[:, None]).ravel(), minlength=resamples * n)
@@ -149,7 +176,7 @@ def granulated(runs: Sequence[Summary], x: str, y: str, axes: Sequence[str]) -> 
     Returns ``{"x", "y", "per_axis": {axis: ψ or None}, "psi": Ψ or None}``; ``per_axis`` lists the axes
     that vary among the runs holding both keys.
     """
-    usable = [r for r in runs if value(r, x) is not None and value(r, y) is not None]
+    usable = [r for r in runs if ordered(r, x) is not None and ordered(r, y) is not None]
     varying = [a for a in axes if len({str((r.get("axes") or {}).get(a)) for r in usable}) > 1]
     per_axis: dict[str, float | None] = {}
     for axis in varying:
@@ -174,8 +201,8 @@ def ks_rows(runs: Sequence[Summary], tests: Sequence[KSTest]) -> list[dict[str, 
             members_a = [r for v in values_a for r in by_value.get(v, [])]
             members_b = [r for v in values_b for r in by_value.get(v, [])]
             for key in test.keys:
-                a = [v for v in (value(r, key) for r in members_a) if v is not None]
-                b = [v for v in (value(r, key) for r in members_b) if v is not None]
+                a = [v for v in (ordered(r, key) for r in members_a) if v is not None]
+                b = [v for v in (ordered(r, key) for r in members_b) if v is not None]
                 statistic = p = None
                 if a and b:
                     result = stats.ks_2samp(a, b)
@@ -187,14 +214,18 @@ def ks_rows(runs: Sequence[Summary], tests: Sequence[KSTest]) -> list[dict[str, 
 
 # ---------------------------------------------------------------------------------------- descriptive
 def describe(runs: Sequence[Summary], keys: Sequence[str], group_axes: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean, standard deviation (ddof 1), min and max of each key over the pool and per ``axis=value``."""
+    """Mean, standard deviation (ddof 1), min and max of each key over the pool and per ``axis=value``.
+
+    Over the finite values (``n`` of them); ``nonfinite`` counts the runs whose value is ±inf or NaN.
+    """
     groups = [("all", list(runs))] + [(f"{axis}={v}", members) for axis in group_axes
                                        for v, members in group_by(runs, axis).items()]
     rows = []
     for name, members in groups:
         for key in keys:
-            vals = np.asarray([v for v in (value(r, key) for r in members) if v is not None])
-            rows.append({"group": name, "key": key, "n": int(vals.size),
+            held = [v for v in (value(r, key) for r in members) if v is not None]
+            vals = np.asarray([v for v in held if math.isfinite(v)])
+            rows.append({"group": name, "key": key, "n": int(vals.size), "nonfinite": len(held) - int(vals.size),
                          "mean": float(vals.mean()) if vals.size else None,
                          "std": float(vals.std(ddof=1)) if vals.size > 1 else None,
                          "min": float(vals.min()) if vals.size else None,

@@ -23,7 +23,10 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run every unfinished run of a study file, then analyse the pool",
                        description="Run every unfinished run of STUDY (a finished summary.json is skipped, so a "
-                                   "stopped study continues where it stopped), then analyse DIR.")
+                                   "stopped study continues where it stopped), then analyse DIR. Several processes "
+                                   "(or machines sharing DIR) may run the same study at once: each run is claimed "
+                                   "(DIR/claims/) and trained by one of them, each waits for the others, and the "
+                                   "last one out writes the analysis.")
     r.add_argument("study", help="the study file (YAML); relative config paths resolve against the current directory")
     r.add_argument("--out", help="the study folder (default: logs/studies/<name>)")
     r.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -36,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--gpus-per-run", type=float, help="override resources.gpu (Ray GPUs, fractional allowed)")
     r.add_argument("--timeout", type=float, help="local: seconds a run may take before its worker is killed")
     r.add_argument("--dry-run", action="store_true",
-                   help="print one `python cli.py fit ...` command per run and write nothing")
+                   help="print one `python cli.py fit ...` command per run and write nothing (each command claims "
+                        "its run while it trains: FLATMINIMA_CLAIM)")
     r.add_argument("--no-analysis", action="store_true", help="do not analyse the pool at the end")
     a = sub.add_parser("analyze", help="analyse a folder of runs/*/summary.json",
                        description="Kendall τ (with p and bootstrap interval), granulated Ψ, KS tests, results.csv, "

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import analysis, pool, report, runner
+from cli_support import claims
+from formats.summary import Summary, read_json
+
+from . import analysis, pool, report, runner, shared
+from .engines import Engine
 from .progress import Progress
+from .runner import RunResult, Task
 from .spec import Study, StudyError, load
 
 
@@ -28,7 +35,7 @@ def default_workers(threads: int) -> int:
     return max(1, cpus // max(1, threads))
 
 
-def tasks_of(study: Study, out: str | Path) -> list[dict[str, Any]]:
+def tasks_of(study: Study, out: str | Path) -> list[Task]:
     """One task per run of the grid, run from the current directory."""
     return [runner.make_task(run, out, study.resources.threads, Path.cwd()) for run in study.runs()]
 
@@ -45,28 +52,62 @@ def dry_run(study: Study, out: str | Path, stream: TextIO | None = None) -> int:
 def run(study: Study, out: str | Path, *, engine: str = "local", workers: int | None = None,
         address: str | None = None, timeout: float | None = None, analyze_after: bool = True,
         stream: TextIO | None = None) -> int:
-    """Run the runs not finished yet, then analyse the folder; 0 if every run finished, else 1."""
+    """Run the runs not finished yet, sharing the study folder with any other process; 0 if every run finished.
+
+    Each run is claimed before it is trained (:mod:`studies.shared`): this process trains the runs it can
+    claim, waits for those other processes train, and ends when every run is settled; the last process
+    out writes the analysis. Returns 0 when every run finished, else 1.
+    """
     stream = stream or sys.stderr
     out = Path(out)
     tasks = tasks_of(study, out)
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / "study.yaml").exists() or not (out / "study.yaml").samefile(study.path):
-        shutil.copyfile(study.path, out / "study.yaml")
-    todo = [t for t in tasks if not runner.is_done(t)]
-    progress = Progress(len(tasks), skipped=len(tasks) - len(todo), stream=stream)
-    stream.write(f"study {study.name}: {len(tasks)} runs, {len(todo)} to run ({engine} engine) -> {out}\n")
-    if todo:
-        _engine(engine, study, out, workers, address, timeout, len(todo)).run(
-            todo, on_start=lambda task, pid: progress.started(task["id"]), on_done=progress.ended)
-    progress.close()
-    if analyze_after:
-        analyze(out, stream=stream)
-    summaries = [runner.read_summary(out, t["id"]) or {} for t in tasks]
+    _copy_study_file(study, out)
+    owner = claims.Owner.this_process("study run")
+    attempts_at_start, stamp_at_start = shared.attempts(tasks), read_json(shared.analysis_stamp(out))
+    finished_before = {t.id for t in tasks if runner.is_done(t)}
+    progress = Progress(len(tasks), skipped=len(finished_before), stream=stream)
+    stream.write(f"study {study.name}: {len(tasks)} runs, {len(tasks) - len(finished_before)} to run "
+                 f"({engine} engine) -> {out}\n")
+    mine: set[str] = set()
+
+    def done(result: RunResult) -> None:
+        if result.status != "elsewhere":
+            mine.add(result.id)
+        progress.ended(result)
+
+    with claims.Heartbeat(owner) as heartbeat:
+        ledger = shared.Ledger(out, heartbeat, attempts_at_start, stream)
+        while True:
+            state = shared.survey(tasks, ledger)
+            progress.elsewhere(len(set(state.finished) - finished_before - mine), len(state.failed_elsewhere),
+                               len(state.running_elsewhere))
+            if state.pending:
+                _engine(engine, study, out, workers, address, timeout, len(state.pending)).run(
+                    state.pending, claims=ledger, on_start=lambda task, pid: progress.started(task.id), on_done=done)
+            elif state.running_elsewhere:
+                time.sleep(shared.poll_seconds())
+            else:
+                break
+        progress.close()
+        if analyze_after:
+            shared.analyze_once(out, owner, stamp_at_start, lambda: analyze(out, stream=stream), stream)
+    summaries = [runner.read_run_summary(out, t.id) or {} for t in tasks]
     return 0 if all(s.get("status") == "finished" for s in summaries) else 1
 
 
+def _copy_study_file(study: Study, out: Path) -> None:
+    """``DIR/study.yaml``: the study file, copied when it differs (its analysis section drives ``study analyze``)."""
+    target = out / "study.yaml"
+    if target.exists() and (target.samefile(study.path) or target.read_bytes() == Path(study.path).read_bytes()):
+        return
+    tmp = out / f".study.yaml.{os.getpid()}.tmp"
+    shutil.copyfile(study.path, tmp)
+    os.replace(tmp, target)
+
+
 def _engine(name: str, study: Study, out: Path, workers: int | None, address: str | None, timeout: float | None,
-            pending: int) -> Any:
+            pending: int) -> Engine:
     if name == "local":
         from .engines.local import LocalEngine
 
@@ -123,24 +164,22 @@ def analyze(directory: str | Path, x: list[str] | None = None, y: list[str] | No
     return result
 
 
-def _figures(directory: Path, runs: list[dict[str, Any]], result: dict[str, Any], axes: list[str]) -> list[str]:
-    """Save the figures as PNG and to TensorBoard; returns their paths relative to ``directory``."""
+def _figures(directory: Path, runs: list[Summary], result: dict[str, Any], axes: list[str]) -> list[str]:
+    """Save the figures as PNG and to TensorBoard, one at a time; returns their paths relative to ``directory``."""
     from . import board, figures
-
-    import matplotlib.pyplot as plt
 
     folder = directory / "figures"
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    made = figures.make_all(runs, result)
-    try:
-        names = []
-        for name, fig in made:
-            fig.savefig(folder / f"{name}.png")
+    names = []
+    with board.Board(directory / "tensorboard") as tensorboard:
+        for name, fig in figures.make_all(runs, result):
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png")
+            png = buffer.getvalue()
+            (folder / f"{name}.png").write_bytes(png)
+            tensorboard.add_image(f"study/{name}", png)
             names.append(f"figures/{name}.png")
-        board.write(directory / "tensorboard", made, runs, axes)
-    finally:
-        for _, fig in made:
-            plt.close(fig)
+        tensorboard.add_runs(runs, axes)
     return names

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from .files import read_json
+from formats.summary import Summary, read_summary
+
+SHARPNESS_PREFIXES = ("sharpness/", "complexity/")
+"""The keys ``study analyze`` takes as x without ``--x``: sharpness measures and complexity measures."""
 
 
-def load(directory: str | Path) -> list[dict[str, Any]]:
-    """Every readable ``runs/*/summary.json`` under ``directory`` (id defaulting to the folder name).
+def load(directory: str | Path) -> list[Summary]:
+    """Every ``runs/*/summary.json`` under ``directory``, numbers decoded (id defaulting to the folder name).
 
     A summary that cannot be read is kept as a failed run, so it is counted rather than silently lost.
     """
-    out = []
+    out: list[Summary] = []
     for path in sorted(Path(directory).glob("runs/*/summary.json")):
-        data = read_json(path)
-        if not isinstance(data, dict):
+        data = read_summary(path)
+        if data is None:
             data = {"id": path.parent.name, "status": "failed", "error": f"unreadable summary: {path}",
                     "axes": {}, "metrics": {}}
         data.setdefault("id", path.parent.name)
@@ -24,7 +26,7 @@ def load(directory: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def metric_keys(runs: list[dict[str, Any]]) -> list[str]:
+def metric_keys(runs: list[Summary]) -> list[str]:
     """Every metric key of the finished runs, sorted."""
     keys: set[str] = set()
     for run in runs:
@@ -33,12 +35,13 @@ def metric_keys(runs: list[dict[str, Any]]) -> list[str]:
     return sorted(keys)
 
 
-def default_x(runs: list[dict[str, Any]]) -> list[str]:
-    """The final ``sharpness/*`` keys (not per-step values, not ``@threshold`` copies)."""
-    return [k for k in metric_keys(runs) if k.startswith("sharpness/") and "@" not in k and not k.endswith("_step")]
+def default_x(runs: list[Summary]) -> list[str]:
+    """The final ``sharpness/*`` and ``complexity/*`` keys (not per-step values, not ``@threshold`` copies)."""
+    return [k for k in metric_keys(runs)
+            if k.startswith(SHARPNESS_PREFIXES) and "@" not in k and not k.endswith("_step")]
 
 
-def default_y(runs: list[dict[str, Any]]) -> list[str]:
+def default_y(runs: list[Summary]) -> list[str]:
     """The generalization gaps ``gap/*``, then ``test/loss`` and ``test/acc`` when present."""
     keys = metric_keys(runs)
     gaps = [k for k in keys if k.startswith("gap/") and "@" not in k]

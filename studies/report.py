@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .files import write_json
+from formats.summary import Summary, write_json
 
-Summary = dict[str, Any]
+from .analysis import MIN_BOOTSTRAP_RUNS
 
 
 def write_csv(path: str | Path, summaries: Sequence[Summary], axes: Sequence[str], keys: Sequence[str]) -> None:
@@ -46,10 +46,12 @@ def markdown(result: dict[str, Any], title: str, figures: Sequence[str] = ()) ->
 def _kendall(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
-    out = ["## Kendall τ", "", "τ-b (scipy), two-sided p-value, 95% percentile bootstrap interval over runs.", "",
+    out = ["## Kendall τ", "", "τ-b (scipy), two-sided p-value, 95% percentile bootstrap interval over runs "
+           f"(—: no interval below {MIN_BOOTSTRAP_RUNS} runs, where resampling a few runs overstates the certainty, "
+           "e.g. [1, 1] for any perfectly ordered sample; or none asked).", "",
            "| x | y | group | n | τ | p | 95% CI |", "| --- | --- | --- | ---: | ---: | ---: | --- |"]
     for r in rows:
-        ci = f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r["ci95"] else "–"
+        ci = f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r["ci95"] else "—"
         out.append(f"| {r['x']} | {r['y']} | {r['group']} | {r['n']} | {_num(r['tau'])} | {_p(r['p'])} | {ci} |")
     return out + [""]
 
@@ -87,15 +89,18 @@ def _describe(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     cell = {(r["group"], r["key"]): r for r in rows}
-    out = ["## Per group (mean ± std over runs)", "", "| group | n | " + " | ".join(keys) + " |",
+    out = ["## Per group (mean ± std over runs)", "", "Over the finite values; ±inf and NaN (a diverged run) are "
+           "counted beside them.", "", "| group | n | " + " | ".join(keys) + " |",
            "| --- | ---: | " + " | ".join("---:" for _ in keys) + " |"]
     for g in groups:
         n = max(cell[(g, k)]["n"] for k in keys)
         values = []
         for k in keys:
             r = cell[(g, k)]
-            values.append("–" if r["mean"] is None else
-                          _num(r["mean"]) + ("" if r["std"] is None else f" ± {_num(r['std'])}"))
+            text = "–" if r["mean"] is None else _num(r["mean"]) + ("" if r["std"] is None else f" ± {_num(r['std'])}")
+            if r.get("nonfinite"):
+                text += f" (+{r['nonfinite']} non-finite)"
+            values.append(text)
         out.append(f"| {g} | {n} | " + " | ".join(values) + " |")
     return out + [""]
 
@@ -121,4 +126,5 @@ def _p(v: float | None) -> str:
 
 
 def _cell(v: Any) -> str:
+    """A CSV cell: empty for a missing value, ``repr`` of a float (``inf``, ``-inf`` and ``nan`` for non-finite ones)."""
     return "" if v is None else repr(v) if isinstance(v, float) else str(v)

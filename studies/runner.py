@@ -1,6 +1,6 @@
 """Run ONE run of a study in the current process, through the same LightningCLI code path as ``cli.py fit``.
 
-A run is ``cli.main(["fit", ...])`` with the study's configs and overrides, the seed, a TensorBoard logger
+A run is ``cli_support.app.main(["fit", ...])`` (what ``python cli.py fit`` runs) with the study's configs and overrides, the seed, a TensorBoard logger
 and checkpoints in ``DIR/runs/<id>/``, the :class:`~callbacks.summary.RunSummary` callback and
 ``--test_after_fit=true`` — exactly the argument list ``study run --dry-run`` prints as
 ``python cli.py fit ...``, so a printed command run by hand writes the same summary. The run's stdout,
@@ -25,36 +25,107 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from .files import read_json, write_json
+from cli_support import processes
+from cli_support.claims import CLAIM_ENV
+from formats.summary import Summary, read_json, read_summary, write_json
+
 from .spec import Run
 
 ROOT = Path(__file__).resolve().parents[1]
-WARM_MODULES = ("cli",)
+WARM_MODULES = ("cli_support.app",)
 """What a worker imports before its first run (torch, Lightning and the project, through the CLI)."""
 OUT_PLACEHOLDER = "{out}"
 
 
 # ---------------------------------------------------------------------------------------- the task
-def make_task(run: Run, out: str | os.PathLike, threads: int, cwd: str | os.PathLike) -> dict[str, Any]:
-    """A picklable description of one run (what an engine sends to a worker).
+@dataclass(frozen=True)
+class Task:
+    """One run as an engine sends it to a worker (picklable; :meth:`as_dict` for Ray's JSON-like configs).
 
-    ``portable`` is the argument list with the output directory as ``{out}``: a finished run is skipped
-    only while it is unchanged.
+    ``portable`` is the argument list with the output directory as ``{out}`` (a finished run is skipped
+    only while it is unchanged); ``args`` the same with DIR in place.
     """
-    portable = fit_args(run, OUT_PLACEHOLDER)
-    return {"id": run.id, "axes": dict(run.axes), "seed": run.seed, "out": str(out), "threads": int(threads),
-            "cwd": str(Path(cwd).resolve()), "portable": portable,
-            "args": [a.replace(OUT_PLACEHOLDER, str(out)) for a in portable]}
+
+    id: str
+    axes: Mapping[str, str]
+    seed: int
+    out: str
+    threads: int
+    cwd: str
+    portable: tuple[str, ...]
+    args: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as plain values (lists for the argument tuples)."""
+        return {**asdict(self), "axes": dict(self.axes), "portable": list(self.portable), "args": list(self.args)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Task:
+        """The task :meth:`as_dict` described."""
+        return cls(**{**data, "axes": dict(data["axes"]), "portable": tuple(data["portable"]),
+                      "args": tuple(data["args"])})
+
+
+RunStatus = Literal["finished", "failed", "elsewhere"]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What became of a task: ``finished`` or ``failed`` here (with the summary written), or ``elsewhere``.
+
+    ``elsewhere``: not run by this process, since another holds the run's claim (``error`` says who).
+    """
+
+    id: str
+    status: RunStatus
+    error: str | None
+    seconds: float
+    summary: Summary | None = None
+
+
+def make_task(run: Run, out: str | os.PathLike, threads: int, cwd: str | os.PathLike) -> Task:
+    """The :class:`Task` of ``run``, writing into the study folder ``out``, run from ``cwd``."""
+    portable = tuple(fit_args(run, OUT_PLACEHOLDER))
+    return Task(id=run.id, axes=dict(run.axes), seed=run.seed, out=str(out), threads=int(threads),
+                cwd=str(Path(cwd).resolve()), portable=portable,
+                args=tuple(a.replace(OUT_PLACEHOLDER, str(out)) for a in portable))
+
+
+def result_of(task: Task, summary: Summary, seconds: float) -> RunResult:
+    """The result of a task that ran here, from the summary it left."""
+    return _result(task, summary["status"], summary.get("error"), seconds, summary)
+
+
+def elsewhere(task: Task, why: str | None) -> RunResult:
+    """The result of a task this process did not run: another process holds its claim (``why``: who, or how)."""
+    return _result(task, "elsewhere", why, 0.0, None)
+
+
+def _result(task: Task, status: RunStatus, error: str | None, seconds: float, summary: Summary | None) -> RunResult:
+    """The one place a :class:`RunResult` is built."""
+    return RunResult(id=task.id, status=status, error=error, seconds=seconds, summary=summary)
+
+
+def failed(task: Task, error: str, seconds: float = 0.0) -> RunResult:
+    """Record ``task`` as failed with ``error`` (:func:`write_failed`) and return its result."""
+    return result_of(task, write_failed(task, error), seconds)
 
 
 def run_dir(out: str | os.PathLike, run_id: str) -> Path:
     """``DIR/runs/<id>``."""
     return Path(out) / "runs" / run_id
+
+
+def claim_path(out: str | os.PathLike, run_id: str) -> Path:
+    """``DIR/claims/<id>.claim``: the run's claim while a process trains it (:mod:`cli_support.claims`)."""
+    return Path(out) / "claims" / f"{run_id}.claim"
 
 
 def fit_args(run: Run, out: str | os.PathLike) -> list[str]:
@@ -76,15 +147,17 @@ def fit_args(run: Run, out: str | os.PathLike) -> list[str]:
     return args
 
 
-def command_line(task: dict[str, Any]) -> str:
-    """The shell command of a task: ``OMP_NUM_THREADS=<threads> python cli.py fit ...`` (run from ``cwd``)."""
+def command_line(task: Task) -> str:
+    """The shell command of a task, run from ``cwd``: ``OMP_NUM_THREADS=<threads> FLATMINIMA_CLAIM=<claim> python
+    cli.py fit ...``; the command claims the run while it trains (:func:`cli_support.app.entry`)."""
     cli_path = ROOT / "cli.py"
     try:
-        shown = str(cli_path.relative_to(task["cwd"]))  # `cli.py` from the repository root
+        shown = str(cli_path.relative_to(task.cwd))  # `cli.py` from the repository root
     except ValueError:
         shown = str(cli_path)
-    words = ["python", shown, *task["args"]]
-    return f"OMP_NUM_THREADS={task['threads']} " + " ".join(shlex.quote(w) for w in words)
+    words = ["python", shown, *task.args]
+    return (f"OMP_NUM_THREADS={task.threads} {CLAIM_ENV}={shlex.quote(str(claim_path(task.out, task.id)))} "
+            + " ".join(shlex.quote(w) for w in words))
 
 
 def cli_value(value: Any) -> str:
@@ -107,52 +180,59 @@ def _json(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------- status on disk
-def read_summary(out: str | os.PathLike, run_id: str) -> dict[str, Any] | None:
-    """The run's ``summary.json``, or None when absent or unreadable."""
-    return read_json(run_dir(out, run_id) / "summary.json")
+def read_run_summary(out: str | os.PathLike, run_id: str) -> Summary | None:
+    """The run's ``summary.json`` (numbers decoded), or None when absent or unreadable."""
+    return read_summary(run_dir(out, run_id) / "summary.json")
 
 
-def is_done(task: dict[str, Any]) -> bool:
+def is_done(task: Task) -> bool:
     """True when the summary says finished and the run's arguments are those it was run with."""
-    summary = read_summary(task["out"], task["id"])
+    summary = read_run_summary(task.out, task.id)
     if summary is None or summary.get("status") != "finished":
         return False
-    recorded = read_json(run_dir(task["out"], task["id"]) / "run.json")
+    recorded = read_json(run_dir(task.out, task.id) / "run.json")
     if recorded is None:
         return True  # a pool trained elsewhere: the summary is all there is
-    return recorded.get("args") == task["portable"]
+    return recorded.get("args") == list(task.portable)
 
 
-def write_failed(task: dict[str, Any], error: str) -> dict[str, Any]:
+def attempt_of(task: Task) -> str | None:
+    """The id of the run's latest attempt (``run.json``'s ``attempt``, new at each start), None when unknown."""
+    recorded = read_json(run_dir(task.out, task.id) / "run.json")
+    return recorded.get("attempt") if isinstance(recorded, dict) else None
+
+
+def write_failed(task: Task, error: str) -> Summary:
     """Record a failed run (keeping what a partial summary already holds); returns the summary."""
-    summary = read_summary(task["out"], task["id"]) or {}
-    summary.update(id=task["id"], status="failed", error=error, axes=dict(task["axes"]), seed=task["seed"])
+    summary = read_run_summary(task.out, task.id) or {}
+    summary.update(id=task.id, status="failed", error=error, axes=dict(task.axes), seed=task.seed)
     summary.setdefault("metrics", {})
-    write_json(run_dir(task["out"], task["id"]) / "summary.json", summary)
+    write_json(run_dir(task.out, task.id) / "summary.json", summary)
     return summary
 
 
 # ---------------------------------------------------------------------------------------- one run
-def run_task(task: dict[str, Any]) -> dict[str, Any]:
-    """Run one task in this process; never raises. Returns ``{id, status, error, seconds, summary}``.
+def run_task(task: Task) -> RunResult:
+    """Run one task in this process (the caller holds its claim); never raises.
 
-    ``DIR/runs/<id>/run.json`` records the command and arguments (before the run), then the worker's pid, the
-    task's seconds and the seconds inside ``cli.main`` (after it).
+    The run's folder is cleared first (a rerun starts clean: no events or checkpoints of an interrupted
+    try). ``DIR/runs/<id>/run.json`` records the command, the arguments and a new attempt id (before the
+    run), then the worker's host and pid, the task's seconds and the seconds inside ``cli_support.app.main``.
     """
     start = time.perf_counter()
-    with isolated(task["cwd"], task["threads"]):
-        folder = run_dir(task["out"], task["id"])
+    with isolated(task.cwd, task.threads):
+        folder = run_dir(task.out, task.id)
         if folder.exists():
-            shutil.rmtree(folder)  # a rerun starts clean: no events or checkpoints of an interrupted try
+            shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        record = {"id": task["id"], "axes": task["axes"], "seed": task["seed"], "command": command_line(task),
-                  "args": task["portable"]}
+        record = {"id": task.id, "axes": dict(task.axes), "seed": task.seed, "command": command_line(task),
+                  "args": list(task.portable), "attempt": uuid.uuid4().hex}
         write_json(folder / "run.json", record)
         failure: BaseException | None = None
         cli_start = time.perf_counter()
         with redirected(folder / "log.txt"):
             try:
-                _call_cli(task["args"])
+                _call_cli(task.args)
             except KeyboardInterrupt:
                 raise
             except BaseException as err:  # noqa: BLE001 - a failed run must not stop the worker
@@ -161,27 +241,27 @@ def run_task(task: dict[str, Any]) -> dict[str, Any]:
                     traceback.print_exc()
         cli_seconds = time.perf_counter() - cli_start
         error = _error(failure, folder / "log.txt")
-        summary = read_summary(task["out"], task["id"])
+        summary = read_run_summary(task.out, task.id)
         if error is None and (summary is None or summary.get("status") != "finished"):
             error = "the run ended without a finished summary (see log.txt)"
         if error is not None:
             summary = write_failed(task, (summary or {}).get("error") or error)
         seconds = time.perf_counter() - start
-        write_json(folder / "run.json", {**record, "pid": os.getpid(), "seconds": seconds, "cli_seconds": cli_seconds})
-    return {"id": task["id"], "status": summary["status"], "error": summary.get("error"), "seconds": seconds,
-            "summary": summary}
+        write_json(folder / "run.json", {**record, "host": processes.host(), "pid": os.getpid(), "seconds": seconds,
+                                         "cli_seconds": cli_seconds})
+    return result_of(task, summary, seconds)
 
 
-def _call_cli(args: list[str]) -> None:
-    """The one call into ``cli.py``: ``cli.main(args)`` (fit, then test)."""
-    import cli
+def _call_cli(args: tuple[str, ...] | list[str]) -> None:
+    """The one call into the CLI: ``cli_support.app.main(args)``, what ``python cli.py`` runs (fit, then test)."""
+    from cli_support.app import main
 
-    cli.main(list(args))
+    main(list(args))
 
 
-def warm_up() -> None:
+def warm_up(modules: Sequence[str] = WARM_MODULES) -> None:
     """Import what a run needs (torch, Lightning, the CLI) once per worker process."""
-    for name in WARM_MODULES:
+    for name in modules:
         importlib.import_module(name)
 
 
@@ -234,6 +314,7 @@ def isolated(cwd: str, threads: int) -> Iterator[None]:
     import torch
 
     environ, workdir, argv = dict(os.environ), os.getcwd(), list(sys.argv)
+    os.environ.pop(CLAIM_ENV, None)  # the engine holds the run's claim: the CLI must not claim it again
     state = _torch_state(torch)
     main_thread = threading.current_thread() is threading.main_thread()  # Ray runs trials in a thread
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import lightning.pytorch as pl
 import pytest
@@ -148,3 +149,41 @@ def test_gaps_are_positive_when_the_test_is_worse():
 def test_refuses_a_bad_finish_after():
     with pytest.raises(ValueError, match="Invalid finish_after: 'never'"):
         RunSummary(finish_after="never")
+
+
+class Diverging(Foreign):
+    """Logs an infinite training loss and a NaN sharpness in its last epoch (a run that diverged)."""
+
+    def on_train_epoch_end(self):
+        last = self.current_epoch == self.trainer.max_epochs - 1
+        self.log("train/loss", float("inf") if last else 1.0)
+        self.log("sharpness/weight_norm", float("nan") if last else 2.0)
+
+
+def strict_json(text: str):
+    """``json.loads`` refusing the NaN/Infinity tokens Python would otherwise accept."""
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_values_are_written_as_strings_and_read_back_as_floats(tmp_path):
+    path = tmp_path / "s.json"
+    trainer = pl.Trainer(max_epochs=2, logger=TensorBoardLogger(tmp_path), callbacks=[RunSummary(str(path))],
+                         **QUIET)
+    module = Diverging()
+    trainer.fit(module, loader())
+    trainer.test(module, loader(seed=2))
+    raw = strict_json(path.read_text())  # strict JSON: no NaN or Infinity tokens
+    assert raw["metrics"]["train/loss"] == "inf" and raw["metrics"]["sharpness/weight_norm"] == "nan"
+    assert raw["metrics"]["gap/loss"] == "-inf"  # test − train with train = ∞
+    assert raw["history"]["train/loss"][-1][2] == "inf" and raw["sharpness"][-1]["value"] == "nan"
+    from formats.summary import decode, read_summary
+
+    s = read_summary(path)
+    assert s == decode(raw) and s["status"] == "finished"
+    assert s["metrics"]["train/loss"] == math.inf and math.isnan(s["metrics"]["sharpness/weight_norm"])
+    assert s["metrics"]["gap/loss"] == -math.inf and math.isfinite(s["metrics"]["test/loss"])
+    assert s["history"]["train/loss"][-1][2] == math.inf and s["history"]["train/loss"][0][2] == 1.0
+    assert math.isnan(s["sharpness"][-1]["value"]) and s["sharpness"][0]["value"] == 2.0

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from studies import analysis, commands
-from studies.files import write_json
+from formats.summary import write_json
 from studies.spec import KSTest
 
 
@@ -229,3 +229,89 @@ def test_the_analyze_command_line(tmp_path, capsys):
     assert "analysis.md" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "nothing")]) == 2
     assert "no runs/*/summary.json to analyse" in capsys.readouterr().err
+
+
+def test_non_finite_values_round_trip_through_summary_json_results_csv_and_the_analysis(tmp_path):
+    """±∞ is ordered (a diverged run ranks last), NaN is left out; the tables and the scatter say how many."""
+    from studies import figures, pool as study_pool
+
+    xs = [math.inf, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+    ys = [9.0, math.nan, -math.inf, 3.5, 4.5, 5.0, 6.5, 8.0]
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        write_json(tmp_path / "runs" / f"r{i}" / "summary.json",
+                   {"id": f"r{i}", "status": "finished", "error": None, "axes": {}, "seed": i,
+                    "metrics": {"x": x, "y": y}})
+    raw = (tmp_path / "runs" / "r0" / "summary.json").read_text()
+    assert '"x": "inf"' in raw and "Infinity" not in raw
+    assert '"y": "nan"' in (tmp_path / "runs" / "r1" / "summary.json").read_text()
+    runs = study_pool.load(tmp_path)
+    assert runs[0]["metrics"]["x"] == math.inf and math.isnan(runs[1]["metrics"]["y"])
+    result = commands.analyze(tmp_path, x=["x"], y=["y"], groups=[], bootstrap=0, figures=False)
+    with open(tmp_path / "results.csv", newline="") as f:
+        cells = {r["id"]: (r["x"], r["y"]) for r in csv.DictReader(f)}
+    assert cells["r0"][0] == "inf" and cells["r1"][1] == "nan" and cells["r2"][1] == "-inf"
+    assert [float(cells[f"r{i}"][0]) for i in range(8)] == xs
+    (tau,) = result["kendall"]
+    keep = [i for i in range(8) if not math.isnan(ys[i])]
+    want = stats.kendalltau([xs[i] for i in keep], [ys[i] for i in keep])
+    assert tau["n"] == 7 and tau["tau"] == pytest.approx(want.statistic) and tau["p"] == pytest.approx(want.pvalue)
+    described = {r["key"]: r for r in result["describe"]}
+    assert (described["x"]["n"], described["x"]["nonfinite"]) == (7, 1)
+    assert (described["y"]["n"], described["y"]["nonfinite"]) == (6, 2)
+    assert described["x"]["mean"] == pytest.approx(4.0) and described["x"]["max"] == 7.0
+    assert json.loads((tmp_path / "analysis.json").read_text())["describe"] == result["describe"]
+    assert "4 ± 2.16 (+1 non-finite)" in (tmp_path / "analysis.md").read_text()
+    fig = figures.scatter(runs, "x", "y", [], tau)
+    (ax,) = fig.axes
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 5
+    assert "3 runs with a non-finite value not drawn" in ax.get_title()
+
+
+def test_figures_of_a_study_with_many_keys_never_enter_pyplot(tmp_path):
+    """Figures are ``Figure`` objects, not pyplot state: none is registered, so none piles up or warns."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from studies import figures
+
+    rng = np.random.default_rng(0)
+    xs, ys = [f"sharpness/m{i}" for i in range(3)], [f"gap/g{i}" for i in range(3)]
+    runs = [{"id": f"r{i}", "status": "finished", "axes": {"optim": "ab"[i % 2]}, "seed": i,
+             "metrics": {k: float(v) for k, v in zip(xs + ys, rng.normal(size=6))}} for i in range(6)]
+    result = analysis.analyze(runs, xs, ys, resamples=0)
+    plt.close("all")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        made = list(figures.make_all(runs, result))  # all alive at once
+        assert len(made) > 20 and plt.get_fignums() == []
+    assert not [w for w in caught if "More than 20 figures" in str(w.message)]
+
+
+def test_without_x_every_final_sharpness_and_complexity_key_is_an_x():
+    from studies import pool as study_pool
+
+    runs = [{"id": "a", "status": "finished", "metrics": {
+        "sharpness/adaptive": 1.0, "complexity/path_norm": 2.0, "complexity/params": 3.0, "test/acc": 0.5,
+        "sharpness/adaptive@threshold": 1.0, "sharpness/gradient_norm_step": 0.1, "train/loss": 0.2}}]
+    assert study_pool.default_x(runs) == ["complexity/params", "complexity/path_norm", "sharpness/adaptive"]
+
+
+def test_no_bootstrap_interval_below_ten_runs_and_the_table_says_why():
+    """Four perfectly ordered runs: τ = 1 with p = 1/12 (exact), and no interval (not [1, 1], which claims certainty)."""
+    from studies import report
+
+    x = np.arange(4.0)
+    result = analysis.analyze(pool(x, x), ["x"], ["y"], resamples=200)
+    r = row(result["kendall"])
+    assert r["tau"] == pytest.approx(1.0) and r["p"] == pytest.approx(1 / 12) and r["ci95"] is None
+    text = report.markdown(result, "small")
+    assert "| x | y | all | 4 | 1 | 0.0833 | — |" in text and "[1.000, 1.000]" not in text
+    assert f"no interval below {analysis.MIN_BOOTSTRAP_RUNS} runs" in text
+    assert analysis.MIN_BOOTSTRAP_RUNS == 10
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=10)
+    b = a + rng.normal(size=10)
+    assert analysis.bootstrap_tau(a[:9], b[:9]) is None
+    lo, hi = analysis.bootstrap_tau(a, b)
+    assert -1 <= lo < stats.kendalltau(a, b).statistic < hi <= 1

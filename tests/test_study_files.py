@@ -11,7 +11,6 @@ import io
 import math
 from functools import partial
 
-import matplotlib
 import pytest
 import torch
 
@@ -55,7 +54,7 @@ def test_full_size_study_fits_one_step_on_format_faithful_files(name, tmp_path, 
     write_mnist(root, "FashionMNIST", train=8, test=4)
     skip_md5(monkeypatch)
     study = load(f"configs/studies/{name}.yaml")
-    args = runner.make_task(study.runs()[0], tmp_path / "out", 1, ROOT)["args"]
+    args = list(runner.make_task(study.runs()[0], tmp_path / "out", 1, ROOT).args)
     small = ["--data.init_args.batch_size=2"] + (["--data.init_args.eval_batch_size=2"] if "cifar" in name else [])
     built = cli.main([*args, f"--data.init_args.data_dir={root}", "--trainer.fast_dev_run=true", *small])
     assert built.trainer.state.finished and built.trainer.global_step == 1
@@ -144,5 +143,3 @@ def test_added_figures_are_made_for_the_study_figures():
     assert lines[2].get_marker() == "x" and lines[2].get_ydata()[0] == 7e7
     bars = made["bars-test_loss"]
     assert sorted(round(p.get_height(), 6) for ax in bars.axes for p in ax.patches) == [2.0, 2.0, 3.0, 4.0]
-    for fig in made.values():
-        matplotlib.pyplot.close(fig)

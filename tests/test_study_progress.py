@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 from studies.progress import Progress
+from studies.runner import RunResult
 
 
 def test_a_log_gets_one_line_per_finished_run_with_counts():
@@ -13,8 +14,8 @@ def test_a_log_gets_one_line_per_finished_run_with_counts():
     progress = Progress(5, skipped=1, stream=out, tty=False)
     progress.started("a")
     assert out.getvalue() == ""  # starts are not printed in a log
-    progress.ended({"id": "a", "status": "finished", "seconds": 2.0})
-    progress.ended({"id": "b", "status": "failed", "seconds": 1.0, "error": "Traceback...\nValueError: bad lr"})
+    progress.ended(RunResult("a", "finished", None, 2.0))
+    progress.ended(RunResult("b", "failed", "Traceback...\nValueError: bad lr", 1.0))
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("[2/5] 1 done, 0 failed, 3 left, 1 skipped (finished before), ETA 6 s |")
@@ -29,8 +30,8 @@ def test_a_terminal_gets_one_line_rewritten_in_place():
     out = io.StringIO()
     progress = Progress(2, stream=out, tty=True)
     progress.started("a")
-    progress.ended({"id": "a", "status": "finished", "seconds": 1.0})
-    progress.ended({"id": "b", "status": "finished", "seconds": 1.0})
+    progress.ended(RunResult("a", "finished", None, 1.0))
+    progress.ended(RunResult("b", "finished", None, 1.0))
     progress.close()
     text = out.getvalue()
     assert text.count("\r") == 3 and text.count("\n") == 2  # updates in place, then the line ends and the totals
@@ -42,7 +43,7 @@ def test_the_estimate_divides_among_parallel_runs_and_forgets_the_first_slow_one
     for run_id in "abcd":
         progress.started(run_id)  # four runs at once
     for run_id, seconds in zip("abcdefghij", [40, 40, 40, 40, 4, 4, 4, 4, 4, 4]):
-        progress.ended({"id": run_id, "status": "finished", "seconds": seconds})
+        progress.ended(RunResult(run_id, "finished", None, seconds))
         if run_id == "b":
             assert progress.line().endswith("ETA 1 min 20 s")  # 40 s × 8 left / 4 at once
     assert progress.remaining == 0

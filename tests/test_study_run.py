@@ -58,14 +58,14 @@ def pool(tmp_path_factory):
         pids: dict[str, int] = {}
 
         def on_start(task, pid):
-            pids[task["id"]] = pid
-            if task["id"] == VICTIM:
+            pids[task.id] = pid
+            if task.id == VICTIM:
                 os.kill(pid, signal.SIGKILL)
 
         results = LocalEngine(workers=2, threads=1).run(tasks, on_start=on_start)
     finally:
         os.chdir(cwd)
-    return study, out, {r["id"]: r for r in results}, pids
+    return study, out, {r.id: r for r in results}, pids
 
 
 def test_every_run_has_a_result_and_a_summary(pool):
@@ -99,14 +99,14 @@ def test_failed_runs_are_recorded_with_their_error_without_stopping_the_others(p
     for seed in (0, 1):
         lr = s[f"optim=bad_lr-seed={seed}"]
         assert lr["status"] == "failed" and lr["error"].startswith("ValueError: Invalid learning rate: -1.0")
-    assert results["optim=bad_lr-seed=0"]["status"] == "failed"
+    assert results["optim=bad_lr-seed=0"].status == "failed"
 
 
 def test_a_killed_worker_fails_its_run_and_is_replaced(pool):
     _, out, results, pids = pool
     s = summaries(out)[VICTIM]
     assert s["status"] == "failed" and s["error"] == "worker process died (SIGKILL)"
-    assert results[VICTIM]["error"] == "worker process died (SIGKILL)"
+    assert results[VICTIM].error == "worker process died (SIGKILL)"
     order = list(pids)  # in the order the runs started
     later = [pids[run_id] for run_id in order[order.index(VICTIM) + 1:]]
     assert later and pids[VICTIM] not in later  # the dead worker ran nothing more
@@ -150,7 +150,8 @@ def test_dry_run_commands_run_by_hand_give_the_same_summaries(pool, tmp_path):
         os.chdir(cwd)
     assert not (tmp_path / "hand").exists()  # a dry run writes nothing
     lines = [ln for ln in printed.getvalue().splitlines() if not ln.startswith("#")]
-    assert len(lines) == 6 and all(ln.startswith("OMP_NUM_THREADS=1 python ") for ln in lines)
+    assert len(lines) == 6 and all(ln.startswith("OMP_NUM_THREADS=1 FLATMINIMA_CLAIM=") for ln in lines)
+    assert all(f"/claims/{run.id}.claim python " in ln for run, ln in zip(study.runs(), lines))
     chosen = [ln for ln in lines if '"run_id":"optim=adam-seed=1"' in ln or '"run_id":"optim=sgd-seed=0"' in ln]
     assert len(chosen) == 2
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -162,6 +163,7 @@ def test_dry_run_commands_run_by_hand_give_the_same_summaries(pool, tmp_path):
         assert p.returncode == 0, err.decode()[-3000:]
     hand = summaries(tmp_path / "hand")
     assert sorted(hand) == ["optim=adam-seed=1", "optim=sgd-seed=0"]
+    assert (tmp_path / "hand" / "claims").is_dir() and not list((tmp_path / "hand" / "claims").iterdir())  # released
     for run_id, s in hand.items():
         worker = summaries(out)[run_id]
         assert s["status"] == worker["status"] == "finished"
@@ -178,6 +180,10 @@ def test_ray_engine_runs_a_pool_and_writes_the_same_files(pool, tmp_path):
     try:
         small = load(tmp_path / "ray.yaml")
         assert len(small.runs()) == 4
+        stale = tmp_path / "ray_out" / "claims" / f"{small.runs()[0].id}.claim"  # left by a process now gone
+        stale.parent.mkdir(parents=True)
+        stale.write_text(json.dumps({"host": "gone.example", "pid": 1, "start": 1, "boot": None, "token": "0" * 32}))
+        os.utime(stale, (1.0, 1.0))
         log = io.StringIO()
         code = commands.run(small, tmp_path / "ray_out", engine="ray", workers=2, stream=log)
     finally:
@@ -194,6 +200,7 @@ def test_ray_engine_runs_a_pool_and_writes_the_same_files(pool, tmp_path):
         assert (folder / "log.txt").is_file() and list(folder.glob("events.out.tfevents.*"))
     assert (tmp_path / "ray_out" / "analysis.json").is_file()
     assert "[4/4] 4 done, 0 failed, 0 left" in log.getvalue()
+    assert not list((tmp_path / "ray_out" / "claims").glob("*.claim"))  # the stale claim taken over, then released
 
 
 def test_a_run_over_the_timeout_is_killed_and_recorded(pool, tmp_path):
@@ -203,6 +210,6 @@ def test_a_run_over_the_timeout_is_killed_and_recorded(pool, tmp_path):
     long = load(tmp_path / "long.yaml")
     task = commands.tasks_of(long, tmp_path / "out")[0]
     (result,) = LocalEngine(workers=1, timeout=3.0).run([task])
-    assert result["status"] == "failed" and result["error"] == "timed out after 3 s (worker killed)"
-    s = json.loads((tmp_path / "out" / "runs" / task["id"] / "summary.json").read_text())
-    assert s["status"] == "failed" and s["error"] == result["error"] and s["id"] == task["id"]
+    assert result.status == "failed" and result.error == "timed out after 3 s (worker killed)"
+    s = json.loads((tmp_path / "out" / "runs" / task.id / "summary.json").read_text())
+    assert s["status"] == "failed" and s["error"] == result.error and s["id"] == task.id

@@ -40,10 +40,10 @@ def test_a_study_run_summary_equals_tensorboard_and_the_checkpoints(tmp_path):
                    "axes": {"rule": {"sam": str(cli.ROOT / "configs/minimizer/sam.yaml")}}, "seeds": [4]})
     (run,) = study.runs()
     result = runner.run_task(runner.make_task(run, tmp_path / "out", threads=1, cwd=tmp_path))
-    assert result["status"] == "finished", result["error"]
+    assert result.status == "finished", result.error
     folder = tmp_path / "out" / "runs" / run.id
     s = json.loads((folder / "summary.json").read_text())
-    assert s == result["summary"] and s["id"] == "rule=sam-seed=4" and s["axes"] == {"rule": "sam"} and s["seed"] == 4
+    assert s == result.summary and s["id"] == "rule=sam-seed=4" and s["axes"] == {"rule": "sam"} and s["seed"] == 4
     assert s["config"] == "config.yaml" and (folder / "config.yaml").is_file() and (folder / "log.txt").is_file()
     tb = scalars(folder)
     for key in ("train/loss", "train/acc", "val/loss", "test/acc", "test/loss", "sharpness/adaptive"):
@@ -72,6 +72,6 @@ def test_a_run_the_cli_refuses_is_recorded_failed_with_its_error_on_one_line(tmp
     (run,) = study.runs()
     result = runner.run_task(runner.make_task(run, tmp_path / "out", threads=1, cwd=tmp_path))
     s = json.loads((tmp_path / "out" / "runs" / run.id / "summary.json").read_text())
-    assert result["status"] == s["status"] == "failed" and s["id"] == "seed=0" and s["metrics"] == {}
+    assert result.status == s["status"] == "failed" and s["id"] == "seed=0" and s["metrics"] == {}
     assert s["error"].startswith("SystemExit(2): error:") and "\n" not in s["error"]
     assert "Option 'no_such_argument' is not accepted" in s["error"]

@@ -58,7 +58,7 @@ def test_grid_expands_in_file_order_with_readable_unique_ids():
 def test_run_arguments_compose_configs_overrides_seed_logger_and_summary(tmp_path):
     run = parse(grid(), "s.yaml").runs()[-1]
     task = runner.make_task(run, tmp_path / "out", threads=1, cwd=ROOT)
-    args = task["args"]
+    args = list(task.args)
     assert args[0] == "fit"
     configs = [args[i + 1] for i, a in enumerate(args) if a == "--config"]
     assert configs == list(run.configs)
@@ -70,10 +70,11 @@ def test_run_arguments_compose_configs_overrides_seed_logger_and_summary(tmp_pat
     folder = tmp_path / "out" / "runs" / run.id
     assert any(a.startswith("--trainer.callbacks+=") and "callbacks.RunSummary" in a and str(folder) in a
                for a in args)
-    assert task["portable"] == [a.replace(str(tmp_path / "out"), "{out}") for a in args]
+    assert list(task.portable) == [a.replace(str(tmp_path / "out"), "{out}") for a in args]
     line = runner.command_line(task)
-    assert line.startswith("OMP_NUM_THREADS=1 python cli.py fit ")
-    assert shlex.split(line)[3:] == args  # the printed command is exactly the run's argument list
+    claim = tmp_path / "out" / "claims" / f"{run.id}.claim"
+    assert line.startswith(f"OMP_NUM_THREADS=1 FLATMINIMA_CLAIM={claim} python cli.py fit ")
+    assert shlex.split(line)[4:] == args  # the printed command is exactly the run's argument list
 
 
 @pytest.mark.parametrize("value, text", [(True, "true"), (None, "null"), (0.001, "0.001"), (float("inf"), ".inf"),
@@ -85,7 +86,7 @@ def test_override_values_are_written_as_yaml_for_the_cli(value, text):
 def test_overrides_reach_the_instantiated_run():
     study = parse(grid(), "s.yaml")
     run = next(r for r in study.runs() if r.axes == {"optim": "sgd", "rule": "sam", "rho": "0.1"})
-    args = runner.make_task(run, "unused", 1, ROOT)["args"]
+    args = list(runner.make_task(run, "unused", 1, ROOT).args)
     keep = [a for a in args[1:] if not a.startswith(("--trainer.callbacks+=", "--trainer.logger=",
                                                        "--trainer.default_root_dir="))]
     with torch.no_grad():
@@ -164,6 +165,6 @@ def test_every_study_file_is_valid_and_each_axis_value_instantiates(path, tmp_pa
             needed -= set(run.axes.items())
             chosen.append(run)
     for run in chosen:
-        args = runner.make_task(run, tmp_path, 1, ROOT)["args"]
+        args = list(runner.make_task(run, tmp_path, 1, ROOT).args)
         built = cli.main([*args[1:], "--trainer.logger=false"], run=False)
         assert any(type(c).__name__ == "RunSummary" for c in built.trainer.callbacks)

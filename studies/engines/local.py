@@ -2,11 +2,19 @@
 
 Workers are forked from a ``multiprocessing`` *forkserver*: a fresh process that imports torch, Lightning
 and the CLI once (:data:`studies.runner.WARM_MODULES`), so every worker (a replacement too) starts warm and
-clean, and runs task after task (:func:`studies.runner.run_task`). The parent hands a task to an idle worker over
-its own pipe and waits on every pipe and every process sentinel at once, so a worker that dies (a
-crash, an out-of-memory kill, ``kill -9``) is noticed at once: its run is recorded as failed with the
-cause, the worker is replaced, and the other runs go on. ``timeout`` bounds one run's wall time (its
-worker is killed and replaced).
+clean, and runs task after task (:func:`studies.runner.run_task`). The parent claims a task (when given
+the study's claims) and hands it to an idle worker over its own pipe, and waits on every pipe and every
+process sentinel at once, so a worker that dies (a crash, an out-of-memory kill, ``kill -9``) is noticed
+at once: its run is recorded as failed with the cause, the worker is replaced, and the other runs go on.
+``timeout`` bounds one run's wall time (its worker is killed and replaced).
+
+**Workers die with their parent.** The forkserver dies with the study process
+(:mod:`studies.engines.parent_guard`, the first module it imports) and each worker with the forkserver:
+a worker asks Linux to kill it when its parent dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``), checks right
+after that its parent is still the forkserver and the study process still runs (either may have died
+before the request), and a watchdog thread checks the study process every ``WATCHDOG_S`` seconds (the
+fallback where ``prctl`` is missing). So a killed ``study run`` leaves no worker training: its claims go
+stale with it and the next ``study run`` redoes those runs in cleared folders.
 """
 
 from __future__ import annotations
@@ -17,24 +25,40 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+
+from cli_support import processes
 
 from .. import runner
+from ..runner import RunResult, Task
+from . import Claims, OnDone, OnStart, parent_guard
 
-OnStart = Callable[[dict[str, Any], int], None]
-OnDone = Callable[[dict[str, Any]], None]
+
+def die_with_parent(parent: int, parent_start: int | None) -> None:
+    """Make this worker end when its forkserver or the study process (named by pid and start time) is gone.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (a SIGKILL when this process's parent, the forkserver,
+    dies), then a check that the parent is still the forkserver and the study process still runs (either
+    may have died before the request); everywhere: a watchdog thread on the study process.
+    """
+    parent_guard.request_parent_death_signal()
+    forkserver = os.environ.get(parent_guard.FORKSERVER_ENV)
+    if (forkserver and os.getppid() != int(forkserver)) or not processes.alive(parent, parent_start):
+        os._exit(1)
+    parent_guard.watch(parent, parent_start)
 
 
-def _worker_main(conn: Connection) -> None:
-    """A worker: import once, then run tasks until told to stop or the parent goes away.
+def _worker_main(conn: Connection, parent: int, parent_start: int | None,
+                 execute: Callable[[Task], RunResult], warm: Sequence[str]) -> None:
+    """A worker: die with the study process, import once, then run tasks until told to stop or the parent goes.
 
     Not a daemon process: a run may start DataLoader workers of its own.
     """
+    die_with_parent(parent, parent_start)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    runner.warm_up()
+    runner.warm_up(warm)
     while True:
         try:
             task = conn.recv()
@@ -43,8 +67,8 @@ def _worker_main(conn: Connection) -> None:
         if task is None:
             return
         try:
-            conn.send(("started", task["id"]))
-            conn.send(("done", runner.run_task(task)))
+            conn.send(("started", task.id))
+            conn.send(("done", execute(task)))
         except (BrokenPipeError, OSError):
             return
 
@@ -53,7 +77,7 @@ def _worker_main(conn: Connection) -> None:
 class _Worker:
     process: mp.process.BaseProcess
     conn: Connection
-    task: dict[str, Any] | None = None
+    task: Task | None = None
     started: float | None = None
 
 
@@ -64,9 +88,13 @@ class LocalEngine:
         workers: Number of worker processes (at most one per pending run is started).
         threads: ``OMP_NUM_THREADS`` of each worker (set before torch is imported).
         timeout: Seconds one run may take before its worker is killed (None: no limit).
+        execute: What a worker does with a task (a module-level function; default: train it).
+        warm: The modules the forkserver imports once (default: torch, Lightning and the CLI).
     """
 
-    def __init__(self, workers: int = 1, threads: int = 1, timeout: float | None = None) -> None:
+    def __init__(self, workers: int = 1, threads: int = 1, timeout: float | None = None,
+                 execute: Callable[[Task], RunResult] = runner.run_task,
+                 warm: Sequence[str] = runner.WARM_MODULES) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"Invalid workers: {workers!r}; expected an integer >= 1")
         if timeout is not None and not timeout > 0:
@@ -74,21 +102,23 @@ class LocalEngine:
         self.workers = workers
         self.threads = threads
         self.timeout = timeout
+        self.execute = execute
+        self.warm = tuple(warm)
         self._context = mp.get_context("forkserver")
-        self._context.set_forkserver_preload(list(runner.WARM_MODULES))
+        self._context.set_forkserver_preload([parent_guard.__name__, *self.warm])
 
-    def run(self, tasks: list[dict[str, Any]], on_start: OnStart | None = None,
-            on_done: OnDone | None = None) -> list[dict[str, Any]]:
-        """Run every task; returns one result per task (``{id, status, error, seconds, summary}``)."""
+    def run(self, tasks: Sequence[Task], claims: Claims | None = None, on_start: OnStart | None = None,
+            on_done: OnDone | None = None) -> list[RunResult]:
+        """Run every task whose claim this process gets (every task without ``claims``); one result per task run."""
         pending = deque(tasks)
-        results: list[dict[str, Any]] = []
+        results: list[RunResult] = []
+        self._claims = claims
         pool = [self._spawn() for _ in range(min(self.workers, len(tasks)))]
         try:
             while pending or any(w.task is not None for w in pool):
                 for worker in pool:
-                    if worker.task is None and pending:
-                        worker.task = pending.popleft()
-                        worker.conn.send(worker.task)
+                    if worker.task is None:
+                        self._hand_out(worker, pending)
                 ended = False
                 for index, worker in enumerate(pool):
                     result = self._poll(worker, on_start)
@@ -106,16 +136,28 @@ class LocalEngine:
             self._close(pool)
         return results
 
+    def _hand_out(self, worker: _Worker, pending: deque[Task]) -> None:
+        """Give ``worker`` the next pending task this process can claim (skipping those others hold)."""
+        while pending:
+            task = pending.popleft()
+            if self._claims is None or self._claims.acquire(task):
+                worker.task = task
+                worker.conn.send(task)
+                return
+
     # ------------------------------------------------------------------ workers
     def _spawn(self) -> _Worker:
         parent, child = self._context.Pipe()
-        process = self._context.Process(target=_worker_main, args=(child,), daemon=False, name="study-worker")
-        with _environ(OMP_NUM_THREADS=str(self.threads), PYTHONPATH=_pythonpath()):  # the forkserver's, at its start
+        me = os.getpid()
+        process = self._context.Process(target=_worker_main, daemon=False, name="study-worker",
+                                        args=(child, me, processes.start_time(me), self.execute, self.warm))
+        with _environ(OMP_NUM_THREADS=str(self.threads), PYTHONPATH=_pythonpath(),  # the forkserver's, at its start
+                      **{parent_guard.PARENT_ENV: f"{me}:{processes.start_time(me) or ''}"}):
             process.start()
         child.close()
         return _Worker(process, parent)
 
-    def _poll(self, worker: _Worker, on_start: OnStart | None) -> dict[str, Any] | None:
+    def _poll(self, worker: _Worker, on_start: OnStart | None) -> RunResult | None:
         """Handle what a busy worker said or did; return a finished task's result, else None."""
         if worker.task is None:
             return None
@@ -129,8 +171,13 @@ class LocalEngine:
                 if on_start is not None:
                     on_start(worker.task, worker.process.pid)
             elif kind == "done":
-                worker.task, worker.started = None, None
-                return payload
+                return self._ended(worker, payload)
+        if self._claims is not None and self._claims.lost(worker.task):
+            worker.process.kill()
+            worker.process.join()
+            task, worker.task, worker.started = worker.task, None, None
+            return runner.elsewhere(task, "its claim was taken over by another process (this one was presumed "
+                                          "dead); the run was stopped here")
         if not worker.process.is_alive():
             return self._lost(worker, _death(worker.process))
         if self.timeout is not None and worker.started is not None:
@@ -140,20 +187,24 @@ class LocalEngine:
                 return self._lost(worker, f"timed out after {self.timeout:g} s (worker killed)")
         return None
 
-    @staticmethod
-    def _lost(worker: _Worker, error: str) -> dict[str, Any]:
-        task, started = worker.task, worker.started
-        worker.task, worker.started = None, None
-        summary = runner.write_failed(task, error)
-        seconds = 0.0 if started is None else time.perf_counter() - started
-        return {"id": task["id"], "status": "failed", "error": error, "seconds": seconds, "summary": summary}
+    def _ended(self, worker: _Worker, result: RunResult) -> RunResult:
+        task, worker.task, worker.started = worker.task, None, None
+        if self._claims is not None:
+            self._claims.release(task)
+        return result
+
+    def _lost(self, worker: _Worker, error: str) -> RunResult:
+        """The worker died with its task: record the run failed, then give its claim up."""
+        seconds = 0.0 if worker.started is None else time.perf_counter() - worker.started
+        return self._ended(worker, runner.failed(worker.task, error, seconds))
 
     def _wait(self, pool: list[_Worker]) -> None:
         busy = [w for w in pool if w.task is not None]
         if not busy:
             return
         handles = [w.conn for w in busy] + [w.process.sentinel for w in busy]
-        wait(handles, timeout=1.0 if self.timeout is not None else None)
+        polling = self.timeout is not None or self._claims is not None
+        wait(handles, timeout=1.0 if polling else None)
 
     @staticmethod
     def _close(pool: list[_Worker]) -> None:
