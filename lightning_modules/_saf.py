@@ -1,4 +1,4 @@
-"""SAF and MESA (Du et al., 2022): one pass per step, the loss plus a KL term that keeps the outputs on their trajectory."""
+"""SAF and MESA (Du et al., 2022): one pass per step, the loss plus a KL term that keeps the outputs on course."""
 
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ class _Trajectory(Minimizer):
                              "probabilities (softmax of the logits) and needs a Classifier")
 
     def _repr_common(self) -> str:
-        return f"lam={self.lam}, temperature={self.temperature}, start_epoch={self.start_epoch}, end_epoch={self.end_epoch}"
+        return (f"lam={self.lam}, temperature={self.temperature}, start_epoch={self.start_epoch}, "
+                f"end_epoch={self.end_epoch}")
 
 
 class SAF(_Trajectory):
@@ -144,7 +145,7 @@ class SAF(_Trajectory):
         return self.lam * softened_kl(outputs, reference, self.temperature)
 
     def _store_for(self, logits: Tensor, ids: Tensor) -> Tensor:
-        """The store (created at the first batch, once the number of classes is known); the first batch's ids checked."""
+        """The store (made at the first batch, when the number of classes is known); the first batch's ids checked."""
         if self._size is None:
             raise RuntimeError("SAF.setup() was not called: the store's size (the training set's) is unknown")
         if not self._checked:  # one host sync, at the first step of a run

@@ -191,7 +191,7 @@ class TwoPassModule(pl.LightningModule):
     softmax_outputs: ClassVar[bool] = False
 
     def sample_losses(self, output: Tensor, target: Tensor) -> Tensor:
-        """Per-sample training losses (one per sample; their mean is the batch loss), from ``forward_loss``'s outputs."""
+        """Per-sample training losses (their mean is the batch loss), from ``forward_loss``'s outputs and targets."""
         raise NotImplementedError(f"{type(self).__name__} does not provide per-sample losses")
 
     def select_batch(self, batch: Any, index: Tensor) -> Any:
@@ -281,7 +281,7 @@ class TwoPassModule(pl.LightningModule):
             self._bound_rule = None
 
     def on_train_start(self) -> None:
-        """Bind the rule to the run (after a resume restored the optimizer and the rule): it refuses what cannot work."""
+        """Bind the rule to this run (after a resume restored the optimizer and the rule); it refuses what won't work."""
         if self.minimizer is not None:
             self._bind_rule()
 

@@ -54,7 +54,8 @@ def _loader():
 def test_resume_equals_uninterrupted(tmp_path, variant):
     full = _model(variant)
     ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
-    quiet_trainer(max_epochs=EPOCHS, deterministic=True, enable_checkpointing=True, callbacks=[ckpt]).fit(full, _loader())
+    trainer = quiet_trainer(max_epochs=EPOCHS, deterministic=True, enable_checkpointing=True, callbacks=[ckpt])
+    trainer.fit(full, _loader())
 
     resumed = _model(variant)
     with torch.no_grad():  # prove that the weights come from the checkpoint

@@ -149,7 +149,7 @@ def test_momentum_sam_takes_its_gradient_against_the_momentum_and_logs_the_clean
     w, clean = ref.weights(net), []
     for x, y in batches:
         v = opt.v
-        eps = {n: torch.zeros_like(w[n]) for n in w} if v is None else {n: -rho * v[n] / (ref.norm(v) + 1e-12) for n in w}
+        eps = {n: 0.0 * w[n] if v is None else -rho * v[n] / (ref.norm(v) + 1e-12) for n in w}
         clean.append(float(torch.nn.functional.cross_entropy(ref.logits(net, w, x), y)))
         w = opt.step(w, ref.grad(net, {n: w[n] + eps[n] for n in w}, x, y))  # weight decay at w, not w + ε
     _assert_weights(model, w)
