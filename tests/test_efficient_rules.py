@@ -184,3 +184,25 @@ def test_the_variants_are_public_in_minimizers():
 
     for name in ("LookSAM", "EveryK", "RandomSteps", "AdaptiveSteps", "MomentumSAM", "ESAM", "SAF", "MESA"):
         assert getattr(m, name).__module__ == "lightning_modules.minimizers" and name in m.__all__
+
+
+def test_tasks_ignore_a_trailing_index_and_their_sample_losses_average_to_the_loss():
+    from lightning_modules import BinaryClassifier, Classifier, Regressor
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3)
+    cases = [
+        (Classifier(torch.nn.Linear(3, 4), num_classes=4, label_smoothing=0.1), torch.randint(0, 4, (6,))),
+        (BinaryClassifier(torch.nn.Linear(3, 1)), torch.randint(0, 2, (6,))),
+        (Regressor(torch.nn.Linear(3, 1), loss_scale=0.5), torch.randn(6)),
+    ]
+    for task, y in cases:
+        idx = torch.arange(10, 16)
+        loss, output, target, size = task.forward_loss((x, y), "train")
+        loss_idx, output_idx, _, _ = task.forward_loss((x, y, idx), "train")
+        assert torch.equal(loss, loss_idx) and torch.equal(output, output_idx) and size == 6
+        assert task.sample_ids((x, y, idx)) is idx and task.sample_ids((x, y)) is None
+        per_sample = task.sample_losses(output, target)
+        assert per_sample.shape == (6,) and torch.allclose(per_sample.mean(), loss, rtol=1e-6, atol=0)
+        picked = task.select_batch((x, y, idx), torch.tensor([4, 1]))
+        assert torch.equal(picked[0], x[[4, 1]]) and torch.equal(picked[2], idx[[4, 1]])
