@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["leading_size", "split", "split_sizes"]
+__all__ = ["leading_size", "split", "split_sizes", "take"]
 
 
 def leading_size(batch: Any, k: int) -> int:
@@ -50,3 +50,16 @@ def split(obj: Any, k: int) -> list[Any]:
     if hasattr(obj, "_fields"):  # namedtuple
         return [type(obj)(*row) for row in rows]
     return [type(obj)(row) for row in rows]
+
+
+def take(obj: Any, index: Tensor) -> Any:
+    """The rows ``index`` of a tensor or a (named) tuple, list or dict of tensors (along the first dimension)."""
+    if isinstance(obj, Tensor):
+        return obj[index.to(obj.device)] if obj.ndim > 0 else obj
+    if isinstance(obj, dict):
+        return type(obj)({key: take(v, index) for key, v in obj.items()})
+    if hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(take(o, index) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(take(o, index) for o in obj)
+    return obj

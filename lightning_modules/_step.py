@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["PerturbedWeights", "grads_or_zeros", "all_reduce_mean", "rng_state", "set_rng_state"]
+__all__ = ["PerturbedWeights", "FrozenParameters", "grads_or_zeros", "all_reduce_mean", "rng_state", "set_rng_state"]
 
 
 class PerturbedWeights:
@@ -62,6 +62,26 @@ class PerturbedWeights:
             if self.buffers:
                 torch._foreach_copy_(self.buffers, self.buffers_backup)
             torch._foreach_copy_(self.params, self.backup)
+
+
+class FrozenParameters:
+    """Context manager: the parameters flagged True take no gradient inside (``requires_grad`` False), and do after.
+
+    ESAM's pass 1 computes no weight gradient for the tensors it leaves unperturbed. ``frozen=None`` does nothing.
+    The flags are restored on exit, also when the body raises.
+    """
+
+    def __init__(self, params: Sequence[Tensor], frozen: Sequence[bool] | None) -> None:
+        self._frozen = [p for p, f in zip(params, frozen) if f] if frozen is not None else []
+
+    def __enter__(self) -> FrozenParameters:
+        for p in self._frozen:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for p in self._frozen:
+            p.requires_grad_(True)
 
 
 def grads_or_zeros(params: Sequence[Tensor]) -> list[Tensor]:

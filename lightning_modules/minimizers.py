@@ -1,6 +1,6 @@
-"""The SAM-family update rules as pure torch (no Lightning import).
+"""The SAM-family update rules and their cheaper variants, as pure torch (no Lightning import).
 
-A rule answers the two questions of the two-pass step (docs/design.md, "The two-pass step"); the
+A two-pass rule answers the two questions of the two-pass step (docs/design.md, "The two-pass step"); the
 mechanics (the two forward-backward passes, the exact restore of the weights, BatchNorm protection,
 DDP, AMP, the one ``optimizer.step()``) live once in :class:`lightning_modules.TwoPassModule`::
 
@@ -18,6 +18,11 @@ then skips or reports the step and restores the weights exactly, so no NaN reach
 Every operation on the parameter lists is a ``torch._foreach_*`` kernel: no per-parameter Python
 arithmetic and no ``.item()`` host synchronisation.
 
+The variants that take one pass on some or all steps (``LookSAM``, ``EveryK``, ``RandomSteps``,
+``AdaptiveSteps``, ``MomentumSAM``, ``ESAM``, ``SAF``, ``MESA``) answer the further questions of
+:class:`Minimizer` (run pass 2 or not, where to take the one gradient, how to form d, an extra loss); they
+are defined in private modules beside this one and imported from here.
+
 Use a rule directly (pure torch)::
 
     g = [p.grad for p in params]
@@ -29,11 +34,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from ._rule import DEFAULT_EPS, Minimizer, RuleSetup, StepContext, foreach_dot, global_norm
+from ._rule import safe_scale as _safe_scale
 from .validation import check_choice, check_float, check_fraction, check_p, invalid
 
 __all__ = [
@@ -43,118 +50,19 @@ __all__ = [
     "ASAM",
     "GSAM",
     "AdaptiveGSAM",
+    "LookSAM",
+    "EveryK",
+    "RandomSteps",
+    "AdaptiveSteps",
+    "MomentumSAM",
+    "ESAM",
+    "SAF",
+    "MESA",
+    "StepContext",
+    "RuleSetup",
     "global_norm",
     "foreach_dot",
 ]
-
-DEFAULT_EPS = 1e-12
-
-
-def _norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    return torch.promote_types(tensors[0].dtype, torch.float32)
-
-
-def global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """One L2 norm over a list of tensors, as a 0-dim tensor (float32 or wider), without host sync."""
-    if len(tensors) == 0:
-        return torch.zeros(())
-    dtype = _norm_dtype(tensors)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
-
-
-def foreach_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """Inner product ⟨a, b⟩ summed over two lists of tensors, as a 0-dim tensor, without host sync.
-
-    ``Σ x = 2·Σ max(x, 0) − Σ |x|`` over the products ``x = a ⊙ b``: four multi-tensor kernels and
-    the rounding error of an ordinary sum (``eps·Σ|aᵢbᵢ|``), unlike the polarisation identity.
-    """
-    if len(a) == 0:
-        return torch.zeros(())
-    dtype = _norm_dtype(a)
-    prods = torch._foreach_mul(a, b)
-    abs_sum = torch.stack(torch._foreach_norm(prods, 1, dtype=dtype)).sum()
-    torch._foreach_clamp_min_(prods, 0.0)
-    pos_sum = torch.stack(torch._foreach_norm(prods, 1, dtype=dtype)).sum()
-    return 2.0 * pos_sum - abs_sum
-
-
-def _safe_scale(numerator: float | Tensor, norm: Tensor, eps: float) -> Tensor:
-    """``numerator / (norm + eps)``, or 0 where the norm is not finite."""
-    scale = torch.as_tensor(numerator, dtype=norm.dtype, device=norm.device) / (norm + eps)
-    return torch.where(torch.isfinite(norm), scale, torch.zeros_like(scale))
-
-
-class Minimizer:
-    """Base class of a SAM-family rule: where to climb (``perturbation``) and how to descend (``descent_``).
-
-    Subclasses implement :meth:`perturbation`; rules whose descent uses the clean gradient (GSAM)
-    set ``uses_clean_grad = True`` and override :meth:`descent_`.
-
-    Args:
-        rho: Radius ρ ≥ 0 of the neighbourhood.
-        eps: Added outside the norm in the normalisation, > 0.
-    """
-
-    #: ε is unchanged when every gradient is multiplied by one constant (AMP loss scaling).
-    scale_invariant: ClassVar[bool] = True
-    #: ``descent_`` needs the clean pass-1 gradient g (else d = g_p and the module may let DDP average g_p).
-    uses_clean_grad: ClassVar[bool] = False
-    #: ``perturbation`` needs the parameter names (``names=``).
-    uses_names: ClassVar[bool] = False
-
-    def __init__(self, rho: float = 0.05, eps: float = DEFAULT_EPS) -> None:
-        self.rho = check_float("rho", rho)
-        self.eps = check_float("eps", eps, strict=True)
-
-    def current_rho(self, lr: float | None = None, lr_max: float | None = None) -> float:
-        """The radius used in a step taken at learning rate ``lr`` (constant unless a subclass schedules it)."""
-        return self.rho
-
-    def perturbation(
-        self,
-        params: Sequence[Tensor],
-        grads: Sequence[Tensor],
-        *,
-        names: Sequence[str] | None = None,
-        grad_norm: Tensor | None = None,
-        lr: float | None = None,
-        lr_max: float | None = None,
-    ) -> list[Tensor]:
-        """The ascent ε (one tensor per parameter) from the weights and the pass-1 gradient.
-
-        Args:
-            params: The parameters w that have a gradient.
-            grads: Their pass-1 gradients g, in the same order.
-            names: Their names (``model.named_parameters()``), for rules that use them.
-            grad_norm: ``global_norm(grads)`` if the caller already has it (saves one reduction).
-            lr: The learning rate of this step (a Python float), for rules whose radius follows it.
-            lr_max: The schedule's peak learning rate, used by rules that follow the lr and have no
-                ``lr_max`` of their own.
-        """
-        raise NotImplementedError
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        if "descent" in vars(cls):  # the old name would be silently ignored by the module
-            raise TypeError(f"{cls.__name__} defines descent(); the method is descent_(grads, perturbed_grads) -> list")
-
-    def descent_(self, grads: Sequence[Tensor], perturbed_grads: list[Tensor]) -> list[Tensor]:
-        """Overwrite the pass-2 gradients g_p with the descent direction d, in place; return them (default: d = g_p).
-
-        The trailing underscore is torch's in-place convention: the caller's ``perturbed_grads`` (the
-        ``.grad`` tensors, in the module) hold d afterwards; no parameter-sized list is allocated.
-        """
-        return perturbed_grads
-
-    def _grad_norm(self, grads: Sequence[Tensor], grad_norm: Tensor | None) -> Tensor:
-        return global_norm(grads) if grad_norm is None else grad_norm
-
-    def extra_repr(self) -> str:
-        return f"rho={self.rho}"
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
-
 
 class SAM(Minimizer):
     """Sharpness-Aware Minimization on the L2 or the L∞ ball (Foret et al., 2021).
@@ -408,3 +316,11 @@ class AdaptiveGSAM(GSAM):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gamma={self.gamma}"
+
+
+# The variants that change the step itself, each in its own module, public here (and named so in configs).
+from ._esam import ESAM  # noqa: E402
+from ._looksam import LookSAM  # noqa: E402
+from ._msam import MomentumSAM  # noqa: E402
+from ._saf import MESA, SAF  # noqa: E402
+from ._schedules import AdaptiveSteps, EveryK, RandomSteps  # noqa: E402

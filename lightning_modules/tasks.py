@@ -71,7 +71,7 @@ class Classifier(TwoPassModule):
         self.test_acc = self.train_acc.clone()
 
     def forward_loss(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, Tensor, int]:
-        x, y = batch[0], batch[1]
+        x, y = batch[0], batch[1]  # a trailing idx (dataset indices, for SAF) is ignored
         logits = self.net(x)
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
@@ -80,6 +80,13 @@ class Classifier(TwoPassModule):
             )
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         return loss, logits, y, y.shape[0]
+
+    supports_sample_losses = True
+    softmax_outputs = True
+
+    def sample_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        """The cross-entropy of each sample (with the label smoothing): the batch loss is their mean."""
+        return F.cross_entropy(output, target, reduction="none", label_smoothing=self.label_smoothing)
 
     def update_metrics(self, stage: str, output: Tensor, target: Tensor) -> None:
         getattr(self, f"{stage}_acc").update(output, target)
@@ -150,6 +157,14 @@ class Regressor(TwoPassModule):
         if self.loss_scale != 1.0:
             loss = loss * self.loss_scale
         return loss, pred, y, y.shape[0]
+
+    supports_sample_losses = True
+
+    def sample_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        """The (scaled) squared error of each sample, averaged over its targets: the batch loss is their mean."""
+        errors = (output - target.to(output.dtype)) ** 2
+        errors = errors.reshape(errors.shape[0], -1).mean(dim=1)
+        return errors * self.loss_scale if self.loss_scale != 1.0 else errors
 
     def update_metrics(self, stage: str, output: Tensor, target: Tensor) -> None:
         getattr(self, f"{stage}_mae").update(output, target)
@@ -222,6 +237,12 @@ class BinaryClassifier(TwoPassModule):
         loss = F.binary_cross_entropy_with_logits(z, y.to(z.dtype))
         return loss, z, y, y.shape[0]
 
+    supports_sample_losses = True
+
+    def sample_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        """The binary cross-entropy of each sample, from its logit: the batch loss is their mean."""
+        return F.binary_cross_entropy_with_logits(output, target.to(output.dtype), reduction="none")
+
     def update_metrics(self, stage: str, output: Tensor, target: Tensor) -> None:
         # integer predictions: torchmetrics would read logits that happen to lie in [0, 1] as probabilities
         getattr(self, f"{stage}_acc").update((output > 0).long(), target.long())
@@ -257,6 +278,10 @@ class NodeClassifier(Classifier):
     """
 
     _MASKS = {"train": "train_mask", "val": "val_mask", "test": "test_mask"}
+    # one graph per batch: no samples to select (ESAM's data selection), no per-sample ids (SAF),
+    # and the network's outputs are masked after the forward pass (MESA)
+    supports_sample_losses = False
+    softmax_outputs = False
 
     def __init__(
         self,

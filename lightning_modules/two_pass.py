@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+import math
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -14,8 +15,9 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from ._epoch_means import EpochMeans
-from ._micro_batches import leading_size, split, split_sizes
-from ._step import PerturbedWeights, all_reduce_mean, grads_or_zeros, rng_state, set_rng_state
+from ._micro_batches import leading_size, split, split_sizes, take
+from ._rule import RuleSetup, StepContext
+from ._step import FrozenParameters, PerturbedWeights, all_reduce_mean, grads_or_zeros, rng_state, set_rng_state
 from .compat import (
     attached_trainer,
     launched_by_cli,
@@ -45,6 +47,13 @@ class TwoPassModule(pl.LightningModule):
 
     ``minimizer=None`` trains with the base optimizer alone: one forward-backward pass, same module.
 
+    The cheaper variants (LookSAM, EveryK, RandomSteps, AdaptiveSteps, MomentumSAM, ESAM, SAF, MESA) are rules
+    too: each step the module asks the rule whether to run pass 2 (``plan``, or ``second_pass`` after pass 1),
+    where to take a one-pass step's gradient (``evaluation_offset``: at w + ε inside ``PerturbedWeights``,
+    restored before anything else can look), how to form d from one gradient (``one_pass_descent_``), and
+    whether to add a term to the loss (``extra_loss``); a one-pass step is this same step with pass 2
+    skipped (docs/design.md, "One step, one or two passes"). The rule's state is in the checkpoint.
+
     Under DDP, ``ascent="replica"`` (default, the SAM paper's m-sharpness) computes ε from each
     replica's own sub-batch gradient (pass 1 without gradient all-reduce) and averages the final
     directions; rules whose descent uses g (GSAM) form d on each replica before averaging it.
@@ -54,16 +63,18 @@ class TwoPassModule(pl.LightningModule):
     the schedule (:func:`schedule_peak_lr`), both of the optimizer's first param group.
 
     During a step ``self.pass_index`` is 1 in pass 1 and 2 in pass 2 (0 outside), for callbacks
-    that read gradients in ``on_after_backward`` (the pass-1 gradient is the clean one). With gradient
-    accumulation it is 1 (2) during the backward that completes the pass's gradient and -1 (-2) during
-    the micro-batches before it, whose gradient is still partial.
+    that read gradients in ``on_after_backward``: 1 only while the pass yields the clean gradient
+    ∇L_B(w) of every parameter, 2 for a gradient at perturbed weights (SAM's pass 2, Momentum-SAM's one
+    pass), 3 for another gradient at w (SAF's and MESA's loss with its extra term, ESAM's pass 1 on a
+    subset of the tensors). With gradient accumulation it is 1 (2, 3) during the backward that completes
+    the pass's gradient and -1 (-2, -3) during the micro-batches before it, whose gradient is still partial.
 
     Subclasses implement :meth:`forward_loss` (and may override :meth:`update_metrics`).
 
     Args:
         net: The network (a plain ``nn.Module``).
         optimizer: Base optimizer factory, called with the parameters (any ``torch.optim`` class).
-        minimizer: The SAM-family rule; None for the base optimizer alone.
+        minimizer: The SAM-family rule or a cheaper variant; None for the base optimizer alone.
         lr_scheduler: Optional lr scheduler factory, called with the optimizer; the module steps it.
         lr_scheduler_interval: Step the scheduler every ``"epoch"`` or every optimizer ``"step"``.
         lr_scheduler_monitor: Metric that a ``ReduceLROnPlateau`` scheduler watches.
@@ -91,7 +102,8 @@ class TwoPassModule(pl.LightningModule):
             ``"clean"`` at w (the pass-1 outputs), or ``"perturbed"`` at w + ε (the pass-2 outputs), as
             the Keras GSAM code of the Adaptive-GSAM moons study plots its training accuracy. ``train/loss``
             stays the clean loss (``train/loss_perturbed`` is the loss at w + ε). Without a rule ε = 0 and
-            both are the same.
+            both are the same; so are they on a variant's one-pass step at w (``"perturbed"`` then takes the
+            outputs of that pass), and ESAM's pass 2 measures them on the samples it selected.
     """
 
     def __init__(
@@ -150,6 +162,8 @@ class TwoPassModule(pl.LightningModule):
         self._bn_buffers: list[Tensor] = []
         self._bn_backup: list[Tensor] = []
         self._lr_peak: float | None = None
+        self._bound_rule: Minimizer | None = None  # the rule that rule.setup() bound to this run
+        self._total_steps: int | None = None
         # Outside the module tree (a plain dict), so the model summary and the state_dict are as without them.
         # A mean is logged when updated: loss_perturbed with a rule only (which may be set between steps).
         self._means = {"train": EpochMeans(("loss", "grad_norm", "loss_perturbed")), "val": EpochMeans(("loss",)),
@@ -171,6 +185,34 @@ class TwoPassModule(pl.LightningModule):
         """The stage's torchmetrics objects by name, logged as ``{stage}/{name}`` at the epoch end."""
         return {}
 
+    #: The task's ``sample_losses`` and ``select_batch`` work (ESAM's data selection needs them).
+    supports_sample_losses: ClassVar[bool] = False
+    #: The task's outputs are class logits, one per class (SAF and MESA compare their softmax).
+    softmax_outputs: ClassVar[bool] = False
+
+    def sample_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        """Per-sample training losses (their mean is the batch loss), from ``forward_loss``'s outputs and targets."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide per-sample losses")
+
+    def select_batch(self, batch: Any, index: Tensor) -> Any:
+        """The samples ``index`` of a training batch (rows of its tensors); override for other batch types."""
+        return take(batch, index)
+
+    def sample_ids(self, batch: Any) -> Tensor | None:
+        """The samples' dataset indices: the integer tensor ``idx`` of an ``(x, y, idx)`` batch, else None.
+
+        The tasks read ``batch[0]`` and ``batch[1]`` only, so a trailing ``idx`` changes nothing else (SAF needs it).
+        """
+        if isinstance(batch, (tuple, list)) and len(batch) >= 3:
+            ids = batch[2]
+            if isinstance(ids, Tensor) and not ids.is_floating_point() and not ids.is_complex():
+                return ids
+        return None
+
+    def net_inputs(self, batch: Any) -> tuple[Any, ...]:
+        """The network's arguments for a batch (``(x,)`` of ``(x, y, ...)``): MESA runs its copy of the net on them."""
+        return (batch[0],)
+
     def epoch_metric_names(self, stage: str) -> set[str]:
         """The epoch-level keys this module logs for ``stage`` (``train/loss``, ``train/acc``, ...).
 
@@ -178,8 +220,13 @@ class TwoPassModule(pl.LightningModule):
         A subclass that logs more at the end of an epoch extends it.
         """
         keys = {"loss", *self.stage_metrics(stage)}
-        if stage == "train":
-            keys |= {"grad_norm"} | ({"loss_perturbed"} if self.minimizer is not None else set())
+        rule = self.minimizer
+        if stage == "train" and rule is not None:
+            if not rule.clean_loss:  # a one-pass Momentum-SAM: no loss at w, metrics only at w + ε
+                keys = set(self.stage_metrics(stage)) if self.train_metrics_at == "perturbed" else set()
+            keys |= ({"grad_norm"} if rule.clean_gradient else set()) | ({"loss_perturbed"} if rule.perturbs else set())
+        elif stage == "train":
+            keys.add("grad_norm")
         return {f"{stage}/{key}" for key in keys}
 
     # ------------------------------------------------------------------ optimizers
@@ -218,13 +265,61 @@ class TwoPassModule(pl.LightningModule):
         return []
 
     def setup(self, stage: str) -> None:
-        """Refuse strategies whose parameters are sharded (the rules need whole local tensors)."""
+        """Refuse strategies whose parameters are sharded (the rules need whole local tensors); reset the rule."""
         strategy = type(self.trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy or "ModelParallel" in strategy:
             raise ValueError(
                 f"Invalid strategy: {strategy}; the two-pass step supports single-device and DDP strategies "
                 "(ddp, ddp_spawn, ddp_find_unused_parameters_true)"
             )
+        rule = self.minimizer
+        if stage == "fit" and rule is not None:
+            if self.accumulate_ascent == "micro" and self.accumulate_grad_batches > 1 and not rule.plain_two_pass:
+                raise ValueError(f"Invalid accumulate_ascent: 'micro' with {rule!r}; the per-micro-batch ascent "
+                                 "combines with the two-pass rules only; use accumulate_ascent='accumulated'")
+            rule.reset()  # a fresh fit; a resume then restores the rule's state (on_load_checkpoint)
+            self._bound_rule = None
+
+    def on_train_start(self) -> None:
+        """Bind the rule to this run (after a resume restored the optimizer and the rule); it refuses what won't work."""
+        if self.minimizer is not None:
+            self._bind_rule()
+
+    def _bind_rule(self) -> None:
+        """``rule.setup`` with what the run knows: the net, the optimizer, the training set's size, the step count."""
+        trainer = self.trainer
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        try:
+            size = len(dataset) if dataset is not None else None
+        except TypeError:  # an iterable dataset
+            size = None
+        total = trainer.estimated_stepping_batches
+        self._total_steps = int(total) if isinstance(total, (int, float)) and math.isfinite(total) else None
+        self.minimizer.setup(RuleSetup(
+            net=self.net, optimizer=trainer.optimizers[0], params=self._params, dataset_size=size,
+            total_steps=self._total_steps, task=type(self).__name__, sample_losses=self.supports_sample_losses,
+            softmax_outputs=self.softmax_outputs, ascent=self.ascent, world_size=self._world_size(),
+        ))
+        self._bound_rule = self.minimizer
+
+    def _step_context(self, opt: Any) -> StepContext | None:
+        """What the rule learns about this step (None without a rule); binds a rule set since the last step."""
+        rule = self.minimizer
+        if rule is None:
+            return None
+        if self._bound_rule is not rule:
+            self._bind_rule()
+        per_replica = self._world_size() > 1 and self.ascent == "replica"
+        return StepContext(
+            step=self.global_step, epoch=self.current_epoch, total_steps=self._total_steps,
+            lr=float(opt.optimizer.param_groups[0]["lr"]), lr_max=self._schedule_peak(), optimizer=opt.optimizer,
+            params=self._params, reduce_mean=all_reduce_mean if per_replica else StepContext.reduce_mean,
+            gather=self._gather if self._world_size() > 1 else StepContext.gather,
+        )
+
+    def _gather(self, tensor: Tensor) -> Tensor:
+        """Every process's rows of ``tensor``, concatenated along dim 0 (equal shapes on every rank)."""
+        return self.all_gather(tensor).reshape(-1, *tensor.shape[1:])
 
     def on_fit_start(self) -> None:
         self._lr_peak = None  # found at the first step, after a resume has restored the optimizer
@@ -237,26 +332,30 @@ class TwoPassModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ the step
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """One two-pass step: the direction d, then one optimizer step, with d unless it is not finite."""
+        """One step: the direction d (one or two passes, as the rule decides), then one optimizer step with d."""
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
+        ctx = self._step_context(opt)
         parts = self._micro_batches(batch)
         if self.minimizer is not None and self.accumulate_ascent == "micro" and len(parts) > 1:
-            logs, direction, batch_size = self._micro_ascent_step(opt, parts)
+            logs, direction, batch_size = self._micro_ascent_step(opt, parts, ctx)
         else:
-            logs, _, direction, batch_size = self._step_direction(opt, parts)
+            logs, _, direction, batch_size = self._step_direction(opt, parts, ctx)
+        loss = logs["loss"] if "loss" in logs else logs["loss_perturbed"]  # the latter for a one-pass MSAM
         scale = self._loss_scale()
-        if not self._update_is_finite(logs["loss"], direction, scale):  # the step's one host sync
-            self._refuse_update(opt, logs["loss"], scale)
+        if not self._update_is_finite(loss, direction, scale):  # the step's one host sync
+            self._refuse_update(opt, loss, scale)
         opt.step()  # also after a refused update, without gradients: Lightning counts every step
+        if ctx is not None:
+            self.minimizer.after_step(self._params, ctx)
         self._sync_lr_schedulers(epoch=self.current_epoch)
-        self._record_step(logs, batch_size)
-        return logs["loss"]
+        self._record_step(logs, loss, batch_size)
+        return loss
 
-    def _record_step(self, logs: dict[str, Tensor], batch_size: int) -> None:
+    def _record_step(self, logs: dict[str, Tensor], loss: Tensor, batch_size: int) -> None:
         """Add the step's values to the epoch means and log the progress-bar loss (and ``train_step/*``)."""
         self._epoch_means("train").update(logs, batch_size)
-        self.log("loss", logs["loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log("loss", loss, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=batch_size)
         if self.log_train_steps:
             self._log_every_step({f"train_step/{k}": v for k, v in logs.items()}, batch_size)
 
@@ -275,37 +374,110 @@ class TwoPassModule(pl.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def _step_direction(self, opt: Any, parts: list[tuple[Any, float]], *,
+    def _step_direction(self, opt: Any, parts: list[tuple[Any, float]], ctx: StepContext | None, *,
                         micro: bool = False) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
-        """Pass 1 (and, with a rule, the ascent and pass 2) over ``parts``: ``(logs, params, d, batch size)``.
+        """The step's passes over ``parts`` as the rule plans them: ``(logs, params, d, batch size)``.
 
         ``parts`` is the batch, or its micro-batches whose gradients accumulate (weighted by size) into
-        one clean gradient g and one perturbed gradient g_p. ``micro``: one micro-batch of the per-micro-
-        batch ascent (pass 2 without DDP sync, no averaging here: the caller averages the sum of the d).
-        d is returned in the parameters' ``.grad`` tensors, where ``optimizer.step()`` reads it.
+        one gradient per pass. ``micro``: one micro-batch of the per-micro-batch ascent (every pass without
+        DDP sync, no averaging here: the caller averages the sum of the d). d is returned in the
+        parameters' ``.grad`` tensors, where ``optimizer.step()`` reads it.
         """
         rule = self.minimizer
+        plan = "two" if rule is None or ctx is None else rule.plan(ctx)
+        if rule is not None and plan == "one":
+            return self._one_pass_direction(parts, ctx, micro)
         rngs: list[dict[str, Any]] | None = [] if rule is not None and self.share_dropout_rng else None
-        loss, batch_size = self._accumulated_pass(parts, 1, rule is not None and self.ascent == "replica", rngs)
+        clean_losses: list[Tensor] | None = [] if rule is not None and rule.selects_data else None
+        deferred: list[tuple[Tensor, Tensor]] | None = [] if plan == "decide" and self._metrics_at_w_eps() else None
+        frozen = rule.frozen_in_pass_one(self._params, ctx) if rule is not None else None
+        metrics = deferred if deferred is not None else not self._metrics_at_w_eps()
+        with FrozenParameters(self._params, frozen):
+            loss, batch_size = self._accumulated_pass(parts, 1 if frozen is None else 3,
+                                                      rule is not None and self.ascent == "replica", rngs,
+                                                      metrics=metrics, losses=clean_losses)
         params, grads, names = self._with_grads()
         scale = self._loss_scale()
         grad_norm = global_norm(grads)
-        logs = {"loss": loss, "grad_norm": grad_norm if scale is None else grad_norm / scale}
+        unscaled = grad_norm if scale is None else grad_norm / scale
+        logs = {"loss": loss} if frozen is not None else {"loss": loss, "grad_norm": unscaled}
         if rule is None:
             return logs, params, grads, batch_size
+        if plan == "decide" and not rule.second_pass(grads, unscaled**2, ctx):
+            return self._first_pass_only(logs, params, grads, batch_size, ctx, deferred, micro)
         perturbed = self._perturbed_weights(opt, params, grads, names, grad_norm, scale)
         clean = grads if rule.uses_clean_grad else None
         del grads  # the other rules' pass 2 does not keep g
         opt.zero_grad(set_to_none=True)
         average = not micro and self.ascent == "replica" and rule.uses_clean_grad and self._world_size() > 1
         with perturbed:  # w + ε; w and the BatchNorm statistics restored on exit, also when pass 2 raises
-            logs["loss_perturbed"], _ = self._accumulated_pass(parts, 2, micro or average, rngs)
-        direction = self._write_descent_direction(params, clean)
+            if clean_losses is not None:
+                parts = self._selected_parts(parts, clean_losses)
+            logs["loss_perturbed"], _ = self._accumulated_pass(parts, 2, micro or average, rngs,
+                                                               metrics=self._metrics_at_w_eps())
+        if frozen is not None:  # every parameter has its pass-2 gradient, the frozen ones included
+            params = self._with_grads()[0]
+        direction = self._write_descent_direction(params, clean, ctx)
         del clean
         if average:  # GSAM's d formed on each replica from its own g, then averaged
             with torch.no_grad():
                 all_reduce_mean(direction)
         return logs, params, direction, batch_size
+
+    def _first_pass_only(self, logs: dict[str, Tensor], params: list[Tensor], grads: list[Tensor], batch_size: int,
+                         ctx: StepContext, deferred: list[tuple[Tensor, Tensor]] | None,
+                         micro: bool) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
+        """The rule decided against pass 2 after pass 1 (AE-SAM): d from g alone (all-reduced if pass 1 was not)."""
+        for output, target in deferred or ():
+            self.update_metrics("train", output, target)
+        with torch.no_grad():
+            if not micro and self.ascent == "replica" and self._world_size() > 1:
+                all_reduce_mean(grads)  # pass 1 ran without the DDP all-reduce, for an ascent that did not come
+            direction = self.minimizer.one_pass_descent_(params, grads, ctx)
+        return logs, params, direction, batch_size
+
+    def _one_pass_direction(self, parts: list[tuple[Any, float]], ctx: StepContext,
+                            micro: bool) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
+        """A one-pass step: the gradient at w (plus the rule's extra loss) or at w + offset (Momentum-SAM)."""
+        rule = self.minimizer
+        with torch.no_grad():
+            offset = rule.evaluation_offset(self._params, ctx)
+        if offset is not None:
+            return self._offset_direction(parts, ctx, micro, offset)
+        active = rule.extra_loss_active(ctx)
+        loss, batch_size = self._accumulated_pass(parts, 3 if active else 1, micro, None, metrics=True,
+                                                  extra=rule if rule.uses_outputs else None, ctx=ctx)
+        params, grads, _ = self._with_grads()
+        logs = {"loss": loss}
+        if not active:
+            scale = self._loss_scale()
+            logs["grad_norm"] = global_norm(grads) if scale is None else global_norm(grads) / scale
+        with torch.no_grad():
+            direction = rule.one_pass_descent_(params, grads, ctx)
+        return logs, params, direction, batch_size
+
+    def _offset_direction(self, parts: list[tuple[Any, float]], ctx: StepContext, micro: bool,
+                          offset: list[Tensor]) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
+        """Momentum-SAM's step: d = ∇L_B(w + offset), the weights at w + offset only inside that pass.
+
+        With the rule's ``clean_loss`` one forward pass at w (no gradient) first gives ``loss`` and the
+        BatchNorm statistics, which the pass at w + offset then leaves as they were.
+        """
+        rule = self.minimizer
+        logs: dict[str, Tensor] = {}
+        if rule.clean_loss:
+            logs["loss"] = self._forward_only(parts, metrics=not self._metrics_at_w_eps())
+        params = self._params
+        buffers = (self._bn_buffers, self._bn_backup) if rule.clean_loss else ((), ())
+        with PerturbedWeights(params, offset, self._scratch_buffers("_backup", params), *buffers):
+            logs["loss_perturbed"], batch_size = self._accumulated_pass(parts, 2, micro, None,
+                                                                        metrics=self._metrics_at_w_eps())
+        params, grads, _ = self._with_grads()
+        return logs, params, grads, batch_size
+
+    def _metrics_at_w_eps(self) -> bool:
+        """Whether the training metrics come from the perturbed pass (``train_metrics_at="perturbed"`` with a rule)."""
+        return self.train_metrics_at == "perturbed" and self.minimizer is not None
 
     def _perturbed_weights(self, opt: Any, params: list[Tensor], grads: list[Tensor], names: list[str],
                            grad_norm: Tensor, scale: Tensor | None) -> PerturbedWeights:
@@ -322,30 +494,68 @@ class TwoPassModule(pl.LightningModule):
         return PerturbedWeights(params, eps, self._scratch_buffers("_backup", params), self._bn_buffers,
                                 self._bn_backup)
 
-    def _write_descent_direction(self, params: list[Tensor], clean: list[Tensor] | None) -> list[Tensor]:
+    def _write_descent_direction(self, params: list[Tensor], clean: list[Tensor] | None,
+                                 ctx: StepContext | None) -> list[Tensor]:
         """Overwrite the pass-2 gradients g_p in ``.grad`` with the descent direction d; return the ``.grad`` tensors.
 
         d = g_p, except for rules whose descent uses the clean gradient g (GSAM): their ``descent_(g, g_p)``
         overwrites its second argument in place, here the ``.grad`` tensors themselves, and returns it.
+        Such a rule first sees g and g_p (``after_second_pass``: LookSAM keeps its g_v).
         """
         with torch.no_grad():
             grads_p = grads_or_zeros(params)  # g_p = 0 for a parameter that pass 2 did not use
-            return grads_p if clean is None else self.minimizer.descent_(clean, grads_p)
+            if clean is None:
+                return grads_p
+            if ctx is not None:
+                self.minimizer.after_second_pass(params, clean, grads_p, ctx)
+            return self.minimizer.descent_(clean, grads_p)
+
+    def _selected_parts(self, parts: list[tuple[Any, float]], clean_losses: list[Tensor]) -> list[tuple[Any, float]]:
+        """ESAM's data selection: each part cut to the samples the rule picks from their losses at w and at w + ε.
+
+        One forward pass without gradient at w + ε per part (the BatchNorm statistics it moves are restored
+        with the weights).
+        """
+        selected = []
+        with torch.no_grad():
+            for (part, weight), before in zip(parts, clean_losses):
+                _, output, target, _ = self.forward_loss(part, "train")
+                index = self.minimizer.select(before, self.sample_losses(output, target))
+                selected.append((self.select_batch(part, index), weight))
+        return selected
+
+    def _forward_only(self, parts: list[tuple[Any, float]], metrics: bool) -> Tensor:
+        """The weighted training loss of ``parts`` at the current weights, without gradient (train mode)."""
+        total: Tensor | None = None
+        last = len(parts) - 1
+        with torch.no_grad():
+            for part, weight in parts:
+                loss, output, target, _ = self.forward_loss(part, "train")
+                if metrics:
+                    self.update_metrics("train", output, target)
+                weighted = loss if last == 0 else loss * weight
+                total = weighted if total is None else total + weighted
+        assert total is not None
+        return total.detach()
 
     def _accumulated_pass(self, parts: list[tuple[Any, float]], index: int, block_sync: bool,
-                          rngs: list[dict[str, Any]] | None) -> tuple[Tensor, int]:
+                          rngs: list[dict[str, Any]] | None, *, metrics: bool | list[tuple[Tensor, Tensor]],
+                          losses: list[Tensor] | None = None, extra: Minimizer | None = None,
+                          ctx: StepContext | None = None) -> tuple[Tensor, int]:
         """Forward-backward of each part, gradients summed in ``.grad`` with the parts' weights.
 
         Returns the weighted loss (detached) and the total batch size. ``pass_index`` is ``index``
         during the backward that completes the pass's gradient, ``-index`` during earlier micro-batches,
         and 0 again when the pass returns or raises. Under DDP the gradients are all-reduced once, at the
         last part, unless ``block_sync``. With ``rngs`` (shared dropout masks) pass 1 records the RNG state
-        before each part and pass 2 replays it.
+        before each part and pass 2 replays it. ``metrics``: update the training metrics with the outputs
+        (True), or keep the outputs in this list for later. ``losses``: collect each part's per-sample
+        losses. ``extra``: a rule whose ``extra_loss`` is added to the loss that is differentiated (not to
+        the loss returned).
         """
         total: Tensor | None = None
         batch_size = 0
         last = len(parts) - 1
-        metrics_pass = 2 if self.train_metrics_at == "perturbed" and self.minimizer is not None else 1
         try:
             for i, (part, weight) in enumerate(parts):
                 if rngs is not None and index == 1:
@@ -355,9 +565,14 @@ class TwoPassModule(pl.LightningModule):
                 self.pass_index = index if i == last else -index
                 with self._no_sync(block_sync or i < last):
                     loss, output, target, size = self.forward_loss(part, "train")
-                    self.manual_backward(loss if last == 0 else loss * weight)
-                if index == metrics_pass:
+                    objective = loss if extra is None else self._with_extra_loss(loss, output, part, extra, ctx)
+                    self.manual_backward(objective if last == 0 else objective * weight)
+                if isinstance(metrics, list):
+                    metrics.append((output.detach(), target))
+                elif metrics:
                     self.update_metrics("train", output.detach(), target)
+                if losses is not None:
+                    losses.append(self.sample_losses(output.detach(), target))
                 loss = loss.detach() if last == 0 else loss.detach() * weight
                 total = loss if total is None else total + loss
                 batch_size += size
@@ -366,8 +581,14 @@ class TwoPassModule(pl.LightningModule):
         assert total is not None
         return total, batch_size
 
-    def _micro_ascent_step(self, opt: Any,
-                           parts: list[tuple[Any, float]]) -> tuple[dict[str, Tensor], list[Tensor], int]:
+    def _with_extra_loss(self, loss: Tensor, output: Tensor, part: Any, rule: Minimizer,
+                         ctx: StepContext | None) -> Tensor:
+        """The loss plus the rule's extra term for this part (SAF, MESA), if it adds one in this step."""
+        term = rule.extra_loss(output, self.sample_ids(part), self.net_inputs(part), ctx or StepContext())
+        return loss if term is None else loss + term
+
+    def _micro_ascent_step(self, opt: Any, parts: list[tuple[Any, float]],
+                           ctx: StepContext | None) -> tuple[dict[str, Tensor], list[Tensor], int]:
         """The ascent per micro-batch: d = Σᵢ wᵢ·dᵢ, each dᵢ a whole two-pass direction of micro-batch i.
 
         m-sharpness with m the micro-batch size (as DDP's per-replica ascent): εᵢ from the micro-batch's
@@ -379,7 +600,7 @@ class TwoPassModule(pl.LightningModule):
         batch_size = 0
         for part, weight in parts:
             opt.zero_grad(set_to_none=True)
-            part_logs, params, direction, size = self._step_direction(opt, [(part, 1.0)], micro=True)
+            part_logs, params, direction, size = self._step_direction(opt, [(part, 1.0)], ctx, micro=True)
             if not acc:
                 key = tuple(map(id, params))
                 acc = self._scratch_buffers("_accumulated", params)
@@ -454,12 +675,17 @@ class TwoPassModule(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["flatminima"] = {"rng": rng_state(), "skipped_steps": self.skipped_steps}
+        if self.minimizer is not None:
+            checkpoint["flatminima"]["minimizer"] = self.minimizer.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("flatminima")
         if state is None:
             return
         self.skipped_steps = state.get("skipped_steps", 0)
+        if self.minimizer is not None and state.get("minimizer"):
+            self.minimizer.load_state_dict(state["minimizer"])
+            self._bound_rule = None  # bound again (to the restored state) when training starts
         if attached_trainer(self) is not None and "rng" in state:
             set_rng_state(state["rng"])
 
@@ -608,7 +834,8 @@ def _check_arguments(net: Any, optimizer: Any, minimizer: Any, accumulate_grad_b
     if minimizer is not None and not isinstance(minimizer, Minimizer):
         raise TypeError(
             f"Invalid minimizer: {type(minimizer).__name__}; expected a lightning_modules.minimizers.Minimizer "
-            "(SAM, USAM, ASAM, GSAM, AdaptiveGSAM) or None"
+            "(SAM, USAM, ASAM, GSAM, AdaptiveGSAM, LookSAM, EveryK, RandomSteps, AdaptiveSteps, MomentumSAM, ESAM, "
+            "SAF, MESA) or None"
         )
     for name, value in choices.items():
         check_choice(name, value, _CHOICES[name])

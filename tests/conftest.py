@@ -6,6 +6,10 @@ ran on one thread before do so now, so no test changes the thread count it runs 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,3 +25,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ddp_step_runs(tmp_path_factory) -> Path:
+    """The folder of tests/ddp_step_script.py's two-process DDP runs (one subprocess for test_ddp*.py)."""
+    script = Path(__file__).with_name("ddp_step_script.py")
+    out = tmp_path_factory.mktemp("ddp")
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=script.parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out

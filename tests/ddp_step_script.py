@@ -4,7 +4,8 @@ Run by tests/test_ddp.py as ``python tests/ddp_step_script.py OUT_DIR``; Lightni
 strategy re-executes this script for rank 1. For GSAM with each ascent mode
 and for SAM with the per-replica ascent (and both again with
 gradient accumulation in the module) it writes ``OUT_DIR/<name>_rank<r>.pt`` with the initial weights, every batch the rank trained on, the
-rank's pass-1 gradient of every step, and the final weights.
+rank's pass-1 gradient of every step, and the final weights. The variants with per-rank state follow
+(tests/ddp_variants_script.py, run in this same process to pay for one DDP start-up).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_modules import GSAM, SAM, Classifier  # noqa: E402
+from tests.ddp_variants_script import run_variants  # noqa: E402
 
 STEPS = 3
 
@@ -71,3 +73,4 @@ if __name__ == "__main__":
     run(out_dir, "replica_sam", "replica", SAM(rho=0.05))
     run(out_dir, "global_acc", "global", GSAM(rho=0.05, alpha=0.3), accumulate=2)
     run(out_dir, "replica_sam_acc", "replica", SAM(rho=0.05), accumulate=4)
+    run_variants(out_dir)

@@ -6,9 +6,6 @@ DDP re-executes ``sys.argv`` for rank 1, so the run is a script in a subprocess 
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,17 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-SCRIPT = Path(__file__).with_name("ddp_step_script.py")
 ALPHA, RHO, LR = 0.3, 0.05, 0.1
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=300,
-                          cwd=SCRIPT.parents[1])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {name: [torch.load(out / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+def runs(ddp_step_runs):
+    """The runs of tests/ddp_step_script.py (the subprocess is started once, in tests/conftest.py)."""
+    return {name: [torch.load(ddp_step_runs / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)]
             for name in ("replica", "global", "replica_sam", "global_acc", "replica_sam_acc")}
 
 
