@@ -36,6 +36,8 @@ from scipy import stats
 
 from formats.summary import Summary, number
 
+from .cmi import cmi_row
+from .ranking import ranking_rows
 from .spec import KSTest
 
 MIN_BOOTSTRAP_RUNS = 10
@@ -237,10 +239,15 @@ def describe(runs: Sequence[Summary], keys: Sequence[str], group_axes: Sequence[
 def analyze(summaries: Iterable[Summary], xs: Sequence[str], ys: Sequence[str], *,
             group_axes: Sequence[str] | None = None, ks: Sequence[KSTest] = (), resamples: int = 1000,
             seed: int = 0) -> dict[str, Any]:
-    """The content of ``analysis.json``: ``runs`` (counts), ``kendall``, ``granulated``, ``ks``, ``describe``."""
+    """The content of ``analysis.json``: ``runs`` (counts), ``kendall``, ``granulated``, ``cmi``, ``ranking``,
+    ``ks``, ``describe``."""
     finished, other = split_pool(summaries)
     axes = axes_of(finished) or axes_of(other)
     groups = list(axes if group_axes is None else group_axes)
+    pairs = list(itertools.product(xs, ys))
+    kendall_table = kendall_rows(finished, xs, ys, groups, resamples, seed)
+    granulated_rows = [granulated(finished, x, y, axes) for x, y in pairs]
+    cmi_rows = [cmi_row(finished, x, y, axes) for x, y in pairs]
     return {
         "runs": {"total": len(finished) + len(other), "finished": len(finished), "left_out": len(other),
                  "failed": [{"id": _id(s), "status": s.get("status"), "error": s.get("error")} for s in other]},
@@ -248,8 +255,10 @@ def analyze(summaries: Iterable[Summary], xs: Sequence[str], ys: Sequence[str], 
         "x": list(xs),
         "y": list(ys),
         "groups": groups,
-        "kendall": kendall_rows(finished, xs, ys, groups, resamples, seed),
-        "granulated": [granulated(finished, x, y, axes) for x, y in itertools.product(xs, ys)],
+        "kendall": kendall_table,
+        "granulated": granulated_rows,
+        "cmi": cmi_rows,
+        "ranking": ranking_rows(granulated_rows, cmi_rows, kendall_table),
         "ks": ks_rows(finished, ks),
         "describe": describe(finished, list(dict.fromkeys([*xs, *ys])), groups),
     }

@@ -170,7 +170,11 @@ def test_analyze_writes_tables_json_figures_and_tensorboard(tmp_path):
     directory = synthetic_study(tmp_path)
     commands.analyze(directory)
     result = json.loads((directory / "analysis.json").read_text())
-    assert {"kendall", "granulated", "ks"} <= set(result)
+    assert {"kendall", "granulated", "cmi", "ranking", "ks"} <= set(result)
+    assert [set(c) for c in result["cmi"]] == [{"x", "y", "per_pair", "score", "n", "left_out"}] * 2
+    assert set(result["cmi"][0]["per_pair"]) == {"optim,rule"} and result["cmi"][0]["n"] == 12
+    for row, g, c in zip(result["ranking"], result["granulated"], result["cmi"]):  # one x: the order of the y
+        assert (row["x"], row["y"], row["psi"], row["cmi"]) == (g["x"], g["y"], g["psi"], c["score"])
     for r in result["kendall"]:
         assert set(r) == {"x", "y", "group", "n", "tau", "p", "ci95"}
     assert {r["group"] for r in result["kendall"]} == {"all", "rule=none", "rule=sam"}
@@ -185,9 +189,11 @@ def test_analyze_writes_tables_json_figures_and_tensorboard(tmp_path):
     assert {"id", "optim", "rule", "seed", "sharpness/adaptive", "gap/acc", "error"} <= set(rows[0])
     text = (directory / "analysis.md").read_text()
     assert "## Kendall τ" in text and "## Granulated" in text and "## Kolmogorov" in text and "boom" in text
+    assert "## Ranking of the measures" in text
     pngs = sorted(p.name for p in (directory / "figures").glob("*.png"))
     assert pngs == ["bars-gap_acc.png", "bars-sharpness_adaptive.png", "bars-test_acc.png", "curves-rule.png",
-                    "distributions-rule.png", "runs-sharpness_adaptive.png", "runs-train_loss.png",
+                    "distributions-rule.png", "ranking-psi-per-axis.png", "runs-sharpness_adaptive.png",
+                    "runs-train_loss.png",
                     "scatter-sharpness_adaptive-vs-gap_acc-per-rule.png", "scatter-sharpness_adaptive-vs-gap_acc.png",
                     "scatter-sharpness_adaptive-vs-test_acc-per-rule.png",
                     "scatter-sharpness_adaptive-vs-test_acc.png"]
@@ -293,7 +299,9 @@ def test_without_x_every_final_sharpness_and_complexity_key_is_an_x():
 
     runs = [{"id": "a", "status": "finished", "metrics": {
         "sharpness/adaptive": 1.0, "complexity/path_norm": 2.0, "complexity/params": 3.0, "test/acc": 0.5,
-        "sharpness/adaptive@threshold": 1.0, "sharpness/gradient_norm_step": 0.1, "train/loss": 0.2}}]
+        "sharpness/adaptive@threshold": 1.0, "sharpness/gradient_norm_step": 0.1, "train/loss": 0.2,
+        "sharpness/average_l2_stderr": 0.01, "sharpness/adaptive_ascent_loss": 0.6,
+        "sharpness/adaptive_clean_loss": 0.5, "sharpness/adaptive_ascent_falls": 0.05}}]
     assert study_pool.default_x(runs) == ["complexity/params", "complexity/path_norm", "sharpness/adaptive"]
 
 
