@@ -56,6 +56,31 @@ def split_pool(summaries: Iterable[Summary]) -> tuple[list[Summary], list[Summar
     return sorted(finished, key=_id), sorted(other, key=_id)
 
 
+def apply_requirements(finished: Sequence[Summary], require: Sequence[tuple[str, str, float]]
+                       ) -> tuple[list[Summary], list[Summary]]:
+    """(the finished runs within every bound, the others marked ``"excluded"`` with the reason as ``error``).
+
+    ``require``: ``(key, "min" | "max", bound)``; a missing or NaN value is outside every bound.
+    """
+    kept, excluded = [], []
+    for run in finished:
+        reasons = [f"{key} {_show(ordered(run, key))} {'<' if bound == 'min' else '>'} {limit:g} (analysis.require)"
+                   for key, bound, limit in require if not _within(ordered(run, key), bound, limit)]
+        if reasons:
+            excluded.append({**run, "status": "excluded", "error": "; ".join(reasons)})
+        else:
+            kept.append(run)
+    return kept, excluded
+
+
+def _within(v: float | None, bound: str, limit: float) -> bool:
+    return v is not None and not math.isnan(v) and (v >= limit if bound == "min" else v <= limit)
+
+
+def _show(v: float | None) -> str:
+    return "missing" if v is None else f"{v:.4g}"
+
+
 def axes_of(runs: Sequence[Summary]) -> list[str]:
     """The axis names found in the runs, in first-seen order."""
     names: dict[str, None] = {}
@@ -238,10 +263,13 @@ def describe(runs: Sequence[Summary], keys: Sequence[str], group_axes: Sequence[
 # ---------------------------------------------------------------------------------------- all of it
 def analyze(summaries: Iterable[Summary], xs: Sequence[str], ys: Sequence[str], *,
             group_axes: Sequence[str] | None = None, ks: Sequence[KSTest] = (), resamples: int = 1000,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, require: Sequence[tuple[str, str, float]] = ()) -> dict[str, Any]:
     """The content of ``analysis.json``: ``runs`` (counts), ``kendall``, ``granulated``, ``cmi``, ``ranking``,
-    ``ks``, ``describe``."""
+    ``ks``, ``describe``. Finished runs outside a ``require`` bound are left out with the reason.
+    """
     finished, other = split_pool(summaries)
+    finished, excluded = apply_requirements(finished, require)
+    other = sorted([*other, *excluded], key=_id)
     axes = axes_of(finished) or axes_of(other)
     groups = list(axes if group_axes is None else group_axes)
     pairs = list(itertools.product(xs, ys))

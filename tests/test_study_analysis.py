@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import yaml
+
 from studies import analysis, commands
+from studies import pool as study_pool
+from studies.spec import StudyError, load
 from formats.summary import write_json
 from studies.spec import KSTest
 
@@ -323,3 +327,31 @@ def test_no_bootstrap_interval_below_ten_runs_and_the_table_says_why():
     assert analysis.bootstrap_tau(a[:9], b[:9]) is None
     lo, hi = analysis.bootstrap_tau(a, b)
     assert -1 <= lo < stats.kendalltau(a, b).statistic < hi <= 1
+
+
+def test_runs_outside_a_required_bound_are_left_out_and_counted(tmp_path):
+    directory = synthetic_study(tmp_path, with_file=False)
+    summaries = study_pool.load(directory)
+    finished = [s for s in summaries if s["status"] == "finished"]
+    limit = sorted(s["metrics"]["gap/acc"] for s in finished)[8]  # 9 runs at or below it, 3 above
+    result = analysis.analyze(summaries, ["sharpness/adaptive"], ["test/acc"], group_axes=[], resamples=0,
+                              require=[("gap/acc", "max", limit)])
+    kept = [s for s in finished if s["metrics"]["gap/acc"] <= limit]
+    assert result["runs"]["finished"] == 9 and result["runs"]["left_out"] == 1 + 3
+    excluded = [r for r in result["runs"]["failed"] if r["status"] == "excluded"]
+    assert len(excluded) == 3 and all(f"> {limit:g} (analysis.require)" in r["error"] for r in excluded)
+    want = stats.kendalltau([s["metrics"]["sharpness/adaptive"] for s in kept], [s["metrics"]["test/acc"] for s in kept])
+    assert result["kendall"][0]["n"] == 9 and result["kendall"][0]["tau"] == pytest.approx(want.statistic)
+
+
+@pytest.mark.parametrize("require, message", [
+    ({"train/loss": 0.01}, r"analysis.require.train/loss: expected a mapping"),
+    ({"train/loss": {"below": 0.01}}, r"analysis.require.train/loss.below: unknown key"),
+    ({"train/loss": {"max": "small"}}, r"analysis.require.train/loss.max: expected a number"),
+    ({"train/loss": {}}, r"analysis.require.train/loss: expected min and/or max"),
+])
+def test_a_bad_requirement_is_refused_naming_the_key(tmp_path, require, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "analysis": {"require": require}}))
+    with pytest.raises(StudyError, match=message):
+        load(path, check_files=False)
