@@ -38,7 +38,8 @@ class RunSummary(Callback):
     ``test/*``, ``sharpness/*``, ...), the generalization gaps ``gap/<m>`` for every ``m`` logged as both
     ``train/<m>`` and ``test/<m>`` (``train − test`` for accuracy-like names — acc, f1, auroc, precision,
     recall — and ``test − train`` for losses and errors, so a larger gap always means worse
-    generalization), and ``<key>@threshold``, the value of each per-epoch key at ``threshold_epoch``.
+    generalization; the train side is ``train_final/<m>``, the final weights re-evaluated on the training
+    set, when ``callbacks.FinalTrainEvaluation`` logged it, else the last epoch's mean), and ``<key>@threshold``, the value of each per-epoch key at ``threshold_epoch``.
     Non-finite values are kept: a diverged loss is ``inf``, written as the string ``"inf"`` (``"-inf"``,
     ``"nan"``), since JSON has no infinity; :func:`formats.summary.read_summary` reads them back as
     floats.
@@ -204,19 +205,21 @@ class RunSummary(Callback):
 
 
 def gaps(metrics: dict[str, float | None]) -> dict[str, float | None]:
-    """Generalization gaps ``gap/<m>`` from ``train/<m>`` and ``test/<m>`` (positive = worse on test).
+    """Generalization gaps ``gap/<m>`` from ``train/<m>`` (or ``train_final/<m>``) and ``test/<m>``.
 
-    ``train − test`` for accuracy-like names (acc, accuracy, f1, auroc, precision, recall), ``test − train``
-    for the others (losses, errors). Non-finite values give what the arithmetic gives (∞ − 1 = ∞, ∞ − ∞ = NaN).
+    Positive means worse on the test set: ``train − test`` for accuracy-like names (acc, accuracy, f1, auroc,
+    precision, recall), ``test − train`` for the others (losses, errors). When the final weights were
+    re-evaluated on the training set (``train_final/<m>``, ``callbacks.FinalTrainEvaluation``), that value is
+    the train side; otherwise the last epoch's mean ``train/<m>``. Non-finite values give what the arithmetic
+    gives (∞ − 1 = ∞, ∞ − ∞ = NaN).
     """
     out: dict[str, float | None] = {}
-    for key, train in metrics.items():
-        if not key.startswith("train/") or "@" in key:
-            continue
-        name = key[len("train/"):]
-        test = metrics.get(f"test/{name}")
+    names = [k.split("/", 1)[1] for k in metrics if k.startswith(("train/", "train_final/")) and "@" not in k]
+    for name in dict.fromkeys(names):
         if f"test/{name}" not in metrics:
             continue
+        train = metrics.get(f"train_final/{name}", metrics.get(f"train/{name}"))
+        test = metrics[f"test/{name}"]
         if train is None or test is None:
             out[f"gap/{name}"] = None
         elif name.split("_")[-1] in HIGHER_IS_BETTER:

@@ -36,6 +36,8 @@ from scipy import stats
 
 from formats.summary import Summary, number
 
+from .cmi import cmi_row
+from .ranking import ranking_rows
 from .spec import KSTest
 
 MIN_BOOTSTRAP_RUNS = 10
@@ -52,6 +54,31 @@ def split_pool(summaries: Iterable[Summary]) -> tuple[list[Summary], list[Summar
     for s in summaries:
         (finished if s.get("status") == "finished" else other).append(s)
     return sorted(finished, key=_id), sorted(other, key=_id)
+
+
+def apply_requirements(finished: Sequence[Summary], require: Sequence[tuple[str, str, float]]
+                       ) -> tuple[list[Summary], list[Summary]]:
+    """(the finished runs within every bound, the others marked ``"excluded"`` with the reason as ``error``).
+
+    ``require``: ``(key, "min" | "max", bound)``; a missing or NaN value is outside every bound.
+    """
+    kept, excluded = [], []
+    for run in finished:
+        reasons = [f"{key} {_show(ordered(run, key))} {'<' if bound == 'min' else '>'} {limit:g} (analysis.require)"
+                   for key, bound, limit in require if not _within(ordered(run, key), bound, limit)]
+        if reasons:
+            excluded.append({**run, "status": "excluded", "error": "; ".join(reasons)})
+        else:
+            kept.append(run)
+    return kept, excluded
+
+
+def _within(v: float | None, bound: str, limit: float) -> bool:
+    return v is not None and not math.isnan(v) and (v >= limit if bound == "min" else v <= limit)
+
+
+def _show(v: float | None) -> str:
+    return "missing" if v is None else f"{v:.4g}"
 
 
 def axes_of(runs: Sequence[Summary]) -> list[str]:
@@ -236,11 +263,19 @@ def describe(runs: Sequence[Summary], keys: Sequence[str], group_axes: Sequence[
 # ---------------------------------------------------------------------------------------- all of it
 def analyze(summaries: Iterable[Summary], xs: Sequence[str], ys: Sequence[str], *,
             group_axes: Sequence[str] | None = None, ks: Sequence[KSTest] = (), resamples: int = 1000,
-            seed: int = 0) -> dict[str, Any]:
-    """The content of ``analysis.json``: ``runs`` (counts), ``kendall``, ``granulated``, ``ks``, ``describe``."""
+            seed: int = 0, require: Sequence[tuple[str, str, float]] = ()) -> dict[str, Any]:
+    """The content of ``analysis.json``: ``runs`` (counts), ``kendall``, ``granulated``, ``cmi``, ``ranking``,
+    ``ks``, ``describe``. Finished runs outside a ``require`` bound are left out with the reason.
+    """
     finished, other = split_pool(summaries)
+    finished, excluded = apply_requirements(finished, require)
+    other = sorted([*other, *excluded], key=_id)
     axes = axes_of(finished) or axes_of(other)
     groups = list(axes if group_axes is None else group_axes)
+    pairs = list(itertools.product(xs, ys))
+    kendall_table = kendall_rows(finished, xs, ys, groups, resamples, seed)
+    granulated_rows = [granulated(finished, x, y, axes) for x, y in pairs]
+    cmi_rows = [cmi_row(finished, x, y, axes) for x, y in pairs]
     return {
         "runs": {"total": len(finished) + len(other), "finished": len(finished), "left_out": len(other),
                  "failed": [{"id": _id(s), "status": s.get("status"), "error": s.get("error")} for s in other]},
@@ -248,8 +283,10 @@ def analyze(summaries: Iterable[Summary], xs: Sequence[str], ys: Sequence[str], 
         "x": list(xs),
         "y": list(ys),
         "groups": groups,
-        "kendall": kendall_rows(finished, xs, ys, groups, resamples, seed),
-        "granulated": [granulated(finished, x, y, axes) for x, y in itertools.product(xs, ys)],
+        "kendall": kendall_table,
+        "granulated": granulated_rows,
+        "cmi": cmi_rows,
+        "ranking": ranking_rows(granulated_rows, cmi_rows, kendall_table),
         "ks": ks_rows(finished, ks),
         "describe": describe(finished, list(dict.fromkeys([*xs, *ys])), groups),
     }

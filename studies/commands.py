@@ -149,9 +149,10 @@ def analyze(directory: str | Path, x: list[str] | None = None, y: list[str] | No
     ys = y or list(plan.y if plan and plan.y else pool.default_y(summaries))
     group_axes = groups if groups is not None else (list(plan.groups) if plan and plan.groups is not None else None)
     resamples = bootstrap if bootstrap is not None else (plan.bootstrap if plan else 1000)
+    require = plan.require if plan else ()
     result = analysis.analyze(summaries, xs, ys, group_axes=group_axes, ks=plan.ks if plan else (),
-                              resamples=resamples, seed=plan.seed if plan else 0)
-    finished, _ = analysis.split_pool(summaries)
+                              resamples=resamples, seed=plan.seed if plan else 0, require=require)
+    finished, _ = analysis.apply_requirements(analysis.split_pool(summaries)[0], require)
     names = _figures(directory, finished, result, result["axes"]) if figures else []
     keys = pool.metric_keys(summaries)
     report.write_csv(directory / "results.csv", summaries, result["axes"], keys)

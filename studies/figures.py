@@ -37,6 +37,7 @@ from matplotlib.lines import Line2D
 from formats.summary import Summary, number
 
 from .analysis import finite, group_by, value
+from .ranking import ranking_figures
 
 MARKERS = "osD^vP*Xh<>p"
 
@@ -53,6 +54,7 @@ def make_all(runs: Sequence[Summary], result: dict[str, Any]) -> Iterator[tuple[
     for axis in groups or [None]:
         yield from _named(f"curves-{slug(axis or 'all')}", curves(runs, axis))
     yield from _additions(runs, result, groups, keys)
+    yield from ranking_figures(result)
 
 
 def _additions(runs: Sequence[Summary], result: dict[str, Any], groups: Sequence[str],

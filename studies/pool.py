@@ -9,6 +9,10 @@ from formats.summary import Summary, read_summary
 SHARPNESS_PREFIXES = ("sharpness/", "complexity/")
 """The keys ``study analyze`` takes as x without ``--x``: sharpness measures and complexity measures."""
 
+DIAGNOSTIC_SUFFIXES = ("_step", "_stderr", "_ascent_loss", "_clean_loss", "_ascent_falls")
+"""Keys logged beside a measure that are not measures themselves: per-step values, Monte-Carlo standard
+errors, and the adaptive sharpness's parts A and L and its fraction of falling ascent steps."""
+
 
 def load(directory: str | Path) -> list[Summary]:
     """Every ``runs/*/summary.json`` under ``directory``, numbers decoded (id defaulting to the folder name).
@@ -36,9 +40,9 @@ def metric_keys(runs: list[Summary]) -> list[str]:
 
 
 def default_x(runs: list[Summary]) -> list[str]:
-    """The final ``sharpness/*`` and ``complexity/*`` keys (not per-step values, not ``@threshold`` copies)."""
+    """The final ``sharpness/*`` and ``complexity/*`` measures (no ``@threshold`` copies, no diagnostic keys)."""
     return [k for k in metric_keys(runs)
-            if k.startswith(SHARPNESS_PREFIXES) and "@" not in k and not k.endswith("_step")]
+            if k.startswith(SHARPNESS_PREFIXES) and "@" not in k and not k.endswith(DIAGNOSTIC_SUFFIXES)]
 
 
 def default_y(runs: list[Summary]) -> list[str]:

@@ -10,6 +10,7 @@ from typing import Any
 from formats.summary import Summary, write_json
 
 from .analysis import MIN_BOOTSTRAP_RUNS
+from .ranking import ranking_markdown
 
 
 def write_csv(path: str | Path, summaries: Sequence[Summary], axes: Sequence[str], keys: Sequence[str]) -> None:
@@ -36,7 +37,8 @@ def markdown(result: dict[str, Any], title: str, figures: Sequence[str] = ()) ->
              f"{runs['total']} runs: {runs['finished']} finished, {runs['left_out']} left out "
              "(failed or unfinished)." + (f" Axes: {', '.join(result['axes'])}; seeds vary within each cell."
                                           if result["axes"] else ""), ""]
-    lines += _kendall(result["kendall"]) + _granulated(result["granulated"]) + _ks(result["ks"])
+    lines += _kendall(result["kendall"]) + _granulated(result["granulated"])
+    lines += ranking_markdown(result.get("ranking", [])) + _ks(result["ks"])
     lines += _describe(result["describe"]) + _failed(runs["failed"])
     if figures:
         lines += ["## Figures", "", *(f"- [{f}]({f})" for f in figures), ""]

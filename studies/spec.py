@@ -21,6 +21,7 @@ A study file (YAML)::
       ks: [{axis: optim, groups: {adaptive: [adam], plain: [sgd]}, keys: [test/acc]}]
       bootstrap: 1000                        # resamples of the τ interval (0: none)
       seed: 0                                # of the bootstrap
+      require: {train/loss: {max: 0.01}}     # runs outside these bounds are left out (and counted)
 
 A run's arguments are, in order: the base configs, each axis value's configs (axes in file order), the
 study overrides, each axis value's overrides, then the seed (so an axis value overrides the study, and the
@@ -43,7 +44,8 @@ import yaml
 
 TOP_KEYS = ("name", "description", "base", "overrides", "axes", "seeds", "resources", "analysis")
 VALUE_KEYS = ("configs", "overrides")
-ANALYSIS_KEYS = ("x", "y", "groups", "ks", "bootstrap", "seed")
+ANALYSIS_KEYS = ("x", "y", "groups", "ks", "bootstrap", "seed", "require")
+BOUNDS = ("min", "max")
 KS_KEYS = ("axis", "groups", "keys")
 NAME = re.compile(r"^[A-Za-z0-9_.+]+[A-Za-z0-9_.+-]*$")
 AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -90,6 +92,8 @@ class Analysis:
     ks: tuple[KSTest, ...] = ()
     bootstrap: int = 1000
     seed: int = 0
+    require: tuple[tuple[str, str, float], ...] = ()
+    """``(key, "min" | "max", bound)``: a finished run whose final ``key`` is outside the bound is left out."""
 
 
 @dataclass(frozen=True)
@@ -317,7 +321,21 @@ class _Context:
             raise self.fail("analysis.ks", f"expected a list of tests, got {_show(ks)}")
         return Analysis(x=self.keys("analysis.x", value.get("x", [])), y=self.keys("analysis.y", value.get("y", [])),
                         groups=groups, ks=tuple(self.ks(f"analysis.ks[{i}]", t, names) for i, t in enumerate(ks)),
-                        bootstrap=bootstrap, seed=seed)
+                        bootstrap=bootstrap, seed=seed, require=self.require(value.get("require", {})))
+
+    def require(self, value: Any) -> tuple[tuple[str, str, float], ...]:
+        """``analysis.require``: ``{key: {min: v, max: v}}`` (either bound or both) as ``(key, bound, v)``."""
+        value = self.mapping("analysis.require", value, None)
+        out = []
+        for key, bounds in value.items():
+            bounds = self.mapping(f"analysis.require.{key}", bounds, BOUNDS)
+            if not bounds:
+                raise self.fail(f"analysis.require.{key}", "expected min and/or max")
+            for bound, v in bounds.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                    raise self.fail(f"analysis.require.{key}.{bound}", f"expected a number, got {_show(v)}")
+                out.append((str(key), bound, float(v)))
+        return tuple(out)
 
     def keys(self, key: str, value: Any) -> tuple[str, ...]:
         items = [value] if isinstance(value, str) else value

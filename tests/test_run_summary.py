@@ -146,6 +146,12 @@ def test_gaps_are_positive_when_the_test_is_worse():
     assert got == pytest.approx({"gap/acc": 0.1, "gap/loss": 0.3, "gap/mae": 0.5, "gap/other_acc": 0.5})
 
 
+def test_gaps_take_the_final_weights_on_the_training_set_when_they_were_evaluated():
+    got = gaps({"train/acc": 0.9, "train_final/acc": 0.95, "test/acc": 0.8, "train/loss": 0.3, "test/loss": 0.4,
+                "train_final/mae": 1.0, "test/mae": 1.5})
+    assert got == pytest.approx({"gap/acc": 0.15, "gap/loss": 0.1, "gap/mae": 0.5})
+
+
 def test_refuses_a_bad_finish_after():
     with pytest.raises(ValueError, match="Invalid finish_after: 'never'"):
         RunSummary(finish_after="never")

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import yaml
+
 from studies import analysis, commands
+from studies import pool as study_pool
+from studies.spec import StudyError, load
 from formats.summary import write_json
 from studies.spec import KSTest
 
@@ -170,7 +174,11 @@ def test_analyze_writes_tables_json_figures_and_tensorboard(tmp_path):
     directory = synthetic_study(tmp_path)
     commands.analyze(directory)
     result = json.loads((directory / "analysis.json").read_text())
-    assert {"kendall", "granulated", "ks"} <= set(result)
+    assert {"kendall", "granulated", "cmi", "ranking", "ks"} <= set(result)
+    assert [set(c) for c in result["cmi"]] == [{"x", "y", "per_pair", "score", "n", "left_out"}] * 2
+    assert set(result["cmi"][0]["per_pair"]) == {"optim,rule"} and result["cmi"][0]["n"] == 12
+    for row, g, c in zip(result["ranking"], result["granulated"], result["cmi"]):  # one x: the order of the y
+        assert (row["x"], row["y"], row["psi"], row["cmi"]) == (g["x"], g["y"], g["psi"], c["score"])
     for r in result["kendall"]:
         assert set(r) == {"x", "y", "group", "n", "tau", "p", "ci95"}
     assert {r["group"] for r in result["kendall"]} == {"all", "rule=none", "rule=sam"}
@@ -185,9 +193,11 @@ def test_analyze_writes_tables_json_figures_and_tensorboard(tmp_path):
     assert {"id", "optim", "rule", "seed", "sharpness/adaptive", "gap/acc", "error"} <= set(rows[0])
     text = (directory / "analysis.md").read_text()
     assert "## Kendall τ" in text and "## Granulated" in text and "## Kolmogorov" in text and "boom" in text
+    assert "## Ranking of the measures" in text
     pngs = sorted(p.name for p in (directory / "figures").glob("*.png"))
     assert pngs == ["bars-gap_acc.png", "bars-sharpness_adaptive.png", "bars-test_acc.png", "curves-rule.png",
-                    "distributions-rule.png", "runs-sharpness_adaptive.png", "runs-train_loss.png",
+                    "distributions-rule.png", "ranking-psi-per-axis.png", "runs-sharpness_adaptive.png",
+                    "runs-train_loss.png",
                     "scatter-sharpness_adaptive-vs-gap_acc-per-rule.png", "scatter-sharpness_adaptive-vs-gap_acc.png",
                     "scatter-sharpness_adaptive-vs-test_acc-per-rule.png",
                     "scatter-sharpness_adaptive-vs-test_acc.png"]
@@ -293,7 +303,9 @@ def test_without_x_every_final_sharpness_and_complexity_key_is_an_x():
 
     runs = [{"id": "a", "status": "finished", "metrics": {
         "sharpness/adaptive": 1.0, "complexity/path_norm": 2.0, "complexity/params": 3.0, "test/acc": 0.5,
-        "sharpness/adaptive@threshold": 1.0, "sharpness/gradient_norm_step": 0.1, "train/loss": 0.2}}]
+        "sharpness/adaptive@threshold": 1.0, "sharpness/gradient_norm_step": 0.1, "train/loss": 0.2,
+        "sharpness/average_l2_stderr": 0.01, "sharpness/adaptive_ascent_loss": 0.6,
+        "sharpness/adaptive_clean_loss": 0.5, "sharpness/adaptive_ascent_falls": 0.05}}]
     assert study_pool.default_x(runs) == ["complexity/params", "complexity/path_norm", "sharpness/adaptive"]
 
 
@@ -315,3 +327,31 @@ def test_no_bootstrap_interval_below_ten_runs_and_the_table_says_why():
     assert analysis.bootstrap_tau(a[:9], b[:9]) is None
     lo, hi = analysis.bootstrap_tau(a, b)
     assert -1 <= lo < stats.kendalltau(a, b).statistic < hi <= 1
+
+
+def test_runs_outside_a_required_bound_are_left_out_and_counted(tmp_path):
+    directory = synthetic_study(tmp_path, with_file=False)
+    summaries = study_pool.load(directory)
+    finished = [s for s in summaries if s["status"] == "finished"]
+    limit = sorted(s["metrics"]["gap/acc"] for s in finished)[8]  # 9 runs at or below it, 3 above
+    result = analysis.analyze(summaries, ["sharpness/adaptive"], ["test/acc"], group_axes=[], resamples=0,
+                              require=[("gap/acc", "max", limit)])
+    kept = [s for s in finished if s["metrics"]["gap/acc"] <= limit]
+    assert result["runs"]["finished"] == 9 and result["runs"]["left_out"] == 1 + 3
+    excluded = [r for r in result["runs"]["failed"] if r["status"] == "excluded"]
+    assert len(excluded) == 3 and all(f"> {limit:g} (analysis.require)" in r["error"] for r in excluded)
+    want = stats.kendalltau([s["metrics"]["sharpness/adaptive"] for s in kept], [s["metrics"]["test/acc"] for s in kept])
+    assert result["kendall"][0]["n"] == 9 and result["kendall"][0]["tau"] == pytest.approx(want.statistic)
+
+
+@pytest.mark.parametrize("require, message", [
+    ({"train/loss": 0.01}, r"analysis.require.train/loss: expected a mapping"),
+    ({"train/loss": {"below": 0.01}}, r"analysis.require.train/loss.below: unknown key"),
+    ({"train/loss": {"max": "small"}}, r"analysis.require.train/loss.max: expected a number"),
+    ({"train/loss": {}}, r"analysis.require.train/loss: expected min and/or max"),
+])
+def test_a_bad_requirement_is_refused_naming_the_key(tmp_path, require, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "analysis": {"require": require}}))
+    with pytest.raises(StudyError, match=message):
+        load(path, check_files=False)

@@ -190,7 +190,7 @@ def test_study_analyze_runs_without_torch_and_lightning(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[]", "exit", "0", "[]"], out.stderr
     assert (directory / "analysis.md").is_file() and (directory / "results.csv").is_file()
-    assert len(list((directory / "figures").glob("*.png"))) == 11
+    assert len(list((directory / "figures").glob("*.png"))) == 12  # as test_study_analysis lists them
     assert list((directory / "tensorboard").rglob("events.out.tfevents.*"))
 
 
