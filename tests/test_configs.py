@@ -129,6 +129,7 @@ EXPERIMENT_NETS = {
     "experiments/adaptive_sharpness_cora_notebook.yaml": ("GAT", "PlanetoidDataModule", None),
     "experiments/adaptive_sharpness_fashion_mnist_notebook.yaml": ("LeNet5", "FashionMNISTDataModule", None),
     "experiments/minsharp_digits.yaml": ("SimpleBatch", "DigitsDataModule", "SAM"),
+    "experiments/measures_ranking_digits.yaml": ("ConvNet", "DigitsDataModule", None),
     "experiments/gradient_norm_digits.yaml": ("ResNet", "DigitsDataModule", "SAM"),
 }
 
@@ -225,6 +226,7 @@ FITS = {  # experiment -> extra CLI arguments that keep the run tiny
     "experiments/adaptive_sharpness_cora_notebook.yaml": (),  # real data
     "experiments/adaptive_sharpness_fashion_mnist_notebook.yaml": (),
     "experiments/minsharp_digits.yaml": (),
+    "experiments/measures_ranking_digits.yaml": (),
     "experiments/gradient_norm_digits.yaml": (),
 }
 REAL = {

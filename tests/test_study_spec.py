@@ -157,7 +157,7 @@ def test_every_study_file_is_valid_and_each_axis_value_instantiates(path, tmp_pa
     """Each value of each axis appears in one instantiated run (through the CLI, no training)."""
     study = load(path.relative_to(ROOT))
     runs = study.runs()
-    assert runs and study.analysis.x and study.analysis.y
+    assert runs and study.analysis.y  # x may be left out: every final sharpness/complexity measure
     needed = {(a.name, v.name) for a in study.axes for v in a.values}
     chosen = []
     for run in runs:
