@@ -211,3 +211,12 @@ def test_the_epoch_means_stay_out_of_the_module_tree():
     model = Classifier(bn_mlp(dtype=torch.float32), num_classes=3, minimizer=SAM(0.05))
     assert [name for name, _ in model.named_children()] == ["net", "train_acc", "val_acc", "test_acc"]
     assert all(key.startswith("net.") for key in model.state_dict())
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_the_progress_bar_loss_is_logged_only_when_a_bar_shows_it(bar):
+    model = Classifier(bn_mlp(), num_classes=3, optimizer=partial(torch.optim.SGD, lr=0.1)).double()
+    trainer = quiet_trainer(max_epochs=1, enable_progress_bar=bar, limit_val_batches=0)
+    trainer.fit(model, fixed_batches(classification_batches(2)))
+    assert ("loss" in trainer.progress_bar_metrics) is bar
+    assert "train/loss" in trainer.callback_metrics  # the epoch mean either way
