@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
 
-from datamodules import FashionMNISTDataModule  # noqa: E402
-from lightning_modules import Classifier  # noqa: E402
-from lightning_modules.networks import LeNet5  # noqa: E402
+from flatminima.datamodules import FashionMNISTDataModule  # noqa: E402
+from flatminima.lightning_modules import Classifier  # noqa: E402
+from flatminima.lightning_modules.networks import LeNet5  # noqa: E402
 
 BATCH = 64
 

@@ -5,7 +5,7 @@ Run:  python benchmarks/gpu_check.py [--device cuda|cpu] [--quick] [--out gpu_ch
 
 Sections (one table row per check; exit code 1 if any check fails, 2 if ``--device cuda`` finds no GPU):
 
-* ``steps``: SAM, ASAM and GSAM steps of ``lightning_modules.Classifier`` through a real ``Trainer.fit``
+* ``steps``: SAM, ASAM and GSAM steps of ``flatminima.lightning_modules.Classifier`` through a real ``Trainer.fit``
   on a small BatchNorm CNN in float64 equal the same steps on the CPU (≤ 1e-9).
 * ``amp``: ``bf16-mixed`` and ``16-mixed`` steps (a real ``GradScaler``) follow the rules' formulas on the
   unscaled gradients (USAM's ascent ρ·g/S) and restore w exactly; a step the scaler skips leaves the

@@ -24,8 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
 
-from lightning_modules import Classifier  # noqa: E402
+from flatminima.lightning_modules import Classifier  # noqa: E402
 
 LR = 0.1  # SGD learning rate of every correctness check (momentum 0.9)
 CLASSES = 10

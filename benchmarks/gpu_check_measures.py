@@ -1,4 +1,4 @@
-"""The sharpness measures of ``callbacks.measures`` on the device equal their CPU values.
+"""The sharpness measures of ``flatminima.callbacks.measures`` on the device equal their CPU values.
 
 Same float64 BN CNN (BatchNorm running statistics set to non-trivial values, so the eval-mode
 folding matters) and the same synthetic batches on both devices. Deterministic measures must agree
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks import measures as M
+from flatminima.callbacks import measures as M
 from gpu_check_common import Row, Settings, bn_cnn, make_batches, timed, verdict
 
 LANCZOS_TOL = 1e-10

@@ -1,6 +1,6 @@
 """Correctness of the two-pass step on the device: float64 against the CPU, and mixed precision.
 
-Every step runs through a real Lightning ``Trainer.fit`` of ``lightning_modules.Classifier`` on the
+Every step runs through a real Lightning ``Trainer.fit`` of ``flatminima.lightning_modules.Classifier`` on the
 small BN CNN of :func:`gpu_check_common.bn_cnn` (SGD, lr 0.1, momentum 0.9):
 
 * float64: SAM, ASAM and GSAM steps on the device equal the same steps on the CPU (max |Δ| ≤ 1e-9 over

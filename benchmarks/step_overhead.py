@@ -40,9 +40,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
 
-from lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier  # noqa: E402
-from lightning_modules.minimizers import (  # noqa: E402
+from flatminima.lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier  # noqa: E402
+from flatminima.lightning_modules.minimizers import (  # noqa: E402
     ESAM,
     MESA,
     SAF,
@@ -52,7 +53,7 @@ from lightning_modules.minimizers import (  # noqa: E402
     MomentumSAM,
     RandomSteps,
 )
-from lightning_modules.networks import MLP  # noqa: E402
+from flatminima.lightning_modules.networks import MLP  # noqa: E402
 
 RULES = {
     "SAM": lambda: SAM(0.05),
@@ -95,7 +96,7 @@ def small_cnn() -> nn.Module:
 
 def resnet18() -> nn.Module:
     try:
-        from lightning_modules.networks import ResNet18
+        from flatminima.lightning_modules.networks import ResNet18
 
         return ResNet18(num_classes=10)
     except ImportError:  # pragma: no cover - before the CIFAR networks exist

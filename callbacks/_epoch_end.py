@@ -6,7 +6,7 @@ resumes past that hook, or replays it without the epoch's logged metrics. A call
 lose that epoch's work records, in its state, the ``(epoch, step)`` whose end is still due; after the
 resume it does that work itself (:meth:`EpochEndTracker._overdue`) or recognises the replay
 (:meth:`EpochEndTracker._epoch_ended`). Used by the sharpness measures and by
-:class:`~callbacks.checkpoint.LossThresholdCheckpoint`.
+:class:`~flatminima.callbacks.checkpoint.LossThresholdCheckpoint`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Whether a monitored training metric will be logged: refuse a ``monitor`` nothing logs, before training.
 
-Used by :class:`~callbacks.checkpoint.LossThresholdCheckpoint`. Certain at setup when the module declares
-its epoch-level metrics (``epoch_metric_names``, as :class:`~lightning_modules.TwoPassModule` does), else
+Used by :class:`~flatminima.callbacks.checkpoint.LossThresholdCheckpoint`. Certain at setup when the module declares
+its epoch-level metrics (``epoch_metric_names``, as :class:`~flatminima.lightning_modules.TwoPassModule` does), else
 after the first training batch when nothing that could log later (an epoch-end hook of the module, or
 a callback from outside Lightning and this package) could provide it.
 """
@@ -12,8 +12,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_modules import compat
-from lightning_modules.validation import invalid
+from flatminima.lightning_modules import compat
+from flatminima.lightning_modules.validation import invalid
 
 
 def check_monitor_name(monitor: Any) -> str:

@@ -72,7 +72,7 @@ def loss_and_accuracy(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn,
     """The mean loss over the examples and the accuracy of ``model`` in eval mode (None for non-integer targets).
 
     The mean loss weights each batch's (mean-reduced) loss by its number of examples, so it is the
-    per-example mean whatever the batch sizes. Leaves no trace (:func:`callbacks._core.evaluating`).
+    per-example mean whatever the batch sizes. Leaves no trace (:func:`flatminima.callbacks._core.evaluating`).
     """
     model = unwrap(model)
     with evaluating(model), torch.no_grad():

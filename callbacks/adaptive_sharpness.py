@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_modules.validation import check_choice, check_float, check_int, check_p
+from flatminima.lightning_modules.validation import check_choice, check_float, check_int, check_p
 
 from . import measures
 from ._subset import seeded_rng
@@ -23,14 +23,14 @@ class AdaptiveSharpness(SharpnessCallback):
     """Adaptive worst-case m-sharpness (Andriushchenko et al. 2023) at checkpoints.
 
     mean over the subset's batches of max_{‖δ ⊙ c⁻¹‖_p ≤ ρ} L_B(w + δ) − L_B(w), c = |w| if adaptive
-    (:func:`callbacks.measures.adaptive_sharpness`). Hammoud et al. 2023 measure with ``method="pga"``,
+    (:func:`flatminima.callbacks.measures.adaptive_sharpness`). Hammoud et al. 2023 measure with ``method="pga"``,
     ``n_iters=5``, p = ∞, ``batch_size=64``, ``num_samples=3200`` (50 batches), the step the training
     learning rate (taken from the first optimizer when ``step_size`` is None).
 
     Hammoud et al.'s notebooks measure differently; the options ``score``, ``box``, ``select``, ``train_mode``
-    and ``sampling`` reproduce their choices (see :func:`callbacks.measures.adaptive_sharpness`).
+    and ``sampling`` reproduce their choices (see :func:`flatminima.callbacks.measures.adaptive_sharpness`).
 
-    Logs (means over the batches; :func:`callbacks.measures.adaptive_sharpness_parts`):
+    Logs (means over the batches; :func:`flatminima.callbacks.measures.adaptive_sharpness_parts`):
         ``sharpness/<name>``: the sharpness A − L.
         ``sharpness/<name>_ascent_loss``: A, the loss of the selected ascent iterate (the training-set
         loss with ``score="train_set"``).
@@ -61,7 +61,7 @@ class AdaptiveSharpness(SharpnessCallback):
         train_mode: Measure with the network in training mode (dropout on, as their GAT and LeNet-5
             notebooks do); the dropout masks are drawn from a generator seeded with ``seed`` at every
             measurement, and the global RNG is restored afterwards.
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options, ``sampling`` included
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options, ``sampling`` included
             (``"replacement"``: their GAT notebook draws its 64 nodes with replacement).
     """
 

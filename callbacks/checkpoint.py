@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_modules import compat
-from lightning_modules.validation import check_choice, check_int, invalid, is_real
+from flatminima.lightning_modules import compat
+from flatminima.lightning_modules.validation import check_choice, check_int, invalid, is_real
 
 from ._epoch_end import EpochEndTracker
 from ._monitor import check_monitor, check_monitor_name
@@ -34,7 +34,7 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
 
     Bejan et al. (after Jiang et al. 2019, "Fantastic generalization measures") save models the first
     time the training loss reaches 0.01 and then periodically. At each save the measures of every
-    :class:`~callbacks.base.SharpnessCallback` with ``on_checkpoint=True`` run first (on every rank), so
+    :class:`~flatminima.callbacks.base.SharpnessCallback` with ``on_checkpoint=True`` run first (on every rank), so
     they measure exactly the saved weights, log ``sharpness/<name>`` and land inside the checkpoint
     (``checkpoint["sharpness"]``). The decision is taken at the end of each training epoch on the
     monitored epoch value averaged over ranks, so every rank decides the same (and it is reduced with
@@ -61,11 +61,11 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
     are dropped on load and read from the measures' restored histories.)
 
     **The trigger capability.** The class sets ``triggers_measures = True``
-    (:func:`callbacks.base.triggers_measures`): a measure with ``on_checkpoint=True`` knows it will be run
+    (:func:`flatminima.callbacks.base.triggers_measures`): a measure with ``on_checkpoint=True`` knows it will be run
     by this callback and does not warn that it never measures.
 
     A ``monitor`` the module does not log is refused before training: at setup when the module declares
-    its epoch-level metrics (``epoch_metric_names``, as :class:`~lightning_modules.TwoPassModule` does),
+    its epoch-level metrics (``epoch_metric_names``, as :class:`~flatminima.lightning_modules.TwoPassModule` does),
     else after the first training batch when nothing logged later could provide it. A resume from a
     checkpoint written after an epoch's last batch and before that epoch's end takes the decision
     Lightning skips for that epoch (a periodic or final save, with its measurements); whether that epoch

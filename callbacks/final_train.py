@@ -17,7 +17,7 @@ class FinalTrainEvaluation(SharpnessCallback):
     The epoch means ``train/loss`` and ``train/acc`` average over the weights of a whole epoch, in training
     mode (dropout on, BatchNorm on batch statistics) and on augmented inputs; generalization gaps of the final
     weights (Jiang et al. 2020) need the training set evaluated like the test set. At the end of fit (and at
-    the other times the :class:`~callbacks.base.SharpnessCallback` options ask for) this callback evaluates
+    the other times the :class:`~flatminima.callbacks.base.SharpnessCallback` options ask for) this callback evaluates
     the network in eval mode on the training examples, read through the data module's
     ``train_eval_dataloader()`` when it has one (the project's data modules: the training set with the
     evaluation transforms, no augmentation, training labels included) and otherwise from the training
@@ -34,7 +34,7 @@ class FinalTrainEvaluation(SharpnessCallback):
         batch_size: Batch size of the evaluation (default 256).
         at_end: Evaluate at the end of fit (default True).
         on_checkpoint: Also evaluate at every LossThresholdCheckpoint save (default False).
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options (loss, network, ...).
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options (loss, network, ...).
     """
 
     def __init__(

@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_modules import compat
-from lightning_modules.validation import check_float, check_p
+from flatminima.lightning_modules import compat
+from flatminima.lightning_modules.validation import check_float, check_p
 
 from . import measures
 from .base import SharpnessCallback, Values
@@ -34,7 +34,7 @@ class GradientNormSharpness(SharpnessCallback):
     micro-batch with ``accumulate_ascent="micro"``).
 
     With ``on_checkpoint``/``every_n_epochs`` it also measures ρ‖∇L_B ⊙ c‖_q on the fixed subset
-    (:func:`callbacks.measures.gradient_norm_sharpness`, one extra forward/backward per subset batch).
+    (:func:`flatminima.callbacks.measures.gradient_norm_sharpness`, one extra forward/backward per subset batch).
 
     Logs:
         ``sharpness/<name>``: the epoch mean of the per-batch training values.
@@ -49,7 +49,7 @@ class GradientNormSharpness(SharpnessCallback):
         name: Metric name (default ``"gradient_norm"``).
         on_checkpoint: Measure on the fixed subset when a LossThresholdCheckpoint saves (default off:
             the training-time values cost nothing, the subset one does).
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options.
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options.
     """
 
     identity_args = ("rho", "p", "adaptive") + SharpnessCallback.identity_args

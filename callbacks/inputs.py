@@ -2,11 +2,11 @@
 
 Usable from YAML by import path, e.g. for Hammoud et al. 2023's GAT on Cora::
 
-    - class_path: callbacks.AdaptiveSharpness
+    - class_path: flatminima.callbacks.AdaptiveSharpness
       init_args:
         rho: 0.02
-        batch_to_inputs: callbacks.inputs.node_inputs
-        loss_fn: callbacks.inputs.masked_cross_entropy
+        batch_to_inputs: flatminima.callbacks.inputs.node_inputs
+        loss_fn: flatminima.callbacks.inputs.masked_cross_entropy
 """
 
 from __future__ import annotations

@@ -290,7 +290,7 @@ def adaptive_sharpness(
     authors' APGD estimator as their code runs it (initial step 2ρ or ``step_size``, momentum 0.75/0.25,
     step halving at :func:`apgd_checkpoints` with the next gradient taken at the best point, value = best
     loss over all iterates, never negative); ``method="apgd_reset"`` restarts the iterate itself from the
-    best point at a halving (this project's earlier variant, see :mod:`callbacks.adaptive`); ``method="pga"`` is
+    best point at a halving (this project's earlier variant, see :mod:`flatminima.callbacks.adaptive`); ``method="pga"`` is
     Hammoud et al. (2023)'s projected gradient ascent δ ← Π(δ + η·∇L) with η = ``step_size`` (the training
     learning rate; they use ``n_iters=5``, p = ∞, adaptive, 50 batches of m = 64), which can be negative.
 
@@ -298,7 +298,7 @@ def adaptive_sharpness(
     ``score_batches`` scores every iterate by the mean loss over these batches (their notebooks: the whole
     training set) instead of the ascent batch's loss, S = mean_B max_k L_score(w + δ_k) − L_score(w), with
     L_score(w) computed once; ``box="signed"`` projects with the bounds ±ρ·w as their FCNN notebook's
-    ``torch.clamp`` does (negative weights pinned at w − ρ|w|, see :func:`callbacks.adaptive.project_signed`);
+    ``torch.clamp`` does (negative weights pinned at w − ρ|w|, see :func:`flatminima.callbacks.adaptive.project_signed`);
     ``train_mode=True`` runs the network in training mode (dropout drawn from the global RNG, which is
     restored afterwards; BatchNorm on batch statistics, its running statistics untouched), as their GAT
     and LeNet-5 notebooks do; ``select="best_pass_end"`` takes, instead of the best iterate, the iterate
@@ -418,7 +418,7 @@ def gradient_norm_sharpness(
     Khalid, Ponraj & Mukherjee, "Study on loss landscape geometry for improving generalization in
     adaptive optimization methods" (Proposition 1, Algorithm 1): the first-order solution of the SAM
     inner problem, max_{‖ε‖_p ≤ ρ} L_B(w + ε) − L_B(w) ≈ ρ‖∇L_B(w)‖_q (q the dual of p; c = |w| when ``adaptive``),
-    one value per batch, averaged over batches. During training, :class:`callbacks.GradientNormSharpness`
+    one value per batch, averaged over batches. During training, :class:`flatminima.callbacks.GradientNormSharpness`
     reads the gradient the training step already computed instead.
 
     Args:

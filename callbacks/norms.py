@@ -2,7 +2,7 @@
 
 Jiang, Neyshabur, Mobahi, Krishnan & Bengio (2020), "Fantastic generalization measures and where to find
 them" (ICLR; arXiv:1912.02178), appendix C, as the reference code ``nitarshan/robust-generalization-measures``
-computes them: BatchNorm is folded into the layer before it first (:func:`callbacks.batchnorm_folding.fold_batchnorm`),
+computes them: BatchNorm is folded into the layer before it first (:func:`flatminima.callbacks.batchnorm_folding.fold_batchnorm`),
 then W_1..W_d are the weights of the d Linear/Conv layers (biases excluded), a convolution kernel read as the
 matrix (out channels) × (in channels · kernel), ‖·‖_F its Frobenius and ‖·‖_2 its spectral norm (largest
 singular value of that matrix, their code's approximation of the convolution's operator norm), and γ the

@@ -12,7 +12,7 @@ trainable parameters drop the training accuracy by at most a target (0.1) in exp
 The noise is drawn with these *standard deviations*, σ′ and √(σ′² w_i² + ε²). (The reference code passes
 the variances σ′² and σ′² w_i² + ε² to ``torch.normal``, whose second argument is a standard deviation: its
 σ′ is the square root of the one defined here. We follow the paper.) σ′ is found by the seeded bisection of
-:mod:`callbacks.noise_search` (their [0, 2], depth 15, 10 Monte-Carlo samples, tolerance 1e-2), the same
+:mod:`flatminima.callbacks.noise_search` (their [0, 2], depth 15, 10 Monte-Carlo samples, tolerance 1e-2), the same
 noise draws at every probe; the drop is the clean accuracy minus the mean perturbed accuracy on the batches.
 """
 
@@ -66,15 +66,15 @@ def pac_bayes_sigma(
     Jiang et al. (2020), appendix C, eq. (53) (and (61) with ``magnitude_eps``): noise u ~ N(0, σ² I), or
     u_i ~ N(0, σ² w_i² + ε²) with ε = ``magnitude_eps``, on every trainable parameter, the network in eval
     mode; drop(σ) = acc(w) − mean_k acc(w + u_k) over ``samples`` draws, the same draws (seeded by ``seed``)
-    at every probe of the bisection (:func:`callbacks.noise_search.bisect_radius`, combine = mean). At
+    at every probe of the bisection (:func:`flatminima.callbacks.noise_search.bisect_radius`, combine = mean). At
     most ``depth × samples`` perturbed evaluations (plus one clean one).
 
     ``distribution="uniform"`` draws u uniformly in the box |u_i| ≤ σ (or σ|w_i| + ε with ``magnitude_eps``)
-    from the same seeds as :func:`callbacks.sharpness_radius.sharpness_alpha`'s random starts: the
+    from the same seeds as :func:`flatminima.callbacks.sharpness_radius.sharpness_alpha`'s random starts: the
     average-case radius of that box, never below the worst-case α′ of the same seeds.
 
     Args:
-        model: A classifier: ``(N, K)`` logits or one logit per example (see :mod:`callbacks.accuracy`).
+        model: A classifier: ``(N, K)`` logits or one logit per example (see :mod:`flatminima.callbacks.accuracy`).
         batches: Iterable of ``(inputs, targets)`` with integer class targets.
         target: The allowed accuracy drop (Jiang et al.: 0.1).
         magnitude_eps: ε of the magnitude-aware noise (None: the plain noise N(0, σ² I)).

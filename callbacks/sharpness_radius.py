@@ -14,7 +14,7 @@ u⁰ ~ U[−r, r], each followed by a few steps of projected sign-gradient ascen
 cross-entropy of all the batches, u ← clip(u + η r ⊙ sign ∇L(w + u), −r, r), with
 η = ``step_size`` (default 2.5/steps, Madry et al. 2018's heuristic); the drop of a start is the clean
 accuracy minus the lowest accuracy seen along its path (the start included). α′ comes from the seeded
-bisection of :mod:`callbacks.noise_search` with the worst start (combine = max); the starts are the same at
+bisection of :mod:`flatminima.callbacks.noise_search` with the worst start (combine = max); the starts are the same at
 every probe, and drawn from the same seeds as the uniform noise of an average-case search, so a worst-case
 α′ never exceeds the average-case one.
 """
@@ -80,7 +80,7 @@ def sharpness_alpha(
     ``depth × restarts`` evaluated starts and ``depth × restarts × (steps + 1)`` passes, plus one clean pass.
 
     Args:
-        model: A classifier (see :mod:`callbacks.accuracy`).
+        model: A classifier (see :mod:`flatminima.callbacks.accuracy`).
         batches: Iterable of ``(inputs, targets)`` with integer class targets; the ascent climbs the sum of
             their losses.
         target: The allowed accuracy drop (Jiang et al.: 0.1).

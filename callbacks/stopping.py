@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules import compat
-from lightning_modules.validation import check_choice, check_int, invalid, is_real
+from flatminima.lightning_modules import compat
+from flatminima.lightning_modules.validation import check_choice, check_int, invalid, is_real
 
 from ._monitor import check_monitor_name
 
@@ -50,7 +50,7 @@ class RelativeLossStopping(EarlyStopping):
 
     The decision is taken in ``on_train_epoch_end`` after the LightningModule logged its epoch values
     (Lightning runs ``EarlyStopping`` subclasses there), so a
-    :class:`~callbacks.checkpoint.LossThresholdCheckpoint` with ``save_at_end`` sees the stop and
+    :class:`~flatminima.callbacks.checkpoint.LossThresholdCheckpoint` with ``save_at_end`` sees the stop and
     saves (and measures) that epoch. The decision is reduced over DDP ranks; the previous epoch value
     and the stop are callback state (a resumed run decides as the uninterrupted one). Nothing is
     logged: ``relative_changes`` holds ``(epoch, r)`` pairs and ``stopped_epoch`` the number of

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_modules.validation import check_choice, check_float, check_int
+from flatminima.lightning_modules.validation import check_choice, check_float, check_int
 
 from . import measures
 from .base import SharpnessCallback, Values
@@ -21,7 +21,7 @@ class WorstCaseSharpness(SharpnessCallback):
     α′ is the largest box radius within which projected sign-gradient ascent on the subset's loss, from
     ``restarts`` random starts, cannot drop the training accuracy by more than ``target``: the box |u_i| ≤ α
     (plain) or |u_i| ≤ α|w_i| + ε (magnitude-aware), found by the seeded bisection
-    (:func:`callbacks.measures.sharpness_alpha`).
+    (:func:`flatminima.callbacks.measures.sharpness_alpha`).
 
     Logs (``variant`` "both"; "plain" or "magnitude" log one):
         ``sharpness/<name>_flatness``: 1/α′² (Jiang et al.'s sharpness-flatness).
@@ -41,7 +41,7 @@ class WorstCaseSharpness(SharpnessCallback):
         variant: ``"both"``, ``"plain"`` or ``"magnitude"``.
         name: Metric prefix (default ``"sharpness"``, Jiang et al.'s name of the family).
         batch_size: Batch size of the subset's batches (default 256).
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options (schedule, subset, loss, network).
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options (schedule, subset, loss, network).
     """
 
     identity_args = ("target", "depth", "restarts", "steps", "step_size", "lower", "upper", "tol", "scale",

@@ -2,8 +2,8 @@
 
 ``cli.py`` is the thin entry point (its docstring describes the behaviour: composition, run folders,
 errors, output); this module holds the CLI class and the run entry so that every caller imports it from
-here: ``cli.py``, and a study worker running one run (:mod:`studies.runner`), which thereby never imports
-``cli.py`` (no import cycle: ``cli.py`` hands ``python cli.py study ...`` to :mod:`studies.cli`).
+here: ``cli.py``, and a study worker running one run (:mod:`flatminima.studies.runner`), which thereby never imports
+``cli.py`` (no import cycle: ``cli.py`` hands ``python cli.py study ...`` to :mod:`flatminima.studies.cli`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from callbacks.progress import EpochLines
-from cli_support import claims, compose, errors
-from cli_support.help import DESCRIPTION, HelpFormatter, presets_epilog
-from cli_support.hparams import HParamsWriter, readable_hparams
-from cli_support.quiet import HeldRecords, quiet_noise
-from cli_support.report import StepCounter, final_metrics, run_folder, table
-from lightning_modules import TwoPassModule, compat
+from flatminima.callbacks.progress import EpochLines
+from flatminima.cli_support import claims, compose, errors
+from flatminima.cli_support.help import DESCRIPTION, HelpFormatter, presets_epilog
+from flatminima.cli_support.hparams import HParamsWriter, readable_hparams
+from flatminima.cli_support.quiet import HeldRecords, quiet_noise
+from flatminima.cli_support.report import StepCounter, final_metrics, run_folder, table
+from flatminima.lightning_modules import TwoPassModule, compat
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root (its ``configs/`` are listed by ``--help``)."""
@@ -39,7 +39,7 @@ TRAINER_DEFAULTS = {
 
 
 class FlatMinimaParser(LightningArgumentParser):
-    """LightningCLI's parser whose errors are one line (:func:`cli_support.errors.summarize`), exit code 2."""
+    """LightningCLI's parser whose errors are one line (:func:`flatminima.cli_support.errors.summarize`), exit code 2."""
 
     plan: compose.Plan | None = None
 
@@ -69,11 +69,11 @@ def _has_subcommands(parser) -> bool:
 
 
 class FlatMinimaCLI(LightningCLI):
-    """LightningCLI whose model is a :class:`~lightning_modules.TwoPassModule` task (behaviour: ``cli.py``'s docstring).
+    """LightningCLI whose model is a :class:`~flatminima.lightning_modules.TwoPassModule` task (behaviour: ``cli.py``'s docstring).
 
     A value that a class refuses (``ValueError``/``TypeError`` from its ``__init__``) ends the run
     before training with one line naming the config key, e.g.
-    ``error: model.init_args.minimizer (lightning_modules.minimizers.SAM): Invalid rho: -0.1; ...``.
+    ``error: model.init_args.minimizer (flatminima.lightning_modules.minimizers.SAM): Invalid rho: -0.1; ...``.
     """
 
     def __init__(self, *args, plan: compose.Plan | None = None, seed_line: HeldRecords | None = None,
@@ -264,7 +264,7 @@ def entry(args: list[str] | None = None) -> int:
     """The command line: :func:`main`, with an error raised during the run printed as one line (exit code 1).
 
     With ``FLATMINIMA_CLAIM=<path>`` set (the commands ``study run --dry-run`` prints), a ``fit`` claims
-    ``<path>`` while it trains (:mod:`cli_support.claims`; the first process of a multi-process launch
+    ``<path>`` while it trains (:mod:`flatminima.cli_support.claims`; the first process of a multi-process launch
     only): a run that a live process already claimed (``study run``, or the same command started twice)
     is left to it, with one line and exit code 0; a dead owner's claim is taken over.
     """

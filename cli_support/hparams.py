@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_modules import compat
+from flatminima.lightning_modules import compat
 
 #: Arguments that are implementation switches or paths, not hyperparameters.
 SKIPPED = frozenset({"foreach", "fused", "differentiable", "capturable", "maximize", "data_dir", "download",

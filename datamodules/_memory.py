@@ -1,7 +1,7 @@
 """Image data sets held in memory as tensors: batches by indexing, augmentation on whole batches, resumable.
 
 :class:`InMemoryImages` holds the decoded, normalised images ``(N, C, H, W)`` and labels ``(N,)``; a batch
-is ``images[index]``, ``labels[index]`` and, for a training set, :class:`~datamodules._augment.BatchAugment`
+is ``images[index]``, ``labels[index]`` and, for a training set, :class:`~flatminima.datamodules._augment.BatchAugment`
 on the whole batch. :class:`InMemoryLoader` is a ``DataLoader`` (so Lightning still swaps its sampler for a
 ``DistributedSampler`` under DDP) whose iterator indexes the data set directly, batch by batch, in the
 sampler's order, and which Lightning's fit loop checkpoints and restores mid-epoch through
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from lightning_modules.validation import check_choice, invalid
+from flatminima.lightning_modules.validation import check_choice, invalid
 
 from ._augment import AugmentDraws, BatchAugment
 

@@ -14,7 +14,7 @@ from torchvision import transforms as T
 from torchvision.datasets import VisionDataset
 from torchvision.datasets.vision import StandardTransform
 
-from lightning_modules.validation import check_choice, check_float, check_fraction, check_int, invalid
+from flatminima.lightning_modules.validation import check_choice, check_float, check_fraction, check_int, invalid
 
 from ._augment import BatchAugment
 from ._base import DataNotFoundError, SplitDataModule, check_loader_args, check_net, data_not_found, missing_files
@@ -26,7 +26,7 @@ class VisionDataModule(SplitDataModule):
     """Base of the image data modules (CIFAR-10, FashionMNIST, MNIST); the data sets differ by class attributes.
 
     ``prepare_data`` downloads through torchvision when ``download`` is true and the files are missing;
-    otherwise (and after a failed download) missing files raise :class:`~datamodules.DataNotFoundError`
+    otherwise (and after a failed download) missing files raise :class:`~flatminima.datamodules.DataNotFoundError`
     naming the exact path expected and how to get the data. ``setup`` reads the files, holds out a seeded
     validation subset of ``val_size`` training images (``randperm(n)`` seeded by ``data_seed``; without
     augmentation and without label noise) and corrupts a seeded fraction ``label_noise`` of the remaining
@@ -38,9 +38,9 @@ class VisionDataModule(SplitDataModule):
     float32 tensors (bit for bit what torchvision's ``ToTensor`` + ``Normalize`` give; the data sets here
     all need under 1 GiB that way: MNIST/FashionMNIST 220 MB, CIFAR-10 740 MB), a batch is a couple of
     index operations, and the training augmentation runs on the whole batch
-    (:class:`~datamodules._augment.BatchAugment`) with per-sample draws that are a function of
+    (:class:`~flatminima.datamodules._augment.BatchAugment`) with per-sample draws that are a function of
     ``(data_seed, epoch, sample)`` only. The training loader is resumable mid-epoch (see
-    :class:`~datamodules._memory.InMemoryLoader`). ``in_memory: false`` is torchvision's per-sample path
+    :class:`~flatminima.datamodules._memory.InMemoryLoader`). ``in_memory: false`` is torchvision's per-sample path
     (PIL images, ``transforms``; augmentation draws from torch's global generator, so its draws differ
     from the in-memory ones; without augmentation both give the same batches).
 

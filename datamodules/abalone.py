@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.validation import check_choice, check_fraction, check_int, invalid
+from flatminima.lightning_modules.validation import check_choice, check_fraction, check_int, invalid
 
 from ._base import SplitDataModule, check_loader_args, check_net, data_not_found
 from ._loaders import FullBatch, first, make_loader

@@ -19,7 +19,7 @@ class CIFAR10DataModule(VisionDataModule):
     Files: torchvision's ``<data_dir>/cifar-10-batches-py/`` (``data_batch_1`` … ``data_batch_5``,
     ``test_batch``, ``batches.meta``; torchvision reads them and checks their MD5 sums). Held in memory by
     default (740 MB as float32), the crop, flip and Cutout then applied to whole batches. See
-    :class:`~datamodules._vision.VisionDataModule` for the arguments.
+    :class:`~flatminima.datamodules._vision.VisionDataModule` for the arguments.
     """
 
     dataset_cls = CIFAR10

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from lightning_modules.validation import check_choice, check_fraction, check_int, invalid
+from flatminima.lightning_modules.validation import check_choice, check_fraction, check_int, invalid
 
 from ._base import SplitDataModule, check_loader_args, check_net
 from ._labels import LABEL_NOISE_MODES, LabelNoiseMode, corrupt_labels
@@ -35,7 +35,7 @@ class DigitsDataModule(SplitDataModule):
     (default, as in the studies, which report test curves) the validation loader serves the test split,
     as for the torchvision image modules. A seeded fraction ``label_noise`` of the remaining training
     labels is corrupted (``noisy_indices``: their positions in ``train_set``). No augmentation.
-    The sets are :class:`~datamodules._memory.InMemoryImages` served by the in-memory loader (batches by
+    The sets are :class:`~flatminima.datamodules._memory.InMemoryImages` served by the in-memory loader (batches by
     indexing, the same batches as a ``TensorDataset`` would give, resumable mid-epoch).
 
     Args:

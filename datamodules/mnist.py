@@ -130,7 +130,7 @@ class FashionMNISTDataModule(_IdxDataModule):
     standard deviation 0.3530. Files: the four idx files, plain or ``.gz``, from
     ``<data_dir>/FashionMNIST/raw/`` or else from ``/usr/share/datasets/fashion-mnist/`` (Debian's
     ``apt-get install dataset-fashion-mnist``); their decompressed bytes are checked by MD5. Held in memory
-    by default. See :class:`~datamodules._vision.VisionDataModule` for the arguments.
+    by default. See :class:`~flatminima.datamodules._vision.VisionDataModule` for the arguments.
     """
 
     dataset_cls = FashionMNIST
@@ -159,7 +159,7 @@ class MNISTDataModule(_IdxDataModule):
     layers, 25 epochs, batch 32. No augmentation; normalisation with mean 0.1307 and standard
     deviation 0.3081. Files: the four idx files, plain or ``.gz``, from ``<data_dir>/MNIST/raw/``; their
     decompressed bytes are checked by MD5. Held in memory by default. See
-    :class:`~datamodules._vision.VisionDataModule` for the arguments.
+    :class:`~flatminima.datamodules._vision.VisionDataModule` for the arguments.
     """
 
     dataset_cls = MNIST

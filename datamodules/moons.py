@@ -7,7 +7,7 @@ import torch
 from sklearn.datasets import make_moons
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.validation import check_choice, check_float, check_fraction, check_int, invalid
+from flatminima.lightning_modules.validation import check_choice, check_float, check_fraction, check_int, invalid
 
 from ._base import check_loader_args, check_net
 from ._labels import LABEL_NOISE_MODES, LabelNoiseMode, corrupt_labels

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_modules.validation import check_choice, check_int
+from flatminima.lightning_modules.validation import check_choice, check_int
 
 from ._base import check_net, data_not_found, missing_files
 from ._loaders import first, make_loader

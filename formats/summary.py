@@ -1,6 +1,6 @@
 """The run summary's file format (``summary.json``) and its atomic JSON writing; the standard library only.
 
-The :class:`~callbacks.summary.RunSummary` callback writes the format and the study tool (:mod:`studies`)
+The :class:`~flatminima.callbacks.summary.RunSummary` callback writes the format and the study tool (:mod:`studies`)
 reads it, both through this module, so the two agree by construction, and ``study analyze`` of a pool
 trained elsewhere needs neither torch nor Lightning (this package sits below both, outside ``callbacks``,
 whose ``__init__`` imports torch and Lightning).
@@ -41,7 +41,7 @@ class SharpnessValue(TypedDict):
 
 
 class Summary(TypedDict, total=False):
-    """``summary.json``, as :class:`~callbacks.summary.RunSummary` writes it (a pool from elsewhere may lack keys).
+    """``summary.json``, as :class:`~flatminima.callbacks.summary.RunSummary` writes it (a pool from elsewhere may lack keys).
 
     ``metrics`` maps each key to its final value (None only in summaries written before non-finite values
     were kept); ``history`` maps each per-epoch key to ``[epoch, step, value]`` rows.

@@ -96,7 +96,7 @@ class RandomSteps(_Schedule):
     SS-SAM (Zhao, Zhang & Hu, 2022, "SS-SAM: Stochastic Scheduled Sharpness-Aware Minimization for
     Efficiently Training Deep Neural Networks", https://arxiv.org/abs/2203.09962) with a constant
     probability. Step t takes two passes when u_t < p, with u_t drawn from (seed, t) alone
-    (:func:`~lightning_modules._rule.step_uniforms`): no running RNG, so every DDP rank draws the same u_t and
+    (:func:`~flatminima.lightning_modules._rule.step_uniforms`): no running RNG, so every DDP rank draws the same u_t and
     a resumed run draws what the uninterrupted one did. Cost: 1 + p passes per step on average.
 
     Default p = 0.5 (half of SAM's extra cost; SS-SAM's constant schedules range over p ∈ [0.1, 0.9]).

@@ -2,7 +2,7 @@
 
 A two-pass rule answers the two questions of the two-pass step (docs/design.md, "The two-pass step"); the
 mechanics (the two forward-backward passes, the exact restore of the weights, BatchNorm protection,
-DDP, AMP, the one ``optimizer.step()``) live once in :class:`lightning_modules.TwoPassModule`::
+DDP, AMP, the one ``optimizer.step()``) live once in :class:`flatminima.lightning_modules.TwoPassModule`::
 
     pass 1: g   = ∇L_B(w)
             ε   = rule.perturbation(w, g)        where to climb
@@ -188,7 +188,7 @@ class GSAM(SAM):
         ρ_t = ρ_min + (ρ − ρ_min) · (clamp(lr_t, lr_min, lr_max) − lr_min) / (lr_max − lr_min)
 
     from the lr of the step being taken, so ρ_min ≤ ρ_t ≤ ρ under every schedule. ``lr_max`` is the
-    peak of the schedule: given here, or else passed by the caller (:class:`~lightning_modules.TwoPassModule`
+    peak of the schedule: given here, or else passed by the caller (:class:`~flatminima.lightning_modules.TwoPassModule`
     passes the first param group's peak: ``max_lr`` of OneCycleLR and CyclicLR, the initial lr for
     other schedulers). An lr outside [lr_min, lr_max] (a warmup that starts below ``lr_min``, a
     LambdaLR whose factor exceeds 1, ...) is clamped, with one warning per rule. With per-group

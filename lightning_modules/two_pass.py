@@ -840,7 +840,7 @@ def _check_arguments(net: Any, optimizer: Any, minimizer: Any, accumulate_grad_b
         raise TypeError(f"Invalid optimizer: {optimizer!r}; expected a callable that takes the parameters")
     if minimizer is not None and not isinstance(minimizer, Minimizer):
         raise TypeError(
-            f"Invalid minimizer: {type(minimizer).__name__}; expected a lightning_modules.minimizers.Minimizer "
+            f"Invalid minimizer: {type(minimizer).__name__}; expected a flatminima.lightning_modules.minimizers.Minimizer "
             "(SAM, USAM, ASAM, GSAM, AdaptiveGSAM, LookSAM, EveryK, RandomSteps, AdaptiveSteps, MomentumSAM, ESAM, "
             "SAF, MESA) or None"
         )

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from formats.summary import Summary, number
+from flatminima.formats.summary import Summary, number
 
 from .cmi import cmi_row
 from .ranking import ranking_rows

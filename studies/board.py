@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from formats.summary import Summary
+from flatminima.formats.summary import Summary
 
 from .analysis import finite
 

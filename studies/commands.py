@@ -11,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from cli_support import claims
-from formats.summary import Summary, read_json
+from flatminima.cli_support import claims
+from flatminima.formats.summary import Summary, read_json
 
 from . import analysis, pool, report, runner, shared
 from .engines import Engine
@@ -54,7 +54,7 @@ def run(study: Study, out: str | Path, *, engine: str = "local", workers: int | 
         stream: TextIO | None = None) -> int:
     """Run the runs not finished yet, sharing the study folder with any other process; 0 if every run finished.
 
-    Each run is claimed before it is trained (:mod:`studies.shared`): this process trains the runs it can
+    Each run is claimed before it is trained (:mod:`flatminima.studies.shared`): this process trains the runs it can
     claim, waits for those other processes train, and ends when every run is settled; the last process
     out writes the analysis. Returns 0 when every run finished, else 1.
     """

@@ -2,7 +2,7 @@
 
 Each function takes finished run summaries and returns a ``matplotlib.figure.Figure`` (or None when
 there is nothing to draw); :func:`make_all` yields the whole set under stable names, one at a time, which
-:mod:`studies.commands` saves as PNG and :mod:`studies.board` writes to TensorBoard. The figures are plain
+:mod:`flatminima.studies.commands` saves as PNG and :mod:`flatminima.studies.board` writes to TensorBoard. The figures are plain
 ``Figure`` objects, never pyplot state: none is registered with pyplot, so none stays open after it is
 saved (it is freed with its last reference) and a study of any size draws in constant memory.
 
@@ -34,7 +34,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from formats.summary import Summary, number
+from flatminima.formats.summary import Summary, number
 
 from .analysis import finite, group_by, value
 from .ranking import ranking_figures

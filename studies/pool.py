@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from formats.summary import Summary, read_summary
+from flatminima.formats.summary import Summary, read_summary
 
 SHARPNESS_PREFIXES = ("sharpness/", "complexity/")
 """The keys ``study analyze`` takes as x without ``--x``: sharpness measures and complexity measures."""

@@ -2,8 +2,8 @@
 
 Jiang et al. 2020 ("Fantastic generalization measures and where to find them") rank each measure by the
 granulated Kendall coefficient Ψ (the mean over the axes of ψ, τ within groups of runs that differ in that
-axis only; :func:`studies.analysis.granulated`) and by the conditional mutual information score
-(:mod:`studies.cmi`). This module joins the per-measure results ``study analyze`` already computes:
+axis only; :func:`flatminima.studies.analysis.granulated`) and by the conditional mutual information score
+(:mod:`flatminima.studies.cmi`). This module joins the per-measure results ``study analyze`` already computes:
 
 * :func:`ranking_rows`: ``{"x", "y", "psi", "cmi", "tau"}`` per measure and gap key (``tau``: Kendall's τ
   over the whole pool, the ``"all"`` row of ``kendall``), sorted by Ψ (the ``"ranking"`` key of

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from formats.summary import Summary, write_json
+from flatminima.formats.summary import Summary, write_json
 
 from .analysis import MIN_BOOTSTRAP_RUNS
 from .ranking import ranking_markdown

@@ -3,7 +3,7 @@
 Any number of ``study run`` processes, on one machine or on several sharing DIR (and ``python cli.py
 fit`` commands printed by ``--dry-run``), may work on one study at once:
 
-* a process claims a run (``DIR/claims/<id>.claim``, :mod:`cli_support.claims`) before training it and
+* a process claims a run (``DIR/claims/<id>.claim``, :mod:`flatminima.cli_support.claims`) before training it and
   releases the claim once the run's summary is written, so each run is trained by one process; a claim
   whose owner is gone (killed, its machine down) is taken over, and the run redone in a cleared folder;
 * each process runs what it can claim, then waits (polling every :data:`POLL_S` seconds) for the runs
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from cli_support import claims
-from formats.summary import read_json, write_json
+from flatminima.cli_support import claims
+from flatminima.formats.summary import read_json, write_json
 
 from . import runner
 from .runner import Task
@@ -41,7 +41,7 @@ def poll_seconds() -> float:
 
 
 class Ledger:
-    """This process's claims of runs (the :class:`studies.engines.Claims` the engines use), kept alive by a heartbeat.
+    """This process's claims of runs (the :class:`flatminima.studies.engines.Claims` the engines use), kept alive by a heartbeat.
 
     A claim is kept only while the run still needs training once it is held (checked again then: another
     process may have finished it between the look at the pool and the claim).

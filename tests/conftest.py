@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402,F401  (this checkout is the package flatminima, whatever else is installed)
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture

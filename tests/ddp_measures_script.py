@@ -8,7 +8,7 @@ Lightning's ``strategy="ddp"`` re-executes ``sys.argv`` for rank 1, so this must
 Each rank writes ``OUT_DIR/rank<r>.json`` with the values its callbacks measured at the last
 checkpoint (every rank measures its share of the fixed batches; sums are all-reduced). Rank 0 also
 writes ``OUT_DIR/single.json``: the same measures on the final weights in one process, on all the
-batches, with the pure functions of ``callbacks.measures``.
+batches, with the pure functions of ``flatminima.callbacks.measures``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
@@ -26,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from callbacks import (  # noqa: E402
+from flatminima.callbacks import (  # noqa: E402
     AdaptiveSharpness,
     AverageSharpness,
     ComplexityMeasures,

@@ -140,7 +140,6 @@ def skip_md5(monkeypatch) -> None:
     FashionMNIST); only the comparisons are patched, everything else (format, shapes) is still checked."""
     import torchvision.datasets.utils as tv_utils
 
-    import datamodules._idx as idx
-
+    import flatminima.datamodules._idx as idx
     monkeypatch.setattr(tv_utils, "check_md5", lambda fpath, md5, **kwargs: True)
     monkeypatch.setattr(idx, "check_md5", lambda data, expected: None)

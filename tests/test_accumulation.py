@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier
+from flatminima.lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier
 from tests.helpers import classification_batches, clone, fixed_batches, quiet_trainer
 
 LR = 0.1
@@ -135,7 +135,7 @@ def test_a_batch_that_cannot_be_split_is_refused_at_the_first_step():
 
 
 def test_gradient_norm_callback_reads_the_accumulated_clean_gradient_once_per_step(tmp_path):
-    from callbacks import GradientNormSharpness
+    from flatminima.callbacks import GradientNormSharpness
 
     callback = GradientNormSharpness(rho=0.5, log_every_step=False)
     model = Classifier(mlp(), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR), minimizer=SAM(rho=0.1),

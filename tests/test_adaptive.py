@@ -1,4 +1,4 @@
-"""Adaptive worst-case sharpness (callbacks.adaptive through callbacks.measures) against re-implementations.
+"""Adaptive worst-case sharpness (flatminima.callbacks.adaptive through flatminima.callbacks.measures) against re-implementations.
 
 Oracles: scipy's root finder for the ellipsoid projection, the first-order value as ρ → 0, and
 straightforward re-implementations of APGD (with reset) and of projected gradient ascent written
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from callbacks import measures
-from callbacks.adaptive import _project_ellipsoid, apgd_checkpoints
+from flatminima.callbacks import measures
+from flatminima.callbacks.adaptive import _project_ellipsoid, apgd_checkpoints
 from tests.measure_nets import DT, Quadratic, data, flat_params, gen, mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")

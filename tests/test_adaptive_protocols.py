@@ -2,10 +2,10 @@
 
 Their notebooks (github.com/HadiHammoud44/CS439_Sharpness) move the weights of a live module with
 ``torch.optim.SGD`` on the negated loss and clamp them back into the box; the loops below do exactly
-that, independently of :mod:`callbacks.adaptive`, whose flat-vector ascent must give the same numbers:
+that, independently of :mod:`flatminima.callbacks.adaptive`, whose flat-vector ascent must give the same numbers:
 ``box="signed"`` (the FCNN notebook's clamp with bounds w0 ∓ ρ·w0), ``score_batches`` (every iterate
 scored by the training-set loss), batches drawn with replacement, ``train_mode`` (dropout on), and the
-exact subgraph shortcut :func:`callbacks.inputs.node_subgraph_inputs`.
+exact subgraph shortcut :func:`flatminima.callbacks.inputs.node_subgraph_inputs`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch_geometric
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import AdaptiveSharpness, LossThresholdCheckpoint, measures
-from callbacks.inputs import masked_cross_entropy, mse_loss, node_inputs, node_subgraph_inputs
-from lightning_modules.networks import GAT
+from flatminima.callbacks import AdaptiveSharpness, LossThresholdCheckpoint, measures
+from flatminima.callbacks.inputs import masked_cross_entropy, mse_loss, node_inputs, node_subgraph_inputs
+from flatminima.lightning_modules.networks import GAT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

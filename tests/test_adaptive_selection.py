@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import AdaptiveSharpness, LossThresholdCheckpoint, RunSummary, measures
-from callbacks.adaptive import _PassEnds
-from callbacks.inputs import mse_loss
+from flatminima.callbacks import AdaptiveSharpness, LossThresholdCheckpoint, RunSummary, measures
+from flatminima.callbacks.adaptive import _PassEnds
+from flatminima.callbacks.inputs import mse_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -248,7 +248,7 @@ def test_the_notebook_config_measures_both_selections():
 
     config = yaml.safe_load(open("configs/experiments/adaptive_sharpness_abalone_notebook.yaml"))
     callbacks = config["trainer"]["callbacks"]
-    notebook, best = [c["init_args"] for c in callbacks if c["class_path"] == "callbacks.AdaptiveSharpness"]
+    notebook, best = [c["init_args"] for c in callbacks if c["class_path"] == "flatminima.callbacks.AdaptiveSharpness"]
     assert (notebook.get("name", "adaptive"), notebook["select"], notebook["passes"], notebook["n_iters"]) == (
         "adaptive", "best_pass_end", 6, 318)  # their 6 passes of 53 steps
     assert (best["name"], best.get("select", "best_iterate"), best["n_iters"], best["box"]) == (

@@ -1,4 +1,4 @@
-"""Minimum sharpness and its α solve (callbacks.alpha_scaling) against closed forms, scipy and the original solver."""
+"""Minimum sharpness and its α solve (flatminima.callbacks.alpha_scaling) against closed forms, scipy and the original solver."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import scipy.optimize
 import torch
 
-from callbacks import measures
+from flatminima.callbacks import measures
 from tests.measure_nets import cnn_bn, data, fold_bn, gen, mlp, scale_layers
 from tests.reference_alpha import reference_sgd_solve
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks import measures
+from flatminima.callbacks import measures
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

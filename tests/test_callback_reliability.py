@@ -20,14 +20,14 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from callbacks import (
+from flatminima.callbacks import (
     AdaptiveSharpness,
     GradientNormSharpness,
     HessianSpectrum,
     LossThresholdCheckpoint,
     MinimumSharpness,
 )
-from lightning_modules import Classifier
+from flatminima.lightning_modules import Classifier
 from tests.test_sharpness_callbacks import DictData, Plain, Silent, dataset
 
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,

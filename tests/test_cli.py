@@ -17,11 +17,11 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.core import LightningDataModule
 
-import cli
-from cli_support import compose
-from cli_support.help import GROUPS, header
-from lightning_modules import SAM, USAM, Classifier, Regressor, TwoPassModule
-from lightning_modules.optim import AdaShift
+from flatminima import cli
+from flatminima.cli_support import compose
+from flatminima.cli_support.help import GROUPS, header
+from flatminima.lightning_modules import SAM, USAM, Classifier, Regressor, TwoPassModule
+from flatminima.lightning_modules.optim import AdaShift
 
 CONFIGS = cli.ROOT / "configs"
 
@@ -62,13 +62,13 @@ def test_readme_composition_trains_the_default_epochs_not_lightnings_1000(capsys
                                               "minimizer/sam.yaml"))
     assert printed["trainer"]["max_epochs"] == 50
     assert printed["model"]["init_args"]["optimizer"]["class_path"] == "torch.optim.Adam"
-    assert printed["model"]["init_args"]["minimizer"]["class_path"] == "lightning_modules.minimizers.SAM"
+    assert printed["model"]["init_args"]["minimizer"]["class_path"] == "flatminima.lightning_modules.minimizers.SAM"
 
 
 def test_print_config_shows_the_moons_gsam_default(capsys):
     printed = printed_config(capsys)
-    assert printed["model"]["init_args"]["minimizer"]["class_path"] == "lightning_modules.minimizers.GSAM"
-    assert printed["data"]["class_path"] == "datamodules.MoonsDataModule"
+    assert printed["model"]["init_args"]["minimizer"]["class_path"] == "flatminima.lightning_modules.minimizers.GSAM"
+    assert printed["data"]["class_path"] == "flatminima.datamodules.MoonsDataModule"
     assert printed["data"]["init_args"]["num_samples"] == 10000 and printed["data"]["init_args"]["noise"] == 0.3
     assert printed["data"]["init_args"]["batch_size"] == 64 and printed["trainer"]["max_epochs"] == 50
 
@@ -77,8 +77,8 @@ def test_print_config_shows_the_moons_gsam_default(capsys):
 def test_a_rule_preset_alone_is_the_default_with_that_rule(capsys):
     printed = printed_config(capsys, *configs("minimizer/sam.yaml"))
     assert printed["model"]["init_args"]["minimizer"] == {
-        "class_path": "lightning_modules.minimizers.SAM", "init_args": {"rho": 0.05, "p": 2.0, "eps": 1e-12}}
-    assert printed["data"]["class_path"] == "datamodules.MoonsDataModule"
+        "class_path": "flatminima.lightning_modules.minimizers.SAM", "init_args": {"rho": 0.05, "p": 2.0, "eps": 1e-12}}
+    assert printed["data"]["class_path"] == "flatminima.datamodules.MoonsDataModule"
     assert printed["model"]["init_args"]["optimizer"]["init_args"]["momentum"] == 0.9  # the default's optimizer
 
 
@@ -129,7 +129,7 @@ def test_a_trainer_preset_changes_only_the_trainer(capsys):
     printed = printed_config(capsys, *configs("trainer/ddp_cpu.yaml"))
     trainer = printed["trainer"]
     assert (trainer["strategy"], trainer["devices"], trainer["accelerator"]) == ("ddp", 2, "cpu")
-    assert trainer["max_epochs"] == 50 and printed["data"]["class_path"] == "datamodules.MoonsDataModule"
+    assert trainer["max_epochs"] == 50 and printed["data"]["class_path"] == "flatminima.datamodules.MoonsDataModule"
 
 
 def test_an_experiment_composes_as_lightningcli_does_with_preset_objects_replaced_whole():
@@ -190,7 +190,7 @@ def test_plan_names_runs_after_the_base_and_the_files_that_changed_it():
         (["--trainer.max_epochs", "x"], ["trainer.max_epochs: got 'x'", "expected an int or null"]),
         (["--model.init_args.on_nonfinite", "explode"],
          ["model.init_args.on_nonfinite: got 'explode'", "'raise', 'stop', 'skip', 'ignore'"]),
-        (["--model", "lightning_modules.Classifierr"], ["model: no class", "did you mean lightning_modules.Classifier?"]),
+        (["--model", "flatminima.lightning_modules.Classifierr"], ["model: no class", "did you mean flatminima.lightning_modules.Classifier?"]),
         (["--data.init_args.batch_siz", "3"], ["data.init_args.batch_siz:", "did you mean batch_size?"]),
         (["--model.init_args.gradient_clip_vale", "1"],  # arguments the task passes on through **kwargs count
          ["Option 'gradient_clip_vale' is not accepted by Classifier", "did you mean gradient_clip_val?"]),
@@ -231,12 +231,12 @@ def test_an_unusable_config_file_is_one_line(capsys, tmp_path, content, needle):
     [
         (["--model.init_args.minimizer.init_args.rho=-0.1"],
          ["model.init_args.minimizer", "Invalid rho: -0.1; expected a finite rho >= 0"]),
-        (["--model.init_args.minimizer=lightning_modules.minimizers.SAM", "--model.init_args.minimizer.init_args.p=3"],
+        (["--model.init_args.minimizer=flatminima.lightning_modules.minimizers.SAM", "--model.init_args.minimizer.init_args.p=3"],
          ["model.init_args.minimizer", "Invalid p: 3.0; expected p = 2 or p = inf"]),
         (["--model.init_args.net.init_args.out_features=1"],
-         ["model (lightning_modules.Classifier)", "out_features=1 but num_classes=2"]),
+         ["model (flatminima.lightning_modules.Classifier)", "out_features=1 but num_classes=2"]),
         (["--model.init_args.gradient_clip_val=-1"], ["model", "Invalid gradient_clip_val: -1"]),
-        (["--data.init_args.batch_size=0"], ["data (datamodules.MoonsDataModule)", "Invalid batch_size: 0"]),
+        (["--data.init_args.batch_size=0"], ["data (flatminima.datamodules.MoonsDataModule)", "Invalid batch_size: 0"]),
     ],
 )
 def test_bad_values_are_refused_before_training_naming_the_field(capsys, args, needles):
@@ -325,7 +325,7 @@ def test_a_header_that_runs_on_is_cut_at_a_word(tmp_path):
 
 def test_fit_help_shows_the_one_line_summaries(capsys):
     with pytest.raises(SystemExit):
-        cli.main(["fit", "--model.help", "lightning_modules.Classifier"])
+        cli.main(["fit", "--model.help", "flatminima.lightning_modules.Classifier"])
     out = capsys.readouterr().out
     assert "Classification with cross-entropy" in out
     assert "--model.minimizer" in out

@@ -22,8 +22,8 @@ import pytest
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-import cli
-from cli_support.quiet import LIGHTNING_LOGGERS
+from flatminima import cli
+from flatminima.cli_support.quiet import LIGHTNING_LOGGERS
 from fixtures_data import SKIP_SHARED, copy_abalone, shared_datasets
 
 CONFIGS = cli.ROOT / "configs"

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from studies.cmi import NO_AXIS, cmi_row, cmi_score
+from flatminima.studies.cmi import NO_AXIS, cmi_row, cmi_score
 
 
 def grid(values_per_axis: dict[str, list], runs_per_cell: int) -> dict[str, list]:

@@ -1,4 +1,4 @@
-"""One test per private API in lightning_modules.compat: an upgrade that changes one fails here, by name.
+"""One test per private API in flatminima.lightning_modules.compat: an upgrade that changes one fails here, by name.
 
 That compat imports without Lightning is pinned in tests/test_validation.py.
 """
@@ -19,7 +19,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
-from lightning_modules import compat
+from flatminima.lightning_modules import compat
 
 STEPS = 3
 

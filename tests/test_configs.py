@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+from flatminima import cli
 from fixtures_data import (
     SKIP_SHARED,
     copy_abalone,
@@ -271,7 +271,7 @@ def test_composed_presets_fast_dev_run(data_root):
 
 def test_missing_data_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    from datamodules import DataNotFoundError
+    from flatminima.datamodules import DataNotFoundError
 
     with pytest.raises(DataNotFoundError, match="CIFAR-10 not found") as err:
         fit(["--config", str(CONFIGS / "experiments/adam_sam_cifar10.yaml"), "--data.init_args.data_dir", "nowhere"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
 
-from datamodules import (
+from flatminima.datamodules import (
     AbaloneDataModule,
     CIFAR10DataModule,
     PlanetoidDataModule,
@@ -21,9 +21,9 @@ from datamodules import (
     MNISTDataModule,
     MoonsDataModule,
 )
-from datamodules._labels import corrupt_labels
-from datamodules._loaders import EpochShuffleSampler
-from datamodules._transforms import Cutout
+from flatminima.datamodules._labels import corrupt_labels
+from flatminima.datamodules._loaders import EpochShuffleSampler
+from flatminima.datamodules._transforms import Cutout
 from fixtures_data import (
     SKIP_SHARED,
     copy_abalone,
@@ -187,12 +187,11 @@ def test_planetoid_failed_download_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_cora_datamodule_is_the_deprecated_name_of_planetoid_datamodule():
-    import datamodules
-
-    with pytest.warns(FutureWarning, match="CoraDataModule is now datamodules.PlanetoidDataModule"):
+    from flatminima import datamodules
+    with pytest.warns(FutureWarning, match="CoraDataModule is now flatminima.datamodules.PlanetoidDataModule"):
         assert datamodules.CoraDataModule is PlanetoidDataModule
     with pytest.warns(FutureWarning):
-        from datamodules import CoraDataModule  # noqa: F401  (the old class_path of saved configs)
+        from flatminima.datamodules import CoraDataModule  # noqa: F401  (the old class_path of saved configs)
     assert "CoraDataModule" not in datamodules.__all__
     with pytest.raises(AttributeError):
         datamodules.NoSuchDataModule  # noqa: B018
@@ -385,7 +384,7 @@ def test_matrix_sensing_measurements():
 
 
 def test_matrix_sensing_ground_truth_fits_the_factorization():
-    from lightning_modules.networks import MatrixFactorization
+    from flatminima.lightning_modules.networks import MatrixFactorization
 
     dm = MatrixSensingDataModule(dim=6, rank=2, num_measurements=30, data_seed=0)
     dm.setup()
@@ -526,8 +525,8 @@ def test_digits_plain_split_validation_and_label_noise():
 def test_digits_refuses_a_net_built_for_28x28_images():
     import lightning.pytorch as pl
 
-    from lightning_modules import Classifier
-    from lightning_modules.networks import SimpleBatch
+    from flatminima.lightning_modules import Classifier
+    from flatminima.lightning_modules.networks import SimpleBatch
 
     model = Classifier(SimpleBatch(in_channels=1, image_size=28))
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)

@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules import SAM, Classifier
-from lightning_modules.minimizers import (
+from flatminima.lightning_modules import SAM, Classifier
+from flatminima.lightning_modules.minimizers import (
     ESAM,
     MESA,
     SAF,

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lightning_modules._rule import RuleSetup, StepContext, step_uniforms
-from lightning_modules.minimizers import (
+from flatminima.lightning_modules._rule import RuleSetup, StepContext, step_uniforms
+from flatminima.lightning_modules.minimizers import (
     ESAM,
     GSAM,
     MESA,
@@ -20,7 +20,7 @@ from lightning_modules.minimizers import (
     MomentumSAM,
     RandomSteps,
 )
-from lightning_modules._saf import softened_kl
+from flatminima.lightning_modules._saf import softened_kl
 
 
 def test_step_uniforms_depend_on_seed_and_step_only():
@@ -178,16 +178,15 @@ def test_bad_arguments_are_refused(make, match):
 
 
 def test_the_variants_are_public_in_minimizers():
-    """Configs name them ``lightning_modules.minimizers.<Name>`` (their modules are private; importing
+    """Configs name them ``flatminima.lightning_modules.minimizers.<Name>`` (their modules are private; importing
     ``minimizers`` without Lightning, and so these modules, is pinned in tests/test_validation.py)."""
-    import lightning_modules.minimizers as m
-
+    import flatminima.lightning_modules.minimizers as m
     for name in ("LookSAM", "EveryK", "RandomSteps", "AdaptiveSteps", "MomentumSAM", "ESAM", "SAF", "MESA"):
-        assert getattr(m, name).__module__ == "lightning_modules.minimizers" and name in m.__all__
+        assert getattr(m, name).__module__ == "flatminima.lightning_modules.minimizers" and name in m.__all__
 
 
 def test_tasks_ignore_a_trailing_index_and_their_sample_losses_average_to_the_loss():
-    from lightning_modules import BinaryClassifier, Classifier, Regressor
+    from flatminima.lightning_modules import BinaryClassifier, Classifier, Regressor
 
     torch.manual_seed(0)
     x = torch.randn(6, 3)

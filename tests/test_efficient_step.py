@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules import SAM, Classifier
-from lightning_modules.minimizers import (
+from flatminima.lightning_modules import SAM, Classifier
+from flatminima.lightning_modules.minimizers import (
     ESAM,
     GSAM,
     MESA,
@@ -223,10 +223,10 @@ def test_esam_perturbs_a_random_subset_of_tensors_and_descends_on_the_sharpest_s
 
 
 def test_esam_data_selection_is_refused_on_a_task_without_per_sample_losses():
-    from lightning_modules import NodeClassifier
+    from flatminima.lightning_modules import NodeClassifier
 
     model = NodeClassifier(ref.tanh_mlp(), num_classes=3, minimizer=ESAM(gamma=0.5))
-    from lightning_modules._rule import RuleSetup
+    from flatminima.lightning_modules._rule import RuleSetup
 
     with pytest.raises(ValueError, match="Invalid ESAM gamma: 0.5; .*NodeClassifier does not provide.*gamma=1.0"):
         model.minimizer.setup(RuleSetup(task="NodeClassifier", sample_losses=model.supports_sample_losses))
@@ -276,7 +276,7 @@ def test_mesa_adds_the_kl_to_an_ema_copy_of_the_weights():
 
 
 def test_saf_and_mesa_refuse_a_task_without_class_logits():
-    from lightning_modules import Regressor
+    from flatminima.lightning_modules import Regressor
 
     for rule in (SAF(), MESA()):
         model = Regressor(torch.nn.Linear(3, 1), minimizer=rule)

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import (
+from flatminima.callbacks import (
     AverageSharpness,
     ComplexityMeasures,
     FinalTrainEvaluation,
@@ -167,7 +167,7 @@ def test_at_end_and_the_loss_threshold_checkpoint_measure_the_final_weights_once
 
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_vision_data_modules_evaluate_the_training_set_without_augmentation(tmp_path, monkeypatch, in_memory):
-    from datamodules import CIFAR10DataModule
+    from flatminima.datamodules import CIFAR10DataModule
     from fixtures_data import skip_md5, write_cifar10
 
     write_cifar10(tmp_path, per_batch=4, test=2)
@@ -223,7 +223,7 @@ def test_a_network_the_measures_cannot_read_is_refused_before_training(tmp_path)
 
 @pytest.mark.slow
 def test_the_preset_adds_every_measure_at_the_end_of_fit_through_the_cli(tmp_path):
-    from cli import main
+    from flatminima.cli import main
 
     args = ["fit", "--config", str(ROOT / "configs/experiments/moons_gsam.yaml"),
             "--config", str(ROOT / "configs/callbacks/generalization_measures.yaml"),

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from scipy import optimize, stats
 from torch import nn
 
-from callbacks import measures
-from callbacks.noise_search import bisect_radius, sample_seeds, standard_noise
-from callbacks.pac_bayes_bounds import pac_bayes_bound, pac_bayes_mag_bound
+from flatminima.callbacks import measures
+from flatminima.callbacks.noise_search import bisect_radius, sample_seeds, standard_noise
+from flatminima.callbacks.pac_bayes_bounds import pac_bayes_bound, pac_bayes_mag_bound
 from tests.helpers import bn_mlp
 from tests.measure_nets import DT, Quadratic, cnn_bn, data, gen, mlp
 from tests.test_measures import _assert_same, _snapshot

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
-from lightning_modules import GSAM, Classifier
-from lightning_modules.two_pass import schedule_peak_lr
+from flatminima.lightning_modules import GSAM, Classifier
+from flatminima.lightning_modules.two_pass import schedule_peak_lr
 from tests.helpers import bn_mlp, classification_batches, fixed_batches, quiet_trainer
 
 RHO, RHO_MIN = 0.05, 0.01

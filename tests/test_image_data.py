@@ -19,10 +19,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from datamodules import CIFAR10DataModule, DataNotFoundError, DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
-from datamodules._idx import IdxFormatError, parse_idx
-from datamodules._loaders import make_loader
-from datamodules._memory import InMemoryImages, InMemoryLoader
+from flatminima.datamodules import CIFAR10DataModule, DataNotFoundError, DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
+from flatminima.datamodules._idx import IdxFormatError, parse_idx
+from flatminima.datamodules._loaders import make_loader
+from flatminima.datamodules._memory import InMemoryImages, InMemoryLoader
 from fixtures_data import idx_bytes, skip_md5, write_cifar10, write_mnist
 from helpers import quiet_trainer
 
@@ -267,8 +267,8 @@ def test_real_fashion_mnist_files_md5_shapes_classes_and_statistics(real_fashion
 
 
 def test_real_fashion_mnist_fits_a_lenet5_step(real_fashion_mnist):
-    from lightning_modules import Classifier
-    from lightning_modules.networks import LeNet5
+    from flatminima.lightning_modules import Classifier
+    from flatminima.lightning_modules.networks import LeNet5
 
     torch.manual_seed(0)
     model = Classifier(LeNet5(dropout=0.5, weight_init="xavier"), optimizer=partial(torch.optim.SGD, lr=0.05))
@@ -366,7 +366,7 @@ def test_digits_batches_unchanged(tmp_path):
 def test_fixed_subsets_outside_the_loader_are_deterministic(cifar):
     """callbacks' subsets (Subset of loader.dataset, the loader's collate_fn): augmented with draws from torch's
     global generator, seeded by the callback, as torchvision's transforms draw theirs."""
-    from callbacks._subset import collate_subset
+    from flatminima.callbacks._subset import collate_subset
 
     root, arrays = cifar
     dm = CIFAR10DataModule(str(root), batch_size=4, **CIFAR_AUG)
@@ -391,7 +391,7 @@ def test_fixed_subsets_outside_the_loader_are_deterministic(cifar):
 
 # ---------------------------------------------------------------- resume mid-epoch, DDP shards
 def _resume_model():
-    from lightning_modules import Classifier
+    from flatminima.lightning_modules import Classifier
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 5, stride=3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 10))

@@ -1,4 +1,4 @@
-"""The sharpness measures' common contract (callbacks.measures): gradient norm, no trace, inputs, errors.
+"""The sharpness measures' common contract (flatminima.callbacks.measures): gradient norm, no trace, inputs, errors.
 
 Per-module tests: test_per_layer_traces.py, test_alpha_scaling.py, test_hessian.py, test_adaptive.py.
 Oracles here: autograd gradients and dual norms, and bit-for-bit snapshots of the model.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks import measures
+from flatminima.callbacks import measures
 from tests.measure_nets import DT, cnn_bn, data, gen, mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_graph_batches_with_tuple_inputs_and_masked_loss():
     torch_geometric = pytest.importorskip("torch_geometric")
     from torch_geometric.nn import GATConv
 
-    from callbacks.inputs import masked_cross_entropy, node_inputs
+    from flatminima.callbacks.inputs import masked_cross_entropy, node_inputs
 
     class Gat(nn.Module):
         def __init__(self):
@@ -179,7 +179,7 @@ def test_graph_batches_with_tuple_inputs_and_masked_loss():
 
 
 def test_regression_mse_helper_does_not_broadcast():
-    from callbacks.inputs import mse_loss
+    from flatminima.callbacks.inputs import mse_loss
 
     out, target = torch.randn(7, 1, dtype=DT), torch.randn(7, dtype=DT)
     assert float(mse_loss(out, target)) == pytest.approx(float(((out[:, 0] - target) ** 2).mean()), rel=1e-14)
@@ -219,7 +219,7 @@ def re_escape(text: str) -> str:
 def test_measures_import_without_lightning():
     code = (
         "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"
-        "import torch, callbacks.measures as m\n"
+        "import torch, flatminima.callbacks.measures as m\n"
         "net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))\n"
         "print(m.minimum_sharpness(net, [torch.randn(5, 3)]) > 0)\n"
     )

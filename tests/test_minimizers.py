@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.minimizers import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, foreach_dot, global_norm
+from flatminima.lightning_modules.minimizers import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, foreach_dot, global_norm
 
 RHO = 0.07
 

@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch_geometric.data import Data
 
-from lightning_modules import SAM, Classifier, NodeClassifier, Regressor
-from lightning_modules.networks import (
+from flatminima.lightning_modules import SAM, Classifier, NodeClassifier, Regressor
+from flatminima.lightning_modules.networks import (
     FCNN,
     GAT,
     MLP,
@@ -29,7 +29,7 @@ from lightning_modules.networks import (
     SmallCNN,
     WideResNet,
 )
-from lightning_modules.networks.convnet import COMPLEX_BATCH, MIDDLE_BATCH, SIMPLE_BATCH, VGG16_LAYERS
+from flatminima.lightning_modules.networks.convnet import COMPLEX_BATCH, MIDDLE_BATCH, SIMPLE_BATCH, VGG16_LAYERS
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,8 +10,8 @@ import torch_geometric
 from torch.utils.data import DataLoader
 
 from helpers import quiet_trainer
-from lightning_modules import SAM, NodeClassifier
-from lightning_modules.networks import GAT
+from flatminima.lightning_modules import SAM, NodeClassifier
+from flatminima.lightning_modules.networks import GAT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules.optim import AdaBound, AdaShift
+from flatminima.lightning_modules.optim import AdaBound, AdaShift
 
 po = pytest.importorskip("pytorch_optimizer", reason="pytorch-optimizer is the test oracle (pip install '.[test]')")
 from pytorch_optimizer.base.optimizer import BaseOptimizer  # noqa: E402

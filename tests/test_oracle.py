@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules import ASAM, GSAM, SAM, Classifier
+from flatminima.lightning_modules import ASAM, GSAM, SAM, Classifier
 from tests.helpers import bn_mlp, classification_batches, clone, fixed_batches, quiet_trainer
 
 po = pytest.importorskip("pytorch_optimizer", reason="pytorch-optimizer is the test oracle (pip install '.[test]')")

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import cli
-
+from flatminima import cli
 CONFIGS = cli.ROOT / "configs"
 AGSAM_PUBLISHED = (
     "--config", str(CONFIGS / "minimizer/agsam.yaml"), "--model.init_args.minimizer.init_args.rho", "0.5",

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import pytest
 from matplotlib.figure import Figure
 
-from studies import ranking
+from flatminima.studies import ranking
 
 GRANULATED = [
     {"x": "sharpness/a", "y": "gap/acc", "per_axis": {"lr": 0.5, "width": 0.1}, "psi": 0.3},

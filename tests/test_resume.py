@@ -9,10 +9,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules import MoonsDataModule
-from lightning_modules import ASAM, GSAM, SAM, Classifier
-from lightning_modules.networks import MLP
-from lightning_modules.optim import AdaShift
+from flatminima.datamodules import MoonsDataModule
+from flatminima.lightning_modules import ASAM, GSAM, SAM, Classifier
+from flatminima.lightning_modules.networks import MLP
+from flatminima.lightning_modules.optim import AdaShift
 from tests.helpers import quiet_trainer
 
 COMBOS = {

@@ -14,8 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import RunSummary
-from callbacks.summary import gaps
+from flatminima.callbacks import RunSummary
+from flatminima.callbacks.summary import gaps
 
 QUIET = dict(enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
              enable_checkpointing=False, num_sanity_val_steps=0)
@@ -185,7 +185,7 @@ def test_non_finite_values_are_written_as_strings_and_read_back_as_floats(tmp_pa
     assert raw["metrics"]["train/loss"] == "inf" and raw["metrics"]["sharpness/weight_norm"] == "nan"
     assert raw["metrics"]["gap/loss"] == "-inf"  # test − train with train = ∞
     assert raw["history"]["train/loss"][-1][2] == "inf" and raw["sharpness"][-1]["value"] == "nan"
-    from formats.summary import decode, read_summary
+    from flatminima.formats.summary import decode, read_summary
 
     s = read_summary(path)
     assert s == decode(raw) and s["status"] == "finished"

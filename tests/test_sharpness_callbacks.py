@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from callbacks import (
+from flatminima.callbacks import (
     AdaptiveSharpness,
     GradientNormSharpness,
     HessianSpectrum,
@@ -161,8 +161,8 @@ def test_gradient_norm_sharpness_adds_no_forward_or_backward(tmp_path):
 
 
 def test_gradient_norm_sharpness_reads_the_clean_pass_of_the_sam_module(tmp_path):
-    from lightning_modules import Classifier
-    from lightning_modules.minimizers import SAM
+    from flatminima.lightning_modules import Classifier
+    from flatminima.lightning_modules.minimizers import SAM
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
@@ -289,7 +289,7 @@ def test_a_measure_without_trigger_warns(tmp_path):
 
 
 def test_any_callback_with_the_trigger_capability_runs_the_checkpoint_measures(tmp_path, recwarn):
-    from callbacks.base import measure_on_save
+    from flatminima.callbacks.base import measure_on_save
 
     class EveryEpoch(pl.Callback):  # not a LossThresholdCheckpoint: found by triggers_measures alone
         triggers_measures = True
@@ -305,7 +305,7 @@ def test_any_callback_with_the_trigger_capability_runs_the_checkpoint_measures(t
     assert [h["epoch"] for h in measure.history] == [0, 1] and idle.history == []
     messages = [str(w.message) for w in recwarn if "will not measure" in str(w.message)]
     assert messages == ["MinimumSharpness('idle') will not measure: it has every_n_epochs=None, at_end=False and "
-                        "on_checkpoint=False; add callbacks.LossThresholdCheckpoint or set every_n_epochs or at_end"]
+                        "on_checkpoint=False; add flatminima.callbacks.LossThresholdCheckpoint or set every_n_epochs or at_end"]
 
 
 @pytest.mark.parametrize(
@@ -348,7 +348,7 @@ def test_two_process_ddp_gives_every_rank_the_single_process_values(tmp_path):
 # ---------------------------------------------------------------------------------------- the CLI presets
 @pytest.mark.slow
 def test_cli_presets_compose_and_measure_at_the_end_of_fit(tmp_path):
-    from cli import main
+    from flatminima.cli import main
 
     presets = ["loss_threshold", "minimum_sharpness", "adaptive_sharpness", "gradient_norm", "hessian"]
     args = ["fit", "--config", str(ROOT / "configs/experiments/moons_gsam.yaml")]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier
+from flatminima.lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier
 from tests.helpers import bn_mlp, classification_batches, clone, fixed_batches, params_of, quiet_trainer
 
 LR = 0.1

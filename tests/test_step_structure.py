@@ -19,9 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules import SAM, Classifier
-from lightning_modules._epoch_means import EpochMean, EpochMeans
-from lightning_modules._step import PerturbedWeights
+from flatminima.lightning_modules import SAM, Classifier
+from flatminima.lightning_modules._epoch_means import EpochMean, EpochMeans
+from flatminima.lightning_modules._step import PerturbedWeights
 from tests.helpers import bn_mlp, classification_batches, fixed_batches, quiet_trainer
 
 

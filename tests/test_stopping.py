@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import LossThresholdCheckpoint, RelativeLossStopping
-from callbacks.stopping import relative_change
+from flatminima.callbacks import LossThresholdCheckpoint, RelativeLossStopping
+from flatminima.callbacks.stopping import relative_change
 from helpers import quiet_trainer
 
 

@@ -12,11 +12,11 @@ from scipy import stats
 
 import yaml
 
-from studies import analysis, commands
-from studies import pool as study_pool
-from studies.spec import StudyError, load
-from formats.summary import write_json
-from studies.spec import KSTest
+from flatminima.studies import analysis, commands
+from flatminima.studies import pool as study_pool
+from flatminima.studies.spec import StudyError, load
+from flatminima.formats.summary import write_json
+from flatminima.studies.spec import KSTest
 
 
 def pool(xs, ys, axes=None, seeds=None) -> list[dict]:
@@ -228,7 +228,7 @@ def test_analyze_flags_replace_the_study_file_keys(tmp_path):
 
 
 def test_the_analyze_command_line(tmp_path, capsys):
-    from studies.cli import main
+    from flatminima.studies.cli import main
 
     directory = synthetic_study(tmp_path, with_file=False)
     assert main(["analyze", str(directory), "--x", "sharpness/adaptive", "--y", "gap/acc", "--groups", "optim",
@@ -243,7 +243,7 @@ def test_the_analyze_command_line(tmp_path, capsys):
 
 def test_non_finite_values_round_trip_through_summary_json_results_csv_and_the_analysis(tmp_path):
     """±∞ is ordered (a diverged run ranks last), NaN is left out; the tables and the scatter say how many."""
-    from studies import figures, pool as study_pool
+    from flatminima.studies import figures, pool as study_pool
 
     xs = [math.inf, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     ys = [9.0, math.nan, -math.inf, 3.5, 4.5, 5.0, 6.5, 8.0]
@@ -283,7 +283,7 @@ def test_figures_of_a_study_with_many_keys_never_enter_pyplot(tmp_path):
 
     import matplotlib.pyplot as plt
 
-    from studies import figures
+    from flatminima.studies import figures
 
     rng = np.random.default_rng(0)
     xs, ys = [f"sharpness/m{i}" for i in range(3)], [f"gap/g{i}" for i in range(3)]
@@ -299,7 +299,7 @@ def test_figures_of_a_study_with_many_keys_never_enter_pyplot(tmp_path):
 
 
 def test_without_x_every_final_sharpness_and_complexity_key_is_an_x():
-    from studies import pool as study_pool
+    from flatminima.studies import pool as study_pool
 
     runs = [{"id": "a", "status": "finished", "metrics": {
         "sharpness/adaptive": 1.0, "complexity/path_norm": 2.0, "complexity/params": 3.0, "test/acc": 0.5,
@@ -311,7 +311,7 @@ def test_without_x_every_final_sharpness_and_complexity_key_is_an_x():
 
 def test_no_bootstrap_interval_below_ten_runs_and_the_table_says_why():
     """Four perfectly ordered runs: τ = 1 with p = 1/12 (exact), and no interval (not [1, 1], which claims certainty)."""
-    from studies import report
+    from flatminima.studies import report
 
     x = np.arange(4.0)
     result = analysis.analyze(pool(x, x), ["x"], ["y"], resamples=200)

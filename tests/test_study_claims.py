@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_support import claims, processes
+from flatminima.cli_support import claims, processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,7 +156,7 @@ def test_process_identity_from_proc():
 
 def test_a_printed_fit_command_leaves_a_run_another_process_holds(tmp_path, monkeypatch, capsys):
     """``FLATMINIMA_CLAIM=<claim> python cli.py fit ...`` (what ``study run --dry-run`` prints) claims before training."""
-    from cli_support import app
+    from flatminima.cli_support import app
 
     path = tmp_path / "claims" / "run.claim"
     other = claims.Owner.this_process("study run")  # alive: this process, another token

@@ -14,13 +14,13 @@ from functools import partial
 import pytest
 import torch
 
-import cli
+from flatminima import cli
 from fixtures_data import skip_md5, write_cifar10, write_mnist
 from helpers import quiet_trainer
-from lightning_modules import Regressor
-from lightning_modules.networks import MatrixFactorization
-from studies import commands, figures, runner
-from studies.spec import load
+from flatminima.lightning_modules import Regressor
+from flatminima.lightning_modules.networks import MatrixFactorization
+from flatminima.studies import commands, figures, runner
+from flatminima.studies.spec import load
 
 ROOT = cli.ROOT
 STUDIES = sorted((ROOT / "configs" / "studies").glob("*.yaml"))

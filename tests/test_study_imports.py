@@ -24,15 +24,22 @@ LAYERS = {"formats": -1, "lightning_modules": 0, "datamodules": 1, "callbacks": 
 
 
 def project_modules() -> dict[str, Path]:
-    """Every module of the project packages and ``cli``, by dotted name."""
-    modules = {"cli": ROOT / "cli.py"}
+    """Every module of the project packages and ``cli``, by dotted name (``flatminima.<package>...``; the
+    benchmarks, not part of the package, as ``benchmarks.<script>``)."""
+    modules = {"flatminima.cli": ROOT / "cli.py"}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             parts = list(path.relative_to(ROOT).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
-            modules[".".join(parts)] = path
+            prefix = [] if package == "benchmarks" else ["flatminima"]
+            modules[".".join(prefix + parts)] = path
     return modules
+
+
+def layer(module: str) -> int:
+    """The layer of a module's package (``flatminima.studies.runner`` → ``studies`` → 3)."""
+    return LAYERS[module.removeprefix("flatminima.").split(".")[0]]
 
 
 class _Imports(ast.NodeVisitor):
@@ -130,7 +137,7 @@ def test_no_import_cycle_between_project_modules():
 
 def test_packages_import_only_lower_layers():
     upward = sorted((module, target) for module, targets in import_graph().items() for target in targets
-                    if LAYERS[target.split(".")[0]] > LAYERS[module.split(".")[0]])
+                    if layer(target) > layer(module))
     assert upward == []
 
 
@@ -161,8 +168,8 @@ def test_the_blocker_blocks():
 
 
 STUDY_MODULES = """
-    import studies, studies.analysis, studies.commands, studies.cli, studies.figures, studies.board
-    import studies.runner, studies.engines.local, studies.engines.ray, studies.pool, studies.report, formats.summary
+    import studies, flatminima.studies.analysis, flatminima.studies.commands, flatminima.studies.cli, flatminima.studies.figures, flatminima.studies.board
+    import flatminima.studies.runner, flatminima.studies.engines.local, flatminima.studies.engines.ray, flatminima.studies.pool, flatminima.studies.report, flatminima.formats.summary
     print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "lightning", "pytorch_lightning"}))
 """
 
@@ -209,8 +216,8 @@ def test_the_summary_type_is_defined_once_and_run_results_are_built_in_the_runne
                     definitions.append((name, "alias"))
             elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "RunResult":
                 constructions.append(name)
-    assert definitions == [("formats.summary", "class")]
-    assert set(constructions) == {"studies.runner"}
-    from formats.summary import Summary
+    assert definitions == [("flatminima.formats.summary", "class")]
+    assert set(constructions) == {"flatminima.studies.runner"}
+    from flatminima.formats.summary import Summary
 
     assert Summary.__annotations__["metrics"] and Summary.__total__ is False  # a TypedDict

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-import cli
-from studies import commands
-from studies.engines.local import LocalEngine
-from studies.spec import load
+from flatminima import cli
+from flatminima.studies import commands
+from flatminima.studies.engines.local import LocalEngine
+from flatminima.studies.spec import load
 
 pytestmark = pytest.mark.slow
 ROOT = cli.ROOT

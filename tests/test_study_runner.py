@@ -9,9 +9,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import cli
-from studies import runner
-from studies.spec import parse
+from flatminima import cli
+from flatminima.studies import runner
+from flatminima.studies.spec import parse
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,9 +29,9 @@ def test_a_study_run_summary_equals_tensorboard_and_the_checkpoints(tmp_path):
     measures = tmp_path / "measures.yaml"
     measures.write_text("""trainer:
   callbacks+:
-    - class_path: callbacks.LossThresholdCheckpoint
+    - class_path: flatminima.callbacks.LossThresholdCheckpoint
       init_args: {threshold: 10.0, every_n_epochs: 1}
-    - class_path: callbacks.AdaptiveSharpness
+    - class_path: flatminima.callbacks.AdaptiveSharpness
       init_args: {rho: 0.05, method: pga, n_iters: 2, num_samples: 64, batch_size: 32}
 """)
     study = parse({"base": [str(cli.ROOT / "configs/data/moons.yaml"), str(cli.ROOT / "configs/model/mlp.yaml"),

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_support import processes
+from flatminima.cli_support import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 HALF_DONE = "optim=sgd-seed=0"
@@ -116,7 +116,7 @@ def test_workers_die_within_a_second_of_a_killed_study_process(tmp_path):
 
 def test_the_watchdog_alone_ends_a_process_whose_parent_is_gone():
     """The fallback where the parent-death signal is missing: a thread that checks the parent twice a second."""
-    code = ("import os, sys, time\nfrom cli_support import processes\nfrom studies.engines.parent_guard import watch\n"
+    code = ("import os, sys, time\nfrom cli_support import processes\nfrom flatminima.studies.engines.parent_guard import watch\n"
             "ppid = os.getppid()\nwatch(ppid, processes.start_time(ppid), every=0.1)\n"
             "print('watching', flush=True)\ntime.sleep(60)\n")
     middle = ("import subprocess, sys, time\n"
@@ -141,10 +141,10 @@ def test_the_watchdog_alone_ends_a_process_whose_parent_is_gone():
 # ---------------------------------------------------------------------------------------- in one process
 def test_a_claim_is_given_back_when_the_run_was_finished_meanwhile(tmp_path):
     """Between the look at the pool and the claim, another process may finish the run: it is not trained again."""
-    from cli_support import claims
-    from formats.summary import write_json
-    from studies import runner, shared
-    from studies.spec import load
+    from flatminima.cli_support import claims
+    from flatminima.formats.summary import write_json
+    from flatminima.studies import runner, shared
+    from flatminima.studies.spec import load
 
     study = load(tiny_study(tmp_path))
     tasks = [runner.make_task(run, tmp_path / "out", 1, tmp_path) for run in study.runs()]
@@ -160,9 +160,9 @@ def test_a_claim_is_given_back_when_the_run_was_finished_meanwhile(tmp_path):
 
 
 def test_the_analysis_is_written_once_for_the_same_runs(tmp_path):
-    from cli_support import claims
-    from formats.summary import read_json, write_json
-    from studies import shared
+    from flatminima.cli_support import claims
+    from flatminima.formats.summary import read_json, write_json
+    from flatminima.studies import shared
 
     write_json(tmp_path / "runs" / "a" / "summary.json", {"id": "a", "status": "finished"})
     written = []

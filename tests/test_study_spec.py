@@ -6,9 +6,9 @@ import shlex
 import pytest
 import torch
 
-import cli
-from studies import runner
-from studies.spec import StudyError, load, parse
+from flatminima import cli
+from flatminima.studies import runner
+from flatminima.studies.spec import StudyError, load, parse
 
 ROOT = cli.ROOT
 STUDIES = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
@@ -68,7 +68,7 @@ def test_run_arguments_compose_configs_overrides_seed_logger_and_summary(tmp_pat
     assert args.index("--model.init_args.minimizer.init_args.rho=0.1") > max(i for i, a in enumerate(args)
                                                                             if a == "--config")
     folder = tmp_path / "out" / "runs" / run.id
-    assert any(a.startswith("--trainer.callbacks+=") and "callbacks.RunSummary" in a and str(folder) in a
+    assert any(a.startswith("--trainer.callbacks+=") and "flatminima.callbacks.RunSummary" in a and str(folder) in a
                for a in args)
     assert list(task.portable) == [a.replace(str(tmp_path / "out"), "{out}") for a in args]
     line = runner.command_line(task)
@@ -144,7 +144,7 @@ def test_unreadable_study_files(tmp_path):
 
 
 def test_the_study_cli_prints_the_error_and_exits_2(tmp_path, capsys):
-    from studies.cli import main
+    from flatminima.studies.cli import main
 
     (tmp_path / "s.yaml").write_text("base: [configs/data/moons.yaml]\naxes: {optim: {adam: nope.yaml}}\n")
     assert main(["run", str(tmp_path / "s.yaml"), "--dry-run"]) == 2

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules import MatrixSensingDataModule
+from flatminima.datamodules import MatrixSensingDataModule
 from helpers import quiet_trainer
-from lightning_modules import SAM, USAM, BinaryClassifier, Classifier, Regressor
-from lightning_modules.networks import MLP, MatrixFactorization
+from flatminima.lightning_modules import SAM, USAM, BinaryClassifier, Classifier, Regressor
+from flatminima.lightning_modules.networks import MLP, MatrixFactorization
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

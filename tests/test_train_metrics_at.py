@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import classification_batches, fixed_batches, quiet_trainer
-from lightning_modules import SAM, BinaryClassifier, Classifier
+from flatminima.lightning_modules import SAM, BinaryClassifier, Classifier
 
 LR, RHO = 0.5, 0.3
 

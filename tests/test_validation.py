@@ -1,4 +1,4 @@
-"""The one set of argument checks (lightning_modules.validation): same rules for every argument."""
+"""The one set of argument checks (flatminima.lightning_modules.validation): same rules for every argument."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_modules.validation import (
+from flatminima.lightning_modules.validation import (
     ArgumentTypeError,
     check_betas,
     check_choice,
@@ -164,7 +164,7 @@ def test_pure_modules_import_without_lightning():
     code = (
         "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"
         "import torch\n"
-        "import lightning_modules.validation as v, lightning_modules.minimizers as m, lightning_modules.compat as c\n"
+        "import flatminima.lightning_modules.validation as v, flatminima.lightning_modules.minimizers as m, flatminima.lightning_modules.compat as c\n"
         "from lightning_modules import SAM\n"
         "assert SAM is m.SAM and v.check_float('rho', 0.05) == 0.05\n"
         "p = [torch.ones(3)]\n"
@@ -190,9 +190,9 @@ def _numeric_defaults(cls):
 
 
 def _classes():
-    import datamodules
-    import lightning_modules.networks as networks
-    from lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM
+    from flatminima import datamodules
+    import flatminima.lightning_modules.networks as networks
+    from flatminima.lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM
 
     nets = [getattr(networks, n) for n in networks.__all__]
     data = [getattr(datamodules, n) for n in datamodules.__all__ if n.endswith("DataModule")]
@@ -232,8 +232,8 @@ def test_numpy_float32_as_rho_and_as_a_learning_rate_in_the_classes():
     """The issue's case, end to end: SAM and the base optimizers take the same numpy.float32."""
     import torch
 
-    from lightning_modules import GSAM, SAM
-    from lightning_modules.optim import AdaBound, AdaShift
+    from flatminima.lightning_modules import GSAM, SAM
+    from flatminima.lightning_modules.optim import AdaBound, AdaShift
 
     value = np.float32(0.05)
     params = [torch.nn.Parameter(torch.zeros(2))]
@@ -252,8 +252,8 @@ def test_numpy_float32_as_rho_and_as_a_learning_rate_in_the_classes():
 
 
 def test_numpy_scalars_in_the_tasks():
-    from lightning_modules import Classifier, NodeClassifier, Regressor
-    from lightning_modules.networks import MLP
+    from flatminima.lightning_modules import Classifier, NodeClassifier, Regressor
+    from flatminima.lightning_modules.networks import MLP
 
     clf = Classifier(MLP(in_features=2, out_features=3), num_classes=np.int64(3), label_smoothing=np.float32(0.1))
     assert type(clf.num_classes) is int and type(clf.label_smoothing) is float

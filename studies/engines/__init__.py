@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from cli_support.claims import Owner
+from flatminima.cli_support.claims import Owner
 
 from ..runner import RunResult, Task
 
@@ -22,7 +22,7 @@ OnDone = Callable[[RunResult], None]
 
 
 class Claims(Protocol):
-    """The claims of runs as an engine sees them (:class:`studies.shared.Ledger`)."""
+    """The claims of runs as an engine sees them (:class:`flatminima.studies.shared.Ledger`)."""
 
     owner: Owner
 

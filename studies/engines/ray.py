@@ -3,7 +3,7 @@
 Ray Tune brings scheduling over a cluster's CPUs and GPUs (``tune.with_resources``: CPUs and GPUs per
 run, fractional GPUs so several small runs share one device), reuse of the trial actors between runs
 (torch and Lightning imported once per actor) and fault handling. A trial runs
-:func:`studies.runner.run_task`, the same function as the local engine, so both write the same files;
+:func:`flatminima.studies.runner.run_task`, the same function as the local engine, so both write the same files;
 the summary also travels back in the trial's result, and the driver writes it into ``DIR/runs/<id>/`` when
 the trial ran on a node that does not share the file system (logs and checkpoints then stay there).
 
@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cli_support import claims as claim_files
-from formats.summary import decode, dumps, read_json, write_json
+from flatminima.cli_support import claims as claim_files
+from flatminima.formats.summary import decode, dumps, read_json, write_json
 
 from .. import runner
 from ..runner import RunResult, Task
@@ -120,8 +120,12 @@ class RayEngine:
 
 
 def _runtime_env() -> dict[str, Any]:
-    path = os.pathsep.join(p for p in (str(runner.ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {"env_vars": {"PYTHONPATH": path, "RAY_CHDIR_TO_TRIAL_DIR": "0"}}
+    """The trial processes' environment: a clone's root on ``PYTHONPATH`` and its ``cli.use_this_checkout``
+    run first in each worker (the clone is then the package ``flatminima``); an installed package as is."""
+    env: dict[str, Any] = {"env_vars": {"PYTHONPATH": runner.checkout_pythonpath(), "RAY_CHDIR_TO_TRIAL_DIR": "0"}}
+    if runner.CHECKOUT:
+        env["worker_process_setup_hook"] = "cli.use_this_checkout"
+    return env
 
 
 def _trial_id(trial: Any) -> str:
