@@ -38,7 +38,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402,F401  (this checkout is the package flatminima)
-
 from flatminima.datamodules import FashionMNISTDataModule  # noqa: E402
 from flatminima.lightning_modules import Classifier  # noqa: E402
 from flatminima.lightning_modules.networks import LeNet5  # noqa: E402
@@ -81,7 +80,7 @@ def loader_fractions(tv: FashionMNISTDataModule, mem: FashionMNISTDataModule, wi
     batches = list(zip(range(window), mem.train_dataloader()))
     sources = {"torchvision": endless(tv.train_dataloader()), "in memory": endless(mem.train_dataloader())}
     times: dict[str, list[float]] = {"torchvision": [], "in memory": [], "step": []}
-    for w in range(windows + 1):  # window 0 warms everything up and is not counted
+    for _window in range(windows + 1):  # window 0 warms everything up and is not counted
         for name, source in sources.items():
             start = time.perf_counter()
             for _ in range(window):

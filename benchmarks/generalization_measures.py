@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402,F401  (this checkout is the package flatminima)
-
 from benchmarks.measures import cnn, timed  # noqa: E402
 from flatminima.callbacks import measures  # noqa: E402
 

@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import cli  # noqa: E402,F401  (this checkout is the package flatminima)
-
 from flatminima.lightning_modules import Classifier  # noqa: E402
 
 LR = 0.1  # SGD learning rate of every correctness check (momentum 0.9)

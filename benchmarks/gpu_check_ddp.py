@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_check_common import CLASSES, ROOT, Row, Settings, bn_cnn, loader, make_batches, verdict  # noqa: E402
+
 from flatminima.lightning_modules import GSAM, Classifier  # noqa: E402
 
 STEPS = 3

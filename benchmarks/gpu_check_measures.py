@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gpu_check_common import Row, Settings, bn_cnn, make_batches, timed, verdict
 from torch import nn
 
 from flatminima.callbacks import measures as M
-from gpu_check_common import Row, Settings, bn_cnn, make_batches, timed, verdict
 
 LANCZOS_TOL = 1e-10
 Z_MAX = 4.0
@@ -103,7 +103,7 @@ def measure_rows(s: Settings) -> Iterator[Row]:
     for m in measures(s):
         cpu_value = m.fn(net, batches, 0)
         m.fn(dev_net, dev_batches, 1)  # warm-up (kernels, allocator)
-        seconds, dev_value = timed(lambda: m.fn(dev_net, dev_batches, 1), s.device)
+        seconds, dev_value = timed(lambda m=m: m.fn(dev_net, dev_batches, 1), s.device)
         ok, value, limit, data = compare(m, cpu_value, dev_value)
         ratio = seconds / fwd_bwd
         yield Row("measures", f"{m.name}: {s.device.type} = cpu", verdict(ok), f"{value}; time {ratio:.1f}× fwd+bwd",

@@ -21,9 +21,8 @@ from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins import MixedPrecision
-
 from gpu_check_common import LR, Row, Settings, bn_cnn, cpu64, fit, make_batches, max_abs_diff, rel_norm, verdict
+from lightning.pytorch.plugins import MixedPrecision
 from step_overhead import RULES
 
 CPU = torch.device("cpu")

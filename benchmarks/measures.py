@@ -28,7 +28,6 @@ from torch.func import functional_call, jacrev, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402,F401  (this checkout is the package flatminima)
-
 from flatminima.callbacks import measures  # noqa: E402
 from tests.reference_alpha import reference_sgd_solve  # noqa: E402  (the tests' oracle)
 

@@ -41,7 +41,6 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402,F401  (this checkout is the package flatminima)
-
 from flatminima.lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier  # noqa: E402
 from flatminima.lightning_modules.minimizers import (  # noqa: E402
     ESAM,

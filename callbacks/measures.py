@@ -53,10 +53,9 @@ from ._core import (
     prepared,
     unwrap,
 )
+from .accuracy import loss_and_accuracy
 from .adaptive import Ascents, Box, Method, Select, apgd_checkpoints, check_selection, worst_case_ascents
 from .alpha_scaling import Solver, minimize_scaled_trace, scaled_trace
-from .per_layer_traces import LayerTraces, UnsupportedNetworkError, feed_forward_layers, layer_traces
-from .accuracy import loss_and_accuracy
 from .average_case import MonteCarloEstimate, average_sharpness
 from .batchnorm_folding import fold_batchnorm
 from .fisher_rao import fisher_rao_norm
@@ -64,6 +63,7 @@ from .hessian import HessianOperator, TraceEstimate, hutchinson, lanczos_top
 from .noise_search import RadiusSearch, bisect_radius
 from .norms import norm_measures
 from .pac_bayes_bounds import pac_bayes, pac_bayes_sigma
+from .per_layer_traces import LayerTraces, UnsupportedNetworkError, feed_forward_layers, layer_traces
 from .sharpness_radius import sharpness_alpha
 
 __all__ = [

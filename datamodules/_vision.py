@@ -22,6 +22,7 @@ from ._labels import LABEL_NOISE_MODES, LabelNoiseMode, corrupt_labels
 from ._memory import DataDevice, InMemoryImages, check_memory_args, data_device
 from ._transforms import Cutout
 
+
 class VisionDataModule(SplitDataModule):
     """Base of the image data modules (CIFAR-10, FashionMNIST, MNIST); the data sets differ by class attributes.
 
@@ -140,7 +141,7 @@ class VisionDataModule(SplitDataModule):
             try:
                 for train in (True, False):
                     self.dataset_cls(str(self.data_dir), train=train, download=True)
-            except Exception as err:  # URLError, HTTPError, OSError, RuntimeError from the mirrors...
+            except Exception as err:  # noqa: BLE001 - URLError, HTTPError, OSError, RuntimeError from the mirrors...
                 raise self._missing_error(f"The download failed ({type(err).__name__}: {err}).") from None
         if self.missing():
             raise self._missing_error()

@@ -172,7 +172,7 @@ class AbaloneDataModule(SplitDataModule):
 
             try:
                 download_url(self.url, str(self.path.parent), self.path.name, md5=self.md5)
-            except Exception as err:  # URLError, HTTPError, OSError, RuntimeError (MD5 mismatch)
+            except Exception as err:  # noqa: BLE001 - URLError, HTTPError, OSError, RuntimeError (MD5 mismatch)
                 raise self._missing_error(f"The download failed ({type(err).__name__}: {err}).") from None
         if not self.path.is_file():
             raise self._missing_error()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from flatminima.lightning_modules.validation import check_choice, check_fraction, check_int, invalid
 
 from ._base import SplitDataModule, check_loader_args, check_net

@@ -160,7 +160,7 @@ class PlanetoidDataModule(pl.LightningDataModule):
                 raise self._missing_error()
             try:
                 self._dataset()
-            except Exception as err:  # URLError, HTTPError, OSError from the download
+            except Exception as err:  # noqa: BLE001 - URLError, HTTPError, OSError from the download
                 raise self._missing_error(f"The download failed ({type(err).__name__}: {err}).") from None
         self._dataset()  # writes processed/ on rank 0 before setup() reads it on every rank
 

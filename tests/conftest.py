@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cli  # noqa: E402,F401  (this checkout is the package flatminima, whatever else is installed)
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import cli  # noqa: E402,F401  (this checkout is the package flatminima, whatever else is installed)
 
 
 @pytest.fixture

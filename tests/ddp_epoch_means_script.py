@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402,F401  (this checkout is the package flatminima)
-
 from flatminima.lightning_modules import SAM, Classifier  # noqa: E402
 
 

@@ -19,14 +19,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import cli  # noqa: E402,F401  (this checkout is the package flatminima)
-
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
 from flatminima.callbacks import (  # noqa: E402
     AdaptiveSharpness,
     AverageSharpness,

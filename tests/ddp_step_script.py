@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402,F401  (this checkout is the package flatminima)
-
 from flatminima.lightning_modules import GSAM, SAM, Classifier  # noqa: E402
 from tests.ddp_variants_script import run_variants  # noqa: E402
 

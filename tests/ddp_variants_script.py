@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402,F401  (this checkout is the package flatminima)
-
 from flatminima.lightning_modules import SAM, Classifier  # noqa: E402
 from flatminima.lightning_modules.minimizers import SAF, AdaptiveSteps, LookSAM, RandomSteps  # noqa: E402
 from tests.efficient_reference import tanh_mlp  # noqa: E402

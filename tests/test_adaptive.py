@@ -35,7 +35,7 @@ def test_ellipsoid_projection_matches_the_kkt_solution():
     rho = 0.3
     got = _project_ellipsoid(v, rho, c)
     vv, cc = v[3:].numpy(), c[3:].numpy()
-    lam = scipy.optimize.brentq(lambda l: np.sum((vv * cc / (cc**2 + l)) ** 2) - rho**2, 0, 1e6, xtol=1e-15)
+    lam = scipy.optimize.brentq(lambda lam_: np.sum((vv * cc / (cc**2 + lam_)) ** 2) - rho**2, 0, 1e6, xtol=1e-15)
     np.testing.assert_allclose(got[3:].numpy(), vv * cc**2 / (cc**2 + lam), rtol=1e-9)
     assert torch.all(got[:3] == 0)
     inside = 0.01 * v * c

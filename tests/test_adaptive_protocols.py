@@ -25,7 +25,6 @@ from flatminima.callbacks import AdaptiveSharpness, LossThresholdCheckpoint, mea
 from flatminima.callbacks.inputs import masked_cross_entropy, mse_loss, node_inputs, node_subgraph_inputs
 from flatminima.lightning_modules.networks import GAT
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

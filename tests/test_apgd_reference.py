@@ -23,7 +23,6 @@ from torch import nn
 
 from flatminima.callbacks import measures
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

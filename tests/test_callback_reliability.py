@@ -7,7 +7,6 @@ numbers produced here by the code under test in another way.
 from __future__ import annotations
 
 import math
-import warnings
 from functools import partial
 from pathlib import Path
 

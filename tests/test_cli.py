@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 import torch

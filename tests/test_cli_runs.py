@@ -19,12 +19,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from fixtures_data import SKIP_SHARED, copy_abalone, shared_datasets
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from flatminima import cli
 from flatminima.cli_support.quiet import LIGHTNING_LOGGERS
-from fixtures_data import SKIP_SHARED, copy_abalone, shared_datasets
 
 CONFIGS = cli.ROOT / "configs"
 SMALL = ["--data.init_args.num_samples=400", "--trainer.max_epochs=3"]  # 5 training batches of 64 per epoch

@@ -104,7 +104,7 @@ def test_attached_trainer_reads_the_private_trainer_attribute(fitted):
     bare = BoringModel()
     assert compat.attached_trainer(bare) is None
     with pytest.raises(RuntimeError):
-        bare.trainer  # the public property refuses, which is why the private attribute is read
+        bare.trainer  # noqa: B018 - the public property refuses, which is why the private attribute is read
     assert seen["trainer"] is trainer and compat.attached_trainer(model) is trainer
 
 

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from flatminima import cli
 from fixtures_data import (
     SKIP_SHARED,
     copy_abalone,
@@ -17,6 +15,8 @@ from fixtures_data import (
     write_cifar10,
     write_mnist,
 )
+
+from flatminima import cli
 
 CONFIGS = cli.ROOT / "configs"
 # configs/studies/ holds study files (python cli.py study run), not LightningCLI configs: tests/test_study_spec.py

@@ -8,22 +8,6 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
-from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
-
-from flatminima.datamodules import (
-    AbaloneDataModule,
-    CIFAR10DataModule,
-    PlanetoidDataModule,
-    DataNotFoundError,
-    DigitsDataModule,
-    FashionMNISTDataModule,
-    MatrixSensingDataModule,
-    MNISTDataModule,
-    MoonsDataModule,
-)
-from flatminima.datamodules._labels import corrupt_labels
-from flatminima.datamodules._loaders import EpochShuffleSampler
-from flatminima.datamodules._transforms import Cutout
 from fixtures_data import (
     SKIP_SHARED,
     copy_abalone,
@@ -33,6 +17,22 @@ from fixtures_data import (
     write_cifar10,
     write_mnist,
 )
+from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
+
+from flatminima.datamodules import (
+    AbaloneDataModule,
+    CIFAR10DataModule,
+    DataNotFoundError,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    MatrixSensingDataModule,
+    MNISTDataModule,
+    MoonsDataModule,
+    PlanetoidDataModule,
+)
+from flatminima.datamodules._labels import corrupt_labels
+from flatminima.datamodules._loaders import EpochShuffleSampler
+from flatminima.datamodules._transforms import Cutout
 
 needs_shared = pytest.mark.skipif(shared_datasets() is None, reason=SKIP_SHARED)
 

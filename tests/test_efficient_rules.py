@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flatminima.lightning_modules._rule import RuleSetup, StepContext, step_uniforms
+from flatminima.lightning_modules._saf import softened_kl
 from flatminima.lightning_modules.minimizers import (
     ESAM,
     GSAM,
@@ -20,7 +21,6 @@ from flatminima.lightning_modules.minimizers import (
     MomentumSAM,
     RandomSteps,
 )
-from flatminima.lightning_modules._saf import softened_kl
 
 
 def test_step_uniforms_depend_on_seed_and_step_only():

@@ -167,8 +167,9 @@ def test_at_end_and_the_loss_threshold_checkpoint_measure_the_final_weights_once
 
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_vision_data_modules_evaluate_the_training_set_without_augmentation(tmp_path, monkeypatch, in_memory):
-    from flatminima.datamodules import CIFAR10DataModule
     from fixtures_data import skip_md5, write_cifar10
+
+    from flatminima.datamodules import CIFAR10DataModule
 
     write_cifar10(tmp_path, per_batch=4, test=2)
     skip_md5(monkeypatch)

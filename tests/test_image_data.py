@@ -14,17 +14,23 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from fixtures_data import idx_bytes, skip_md5, write_cifar10, write_mnist
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from flatminima.datamodules import CIFAR10DataModule, DataNotFoundError, DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
+from flatminima.datamodules import (
+    CIFAR10DataModule,
+    DataNotFoundError,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    MNISTDataModule,
+)
 from flatminima.datamodules._idx import IdxFormatError, parse_idx
 from flatminima.datamodules._loaders import make_loader
 from flatminima.datamodules._memory import InMemoryImages, InMemoryLoader
-from fixtures_data import idx_bytes, skip_md5, write_cifar10, write_mnist
-from helpers import quiet_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -31,7 +31,6 @@ from flatminima.lightning_modules.networks import (
 )
 from flatminima.lightning_modules.networks.convnet import COMPLEX_BATCH, MIDDLE_BATCH, SIMPLE_BATCH, VGG16_LAYERS
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

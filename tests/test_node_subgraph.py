@@ -7,12 +7,11 @@ from functools import partial
 import pytest
 import torch
 import torch_geometric
+from helpers import quiet_trainer
 from torch.utils.data import DataLoader
 
-from helpers import quiet_trainer
 from flatminima.lightning_modules import SAM, NodeClassifier
 from flatminima.lightning_modules.networks import GAT
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

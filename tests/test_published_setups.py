@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from flatminima import cli
+
 CONFIGS = cli.ROOT / "configs"
 AGSAM_PUBLISHED = (
     "--config", str(CONFIGS / "minimizer/agsam.yaml"), "--model.init_args.minimizer.init_args.rho", "0.5",

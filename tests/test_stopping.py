@@ -7,13 +7,12 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from flatminima.callbacks import LossThresholdCheckpoint, RelativeLossStopping
 from flatminima.callbacks.stopping import relative_change
-from helpers import quiet_trainer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

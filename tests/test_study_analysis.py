@@ -8,15 +8,13 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 from scipy import stats
 
-import yaml
-
+from flatminima.formats.summary import write_json
 from flatminima.studies import analysis, commands
 from flatminima.studies import pool as study_pool
-from flatminima.studies.spec import StudyError, load
-from flatminima.formats.summary import write_json
-from flatminima.studies.spec import KSTest
+from flatminima.studies.spec import KSTest, StudyError, load
 
 
 def pool(xs, ys, axes=None, seeds=None) -> list[dict]:
@@ -243,7 +241,8 @@ def test_the_analyze_command_line(tmp_path, capsys):
 
 def test_non_finite_values_round_trip_through_summary_json_results_csv_and_the_analysis(tmp_path):
     """±∞ is ordered (a diverged run ranks last), NaN is left out; the tables and the scatter say how many."""
-    from flatminima.studies import figures, pool as study_pool
+    from flatminima.studies import figures
+    from flatminima.studies import pool as study_pool
 
     xs = [math.inf, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     ys = [9.0, math.nan, -math.inf, 3.5, 4.5, 5.0, 6.5, 8.0]

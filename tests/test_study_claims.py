@@ -123,7 +123,7 @@ def test_racing_takers_of_one_stale_claim_leave_exactly_one_holder(tmp_path):
         write_claim(path, other_host(token=f"{round_:032d}"), age=claims.STALE_AFTER_S + 10)
         barrier, won = threading.Barrier(len(owners)), []
 
-        def race(owner):
+        def race(owner, barrier=barrier, path=path, won=won):
             barrier.wait()
             if claims.acquire(path, owner).acquired:
                 won.append(owner)

@@ -13,10 +13,10 @@ from functools import partial
 
 import pytest
 import torch
-
-from flatminima import cli
 from fixtures_data import skip_md5, write_cifar10, write_mnist
 from helpers import quiet_trainer
+
+from flatminima import cli
 from flatminima.lightning_modules import Regressor
 from flatminima.lightning_modules.networks import MatrixFactorization
 from flatminima.studies import commands, figures, runner

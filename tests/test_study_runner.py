@@ -13,7 +13,6 @@ from flatminima import cli
 from flatminima.studies import runner
 from flatminima.studies.spec import parse
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

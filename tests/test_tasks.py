@@ -7,14 +7,13 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flatminima.datamodules import MatrixSensingDataModule
-from helpers import quiet_trainer
 from flatminima.lightning_modules import SAM, USAM, BinaryClassifier, Classifier, Regressor
 from flatminima.lightning_modules.networks import MLP, MatrixFactorization
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,9 +7,9 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import classification_batches, fixed_batches, quiet_trainer
 from torch import nn
 
-from helpers import classification_batches, fixed_batches, quiet_trainer
 from flatminima.lightning_modules import SAM, BinaryClassifier, Classifier
 
 LR, RHO = 0.5, 0.3

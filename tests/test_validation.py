@@ -190,8 +190,8 @@ def _numeric_defaults(cls):
 
 
 def _classes():
-    from flatminima import datamodules
     import flatminima.lightning_modules.networks as networks
+    from flatminima import datamodules
     from flatminima.lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM
 
     nets = [getattr(networks, n) for n in networks.__all__]

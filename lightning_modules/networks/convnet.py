@@ -10,13 +10,13 @@ MaxPool2d, Flatten, Linear (and Dropout) modules, so layer-wise sharpness measur
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Literal
 
 from torch import nn
 
 from ..validation import check_fraction, check_int, check_ints, is_integer
 
-Layer = Union[int, Literal["M"]]
+Layer = int | Literal["M"]
 
 # Bejan, Sanchez Ndoye & Vuckovic name the nets by their number of conv layers (4, 6, 9); their appendix
 # figures are not in the report, so the widths below are ours: widths double after each pooling.

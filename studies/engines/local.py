@@ -28,8 +28,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
 from flatminima.cli_support import processes
 
