@@ -58,8 +58,12 @@ class _LegacyNames(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         if "." not in spec.name:
-            warnings.warn(f"{spec.name!r} is flatminima's former import name: write 'flatminima.{spec.name}' "
-                          "(in configs: class_path: flatminima.<...>)", FutureWarning, stacklevel=2)
+            warnings.warn(
+                f"{spec.name!r} is flatminima's former import name: write 'flatminima.{spec.name}' "
+                "(in configs: class_path: flatminima.<...>)",
+                FutureWarning,
+                stacklevel=2,
+            )
         return importlib.import_module(f"{__name__}.{spec.name}")
 
     def exec_module(self, module: ModuleType) -> None:

@@ -39,8 +39,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_CONFIG", "EVALUATIONS", "LOG_ROOT", "ROOT", "TRAINER_DEFAULTS", "FlatMinimaCLI",
-           "FlatMinimaParser", "entry", "main", "run"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "EVALUATIONS",
+    "LOG_ROOT",
+    "ROOT",
+    "TRAINER_DEFAULTS",
+    "FlatMinimaCLI",
+    "FlatMinimaParser",
+    "entry",
+    "main",
+    "run",
+]
 
 
 def use_this_checkout() -> None:
@@ -53,8 +63,9 @@ def use_this_checkout() -> None:
     current = sys.modules.get("flatminima")
     if current is not None and Path(current.__file__).resolve().parent == root:
         return
-    spec = importlib.util.spec_from_file_location("flatminima", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
+    spec = importlib.util.spec_from_file_location(
+        "flatminima", root / "__init__.py", submodule_search_locations=[str(root)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["flatminima"] = module
     spec.loader.exec_module(module)

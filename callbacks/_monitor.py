@@ -32,7 +32,8 @@ def check_monitor(trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: s
     if monitor in names or monitor.startswith("sharpness/"):  # measures log at epoch end
         return True
     module_known = _epoch_end_logging_is_declared(pl_module) or (
-        first_batch and not any(_overrides(pl_module, h) for h in ("on_train_batch_end", "on_train_epoch_end")))
+        first_batch and not any(_overrides(pl_module, h) for h in ("on_train_batch_end", "on_train_epoch_end"))
+    )
     if module_known and not _callbacks_may_log(trainer):
         raise ValueError(
             f"Invalid monitor: {monitor!r} is not logged by {type(pl_module).__name__} as a training "
@@ -60,6 +61,8 @@ def _epoch_end_logging_is_declared(module: pl.LightningModule) -> bool:
     if not callable(getattr(module, "epoch_metric_names", None)):
         return False
     mro = type(module).__mro__
-    owner = {name: next(i for i, c in enumerate(mro) if name in vars(c))
-             for name in ("epoch_metric_names", "on_train_epoch_end")}
+    owner = {
+        name: next(i for i, c in enumerate(mro) if name in vars(c))
+        for name in ("epoch_metric_names", "on_train_epoch_end")
+    }
     return owner["epoch_metric_names"] <= owner["on_train_epoch_end"]

@@ -53,10 +53,19 @@ class AverageSharpness(SharpnessCallback):
         self.adaptive = bool(adaptive)
         self.samples = check_int("samples", samples)
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
-        estimate = measures.average_sharpness(network, batches, self.rho, p=self.p, adaptive=self.adaptive,
-                                              samples=self.samples, seed=self.seed, loss_fn=self.loss_fn,
-                                              reduce=reduce)
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
+        estimate = measures.average_sharpness(
+            network,
+            batches,
+            self.rho,
+            p=self.p,
+            adaptive=self.adaptive,
+            samples=self.samples,
+            seed=self.seed,
+            loss_fn=self.loss_fn,
+            reduce=reduce,
+        )
         key = f"sharpness/{self.metric_name}"
         return {key: estimate.value, f"{key}_stderr": estimate.stderr}

@@ -60,8 +60,9 @@ def triggers_measures(callback: Any) -> bool:
     return getattr(callback, "triggers_measures", False) is True
 
 
-def measure_on_save(trainer: pl.Trainer, pl_module: pl.LightningModule, *, via_logger: bool = False,
-                    at: Pending | None = None) -> list[SharpnessCallback]:
+def measure_on_save(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, *, via_logger: bool = False, at: Pending | None = None
+) -> list[SharpnessCallback]:
     """Run every ``on_checkpoint`` measure now, before a save at ``at`` (on every rank); return those measures.
 
     Called by a callback with the :func:`triggers_measures` capability. Each measure logs its values,
@@ -185,8 +186,9 @@ class SharpnessCallback(EpochEndTracker, Callback):
         self._measures_subset = False
 
     # ------------------------------------------------------------------ to implement
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
         """Run the measure on this rank's share of the batches; return ``{metric key: value}``."""
         raise NotImplementedError
 
@@ -269,14 +271,16 @@ class SharpnessCallback(EpochEndTracker, Callback):
         self._epoch_ended(trainer)
         self.epoch_end(trainer, pl_module, trainer.current_epoch, trainer.global_step)
 
-    def epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, step: int, *,
-                  via_logger: bool = False) -> None:
+    def epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, step: int, *, via_logger: bool = False
+    ) -> None:
         """The work at the end of training epoch ``epoch`` (at ``step``): measure every N epochs."""
         if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
             self.measure_now(trainer, pl_module, via_logger=via_logger, at=(epoch, step))
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self._last_key is not None and self._last_key[1] == trainer.global_step:  # measured on these weights
             checkpoint.setdefault("sharpness", {}).update(self.measurement_at(*self._last_key))
 
@@ -294,14 +298,20 @@ class SharpnessCallback(EpochEndTracker, Callback):
         try:
             self.check_batch(self.resolve_network(pl_module), batches[0])
         except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
-            hint = ("pass batch_to_inputs, a callable turning a training batch into (inputs, targets)"
-                    if self.batch_to_inputs is None else "check batch_to_inputs, loss_fn and network")
-            raise ValueError(f"{type(self).__name__}({self.name!r}) cannot measure on the training batches: "
-                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; {hint}") from err
+            hint = (
+                "pass batch_to_inputs, a callable turning a training batch into (inputs, targets)"
+                if self.batch_to_inputs is None
+                else "check batch_to_inputs, loss_fn and network"
+            )
+            raise ValueError(
+                f"{type(self).__name__}({self.name!r}) cannot measure on the training batches: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; {hint}"
+            ) from err
 
     # ------------------------------------------------------------------ measuring
-    def measure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *,
-                    via_logger: bool = False, at: Pending | None = None) -> Values:
+    def measure_now(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, via_logger: bool = False, at: Pending | None = None
+    ) -> Values:
         """Measure now on every rank (collective under DDP), log, record; once per (epoch, step).
 
         Args:
@@ -326,8 +336,9 @@ class SharpnessCallback(EpochEndTracker, Callback):
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
         else:
             for metric, value in values.items():
-                pl_module.log(metric, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max",
-                              batch_size=1)
+                pl_module.log(
+                    metric, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", batch_size=1
+                )
         return values
 
     def resolve_network(self, pl_module: pl.LightningModule) -> nn.Module:
@@ -348,7 +359,7 @@ class SharpnessCallback(EpochEndTracker, Callback):
         """This rank's share (every world_size-th batch) of the fixed subset, on the module's device."""
         if self._batches is None:
             self._batches = self._load(trainer)
-        share = self._batches[trainer.global_rank::trainer.world_size]
+        share = self._batches[trainer.global_rank :: trainer.world_size]
         return [move_data_to_device(batch, pl_module.device) for batch in share]
 
     def all_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:

@@ -44,11 +44,13 @@ class ComplexityMeasures(InitialWeights, SharpnessCallback):
         """The network's BatchNorm must fold, its inputs be tensors and its targets class labels."""
         measures.norm_measures(network, [batch])
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
-        suffix = self.metric_name[len(self.name):]
-        values = measures.norm_measures(network, self.all_batches(trainer, trainer.lightning_module),
-                                        initial=self.initial)
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
+        suffix = self.metric_name[len(self.name) :]
+        values = measures.norm_measures(
+            network, self.all_batches(trainer, trainer.lightning_module), initial=self.initial
+        )
         return {f"complexity/{key}{suffix}": value for key, value in values.items()}
 
 
@@ -70,7 +72,11 @@ class FisherRaoNorm(SharpnessCallback):
     def __init__(self, name: str = "fisher_rao", batch_size: int = 256, **kwargs: Any) -> None:
         super().__init__(name, batch_size=batch_size, sampling="subset", **kwargs)
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
-        return {f"complexity/{self.metric_name}": measures.fisher_rao_norm(network, batches, loss_fn=self.loss_fn,
-                                                                           reduce=reduce)}
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
+        return {
+            f"complexity/{self.metric_name}": measures.fisher_rao_norm(
+                network, batches, loss_fn=self.loss_fn, reduce=reduce
+            )
+        }

@@ -46,8 +46,15 @@ class FinalTrainEvaluation(SharpnessCallback):
         on_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(name, num_samples=num_samples, batch_size=batch_size, at_end=at_end,
-                         on_checkpoint=on_checkpoint, sampling="subset", **kwargs)
+        super().__init__(
+            name,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            at_end=at_end,
+            on_checkpoint=on_checkpoint,
+            sampling="subset",
+            **kwargs,
+        )
 
     def source_loader(self, trainer: pl.Trainer) -> Any:
         """The data module's ``train_eval_dataloader()`` when it has one, else the training loader."""
@@ -62,8 +69,9 @@ class FinalTrainEvaluation(SharpnessCallback):
         finally:
             self._batches = None
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
         loss, acc = measures.loss_and_accuracy(network, batches, self.loss_fn, reduce)
         out = {f"{self.metric_name}/loss": loss}
         if acc is not None:

@@ -64,17 +64,33 @@ class HessianSpectrum(SharpnessCallback):
         if trace == "exact" and self.loss_fn is not F.cross_entropy:
             raise ValueError("Invalid trace: 'exact' applies to the cross-entropy loss only; use 'hutchinson'")
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
         out: Values = {}
         if self.k:
-            values = measures.hessian_eigenvalues(network, batches, self.k, loss_fn=self.loss_fn, tol=self.tol,
-                                                  max_iter=self.max_iter, seed=self.seed,
-                                                  cache_graphs=self.cache_graphs, reduce=reduce)
+            values = measures.hessian_eigenvalues(
+                network,
+                batches,
+                self.k,
+                loss_fn=self.loss_fn,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                seed=self.seed,
+                cache_graphs=self.cache_graphs,
+                reduce=reduce,
+            )
             out.update({f"sharpness/{self.metric_name}_eig{i + 1}": v for i, v in enumerate(values)})
         if self.trace == "hutchinson":
-            estimate = measures.hutchinson_trace(network, batches, n_probes=self.n_probes, loss_fn=self.loss_fn,
-                                                 seed=self.seed, cache_graphs=self.cache_graphs, reduce=reduce)
+            estimate = measures.hutchinson_trace(
+                network,
+                batches,
+                n_probes=self.n_probes,
+                loss_fn=self.loss_fn,
+                seed=self.seed,
+                cache_graphs=self.cache_graphs,
+                reduce=reduce,
+            )
             out[f"sharpness/{self.metric_name}_trace"] = estimate.value
             out[f"sharpness/{self.metric_name}_trace_stderr"] = estimate.stderr
         elif self.trace == "exact":

@@ -69,9 +69,17 @@ class MinimumSharpness(SharpnessCallback):
         measures.feed_forward_layers(network)
         measures.check_batch(network, batch, None)
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
         traces = measures.layer_traces(network, batches, reduce=reduce)
-        value = measures.minimize_scaled_trace(traces.weight, traces.bias, solver=self.solver, lr=self.lr,
-                                               steps=self.steps, decay=self.decay, retries=self.retries)
+        value = measures.minimize_scaled_trace(
+            traces.weight,
+            traces.bias,
+            solver=self.solver,
+            lr=self.lr,
+            steps=self.steps,
+            decay=self.decay,
+            retries=self.retries,
+        )
         return {f"sharpness/{self.metric_name}": value, f"sharpness/{self.metric_name}_trace": traces.total}

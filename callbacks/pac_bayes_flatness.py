@@ -55,8 +55,17 @@ class PacBayesFlatness(InitialWeights, SharpnessCallback):
         **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options (schedule, subset, network).
     """
 
-    identity_args = ("target", "depth", "samples", "lower", "upper", "tol", "scale", "magnitude_eps",
-                     "variant") + SharpnessCallback.identity_args
+    identity_args = (
+        "target",
+        "depth",
+        "samples",
+        "lower",
+        "upper",
+        "tol",
+        "scale",
+        "magnitude_eps",
+        "variant",
+    ) + SharpnessCallback.identity_args
 
     def __init__(
         self,
@@ -87,11 +96,24 @@ class PacBayesFlatness(InitialWeights, SharpnessCallback):
             warnings.simplefilter("ignore", UserWarning)
             measures.pac_bayes_sigma(network, [batch], depth=1, samples=1)
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
         values = measures.pac_bayes(
-            network, batches, initial=self.initial, m=training_set_size(trainer), variant=self.variant,
-            target=self.target, magnitude_eps=self.magnitude_eps, depth=self.depth, samples=self.samples,
-            lower=self.lower, upper=self.upper, tol=self.tol, seed=self.seed, scale=self.scale, reduce=reduce,
+            network,
+            batches,
+            initial=self.initial,
+            m=training_set_size(trainer),
+            variant=self.variant,
+            target=self.target,
+            magnitude_eps=self.magnitude_eps,
+            depth=self.depth,
+            samples=self.samples,
+            lower=self.lower,
+            upper=self.upper,
+            tol=self.tol,
+            seed=self.seed,
+            scale=self.scale,
+            reduce=reduce,
         )
-        return {f"sharpness/{self.metric_name}{key[len('pac_bayes'):]}": value for key, value in values.items()}
+        return {f"sharpness/{self.metric_name}{key[len('pac_bayes') :]}": value for key, value in values.items()}

@@ -86,12 +86,16 @@ class RelativeLossStopping(EarlyStopping):
 
     @property
     def state_key(self) -> str:
-        return compat.state_key(self, monitor=self.monitor, threshold=self.threshold, min_epochs=self.min_epochs,
-                                mode=self.change_mode)
+        return compat.state_key(
+            self, monitor=self.monitor, threshold=self.threshold, min_epochs=self.min_epochs, mode=self.change_mode
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"previous": self.previous, "stopped_epoch": self.stopped_epoch,
-                "relative_changes": [list(c) for c in self.relative_changes]}
+        return {
+            "previous": self.previous,
+            "stopped_epoch": self.stopped_epoch,
+            "relative_changes": [list(c) for c in self.relative_changes],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.previous = state_dict.get("previous")
@@ -126,5 +130,7 @@ class RelativeLossStopping(EarlyStopping):
             trainer.should_stop = True
             self.stopped_epoch = epoch
             if self.verbose:
-                rank_zero_info(f"RelativeLossStopping: {self.monitor} changed by {r:.4g} < {self.threshold} "
-                               f"(relative) after epoch {epoch}; stopping.")
+                rank_zero_info(
+                    f"RelativeLossStopping: {self.monitor} changed by {r:.4g} < {self.threshold} "
+                    f"(relative) after epoch {epoch}; stopping."
+                )

@@ -179,8 +179,12 @@ class RunSummary(Callback):
             "global_step": getattr(self, "_global_step", trainer.global_step),
             "threshold_epoch": self._threshold_epoch,
             "metrics": metrics,
-            "sharpness": [{"key": k, "value": v, "epoch": e, "step": s}
-                          for k, rows in history.items() if k.startswith("sharpness/") for e, s, v in rows],
+            "sharpness": [
+                {"key": k, "value": v, "epoch": e, "step": s}
+                for k, rows in history.items()
+                if k.startswith("sharpness/")
+                for e, s, v in rows
+            ],
             "history": history,
         }
 

@@ -44,8 +44,19 @@ class WorstCaseSharpness(SharpnessCallback):
         **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options (schedule, subset, loss, network).
     """
 
-    identity_args = ("target", "depth", "restarts", "steps", "step_size", "lower", "upper", "tol", "scale",
-                     "magnitude_eps", "variant") + SharpnessCallback.identity_args
+    identity_args = (
+        "target",
+        "depth",
+        "restarts",
+        "steps",
+        "step_size",
+        "lower",
+        "upper",
+        "tol",
+        "scale",
+        "magnitude_eps",
+        "variant",
+    ) + SharpnessCallback.identity_args
 
     def __init__(
         self,
@@ -80,11 +91,23 @@ class WorstCaseSharpness(SharpnessCallback):
             warnings.simplefilter("ignore", UserWarning)
             measures.sharpness_alpha(network, [batch], depth=1, restarts=1, steps=1, loss_fn=self.loss_fn)
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
-        search = dict(target=self.target, depth=self.depth, restarts=self.restarts, steps=self.steps,
-                      step_size=self.step_size, lower=self.lower, upper=self.upper, tol=self.tol, seed=self.seed,
-                      scale=self.scale, loss_fn=self.loss_fn, reduce=reduce)
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
+        search = dict(
+            target=self.target,
+            depth=self.depth,
+            restarts=self.restarts,
+            steps=self.steps,
+            step_size=self.step_size,
+            lower=self.lower,
+            upper=self.upper,
+            tol=self.tol,
+            seed=self.seed,
+            scale=self.scale,
+            loss_fn=self.loss_fn,
+            reduce=reduce,
+        )
         out: Values = {}
         if self.variant in ("both", "plain"):
             alpha = measures.sharpness_alpha(network, batches, **search).radius

@@ -26,8 +26,11 @@ class DataNotFoundError(FileNotFoundError):
 
 def check_loader_args(batch_size: object, eval_batch_size: object, num_workers: object) -> tuple[int, int, int]:
     """Check the loader arguments every data module takes: batch sizes >= 1, worker processes >= 0."""
-    return (check_int("batch_size", batch_size, 1), check_int("eval_batch_size", eval_batch_size, 1),
-            check_int("num_workers", num_workers, 0))
+    return (
+        check_int("batch_size", batch_size, 1),
+        check_int("eval_batch_size", eval_batch_size, 1),
+        check_int("num_workers", num_workers, 0),
+    )
 
 
 def missing_files(folder: Path, files: Sequence[str]) -> list[Path]:
@@ -88,8 +91,9 @@ class SplitDataModule(pl.LightningDataModule):
             sampler = EpochShuffleSampler(dataset, self.hparams.data_seed) if shuffle else None
             with_indices = stage == "train" and bool(self.hparams.get("with_indices", False))
             return InMemoryLoader(dataset, batch_size, sampler=sampler, with_indices=with_indices)
-        return make_loader(dataset, batch_size, shuffle=shuffle, seed=self.hparams.data_seed,
-                           num_workers=self.hparams.num_workers)
+        return make_loader(
+            dataset, batch_size, shuffle=shuffle, seed=self.hparams.data_seed, num_workers=self.hparams.num_workers
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, "train", self.hparams.batch_size, shuffle=True)

@@ -162,8 +162,12 @@ class VisionDataModule(SplitDataModule):
     def read_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(train images, train labels, test images, test labels)``: uint8 ``(N, C, H, W)`` and long ``(N,)``."""
         train, test = self.torchvision_sets()
-        return (as_nchw(train.data), torch.as_tensor(train.targets, dtype=torch.long),
-                as_nchw(test.data), torch.as_tensor(test.targets, dtype=torch.long))
+        return (
+            as_nchw(train.data),
+            torch.as_tensor(train.targets, dtype=torch.long),
+            as_nchw(test.data),
+            torch.as_tensor(test.targets, dtype=torch.long),
+        )
 
     # ------------------------------------------------------------------ transforms
     def train_transform(self) -> T.Compose:
@@ -186,8 +190,11 @@ class VisionDataModule(SplitDataModule):
         """The training augmentation of the in-memory path (the same as :meth:`train_transform`'s)."""
         h = self.hparams
         return BatchAugment(
-            fill=tuple(normalize(torch.zeros(1, len(self.mean), 1, 1, dtype=torch.uint8), self.mean, self.std)
-                       .flatten().tolist()),
+            fill=tuple(
+                normalize(torch.zeros(1, len(self.mean), 1, 1, dtype=torch.uint8), self.mean, self.std)
+                .flatten()
+                .tolist()
+            ),
             padding=self.crop_padding if h.augment else 0,
             flip=bool(self.horizontal_flip and h.augment),
             cutout=h.cutout,
@@ -217,8 +224,9 @@ class VisionDataModule(SplitDataModule):
         val_idx, train_idx = order[: h.val_size].sort().values, order[h.val_size :].sort().values
         labels = targets[train_idx]
         if h.label_noise > 0:
-            labels, self.noisy_indices = corrupt_labels(labels, h.label_noise, self.num_classes, h.data_seed,
-                                                        h.label_noise_mode)
+            labels, self.noisy_indices = corrupt_labels(
+                labels, h.label_noise, self.num_classes, h.data_seed, h.label_noise_mode
+            )
         self.split_indices = {"train": train_idx, "val": val_idx}
         return train_idx, val_idx, labels
 

@@ -220,5 +220,10 @@ class AbaloneDataModule(SplitDataModule):
         if not self.hparams.full_batch or self.train_set is None:
             return super().train_dataloader()
         steps = -(-len(self.train_set) // self.hparams.batch_size)
-        return make_loader(FullBatch(self.train_set.tensors, steps), 1, shuffle=False,
-                           num_workers=self.hparams.num_workers, collate_fn=first)
+        return make_loader(
+            FullBatch(self.train_set.tensors, steps),
+            1,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+            collate_fn=first,
+        )

@@ -26,9 +26,7 @@ class CIFAR10DataModule(VisionDataModule):
     title = "CIFAR-10"
     folder = "cifar-10-batches-py"
     files = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
-    how_to_get = (
-        f"Download {CIFAR10.url} and extract it into data_dir (it unpacks to cifar-10-batches-py/)."
-    )
+    how_to_get = f"Download {CIFAR10.url} and extract it into data_dir (it unpacks to cifar-10-batches-py/)."
     num_classes = 10
     in_channels = 3
     image_size = 32

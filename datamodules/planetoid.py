@@ -183,8 +183,9 @@ class PlanetoidDataModule(pl.LightningDataModule):
     def _loader(self) -> DataLoader:
         if self.data is None:
             raise RuntimeError(f"{type(self).__name__} loaders called before setup()")
-        return make_loader(FullGraph(self.data), 1, shuffle=False, num_workers=self.hparams.num_workers,
-                           collate_fn=first)
+        return make_loader(
+            FullGraph(self.data), 1, shuffle=False, num_workers=self.hparams.num_workers, collate_fn=first
+        )
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
@@ -192,8 +193,14 @@ class PlanetoidDataModule(pl.LightningDataModule):
             return self._loader()
         if self.data is None:
             raise RuntimeError(f"{type(self).__name__} loaders called before setup()")
-        return make_loader(TrainNodes(self.data), h.train_batch_nodes, shuffle=True, seed=h.data_seed,
-                           num_workers=h.num_workers, collate_fn=NodeBatch(self.data))
+        return make_loader(
+            TrainNodes(self.data),
+            h.train_batch_nodes,
+            shuffle=True,
+            seed=h.data_seed,
+            num_workers=h.num_workers,
+            collate_fn=NodeBatch(self.data),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader()

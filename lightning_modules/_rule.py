@@ -251,16 +251,18 @@ class Minimizer:
         """A one-pass step's direction d from its gradient, in place over ``grads`` (default: d = g)."""
         return grads
 
-    def after_second_pass(self, params: Sequence[Tensor], grads: Sequence[Tensor], perturbed_grads: Sequence[Tensor],
-                          ctx: StepContext) -> None:
+    def after_second_pass(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], perturbed_grads: Sequence[Tensor], ctx: StepContext
+    ) -> None:
         """See g and g_p of a two-pass step before :meth:`descent_` (needs ``uses_clean_grad``); default: nothing."""
 
     def extra_loss_active(self, ctx: StepContext) -> bool:
         """Whether :meth:`extra_loss` adds a term in this step (its gradient is then not the clean one)."""
         return False
 
-    def extra_loss(self, outputs: Tensor, ids: Tensor | None, inputs: tuple[Any, ...],
-                   ctx: StepContext) -> Tensor | None:
+    def extra_loss(
+        self, outputs: Tensor, ids: Tensor | None, inputs: tuple[Any, ...], ctx: StepContext
+    ) -> Tensor | None:
         """A term added to the training loss of a one-pass step (``uses_outputs`` rules); None: no term.
 
         Args:

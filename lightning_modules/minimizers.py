@@ -64,6 +64,7 @@ __all__ = [
     "foreach_dot",
 ]
 
+
 class SAM(Minimizer):
     """Sharpness-Aware Minimization on the L2 or the L∞ ball (Foret et al., 2021).
 
@@ -235,14 +236,18 @@ class GSAM(SAM):
             return self.rho
         top = self.lr_max if self.lr_max is not None else lr_max
         if top is None or top <= self.lr_min:
-            self._warn_once(f"GSAM cannot follow the lr: lr_max={top!r} is not above lr_min={self.lr_min}; "
-                            f"using rho={self.rho} (set GSAM(lr_max=...))")
+            self._warn_once(
+                f"GSAM cannot follow the lr: lr_max={top!r} is not above lr_min={self.lr_min}; "
+                f"using rho={self.rho} (set GSAM(lr_max=...))"
+            )
             return self.rho
         lr = float(lr)
         if not self.lr_min <= lr <= top:
-            self._warn_once(f"GSAM: lr {lr:.6g} is outside [lr_min, lr_max] = [{self.lr_min:.6g}, {top:.6g}]; "
-                            f"rho_t is clamped to [rho_min, rho] = [{self.rho_min}, {self.rho}] (set "
-                            "GSAM(lr_min=..., lr_max=...) to the schedule's range)")
+            self._warn_once(
+                f"GSAM: lr {lr:.6g} is outside [lr_min, lr_max] = [{self.lr_min:.6g}, {top:.6g}]; "
+                f"rho_t is clamped to [rho_min, rho] = [{self.rho_min}, {self.rho}] (set "
+                "GSAM(lr_min=..., lr_max=...) to the schedule's range)"
+            )
             lr = min(max(lr, self.lr_min), top)
         return self.rho_min + (self.rho - self.rho_min) * (lr - self.lr_min) / (top - self.lr_min)
 

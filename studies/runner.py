@@ -49,6 +49,8 @@ def checkout_pythonpath() -> str:
     the package ``flatminima``, even where an editable install points elsewhere), else unchanged."""
     current = os.environ.get("PYTHONPATH", "")
     return os.pathsep.join(p for p in (str(ROOT) if CHECKOUT else "", current) if p)
+
+
 WARM_MODULES = ("flatminima.cli_support.app",)
 """What a worker imports before its first run (torch, Lightning and the project, through the CLI)."""
 OUT_PLACEHOLDER = "{out}"
@@ -79,8 +81,9 @@ class Task:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Task:
         """The task :meth:`as_dict` described."""
-        return cls(**{**data, "axes": dict(data["axes"]), "portable": tuple(data["portable"]),
-                      "args": tuple(data["args"])})
+        return cls(
+            **{**data, "axes": dict(data["axes"]), "portable": tuple(data["portable"]), "args": tuple(data["args"])}
+        )
 
 
 RunStatus = Literal["finished", "failed", "elsewhere"]
@@ -103,9 +106,16 @@ class RunResult:
 def make_task(run: Run, out: str | os.PathLike, threads: int, cwd: str | os.PathLike) -> Task:
     """The :class:`Task` of ``run``, writing into the study folder ``out``, run from ``cwd``."""
     portable = tuple(fit_args(run, OUT_PLACEHOLDER))
-    return Task(id=run.id, axes=dict(run.axes), seed=run.seed, out=str(out), threads=int(threads),
-                cwd=str(Path(cwd).resolve()), portable=portable,
-                args=tuple(a.replace(OUT_PLACEHOLDER, str(out)) for a in portable))
+    return Task(
+        id=run.id,
+        axes=dict(run.axes),
+        seed=run.seed,
+        out=str(out),
+        threads=int(threads),
+        cwd=str(Path(cwd).resolve()),
+        portable=portable,
+        args=tuple(a.replace(OUT_PLACEHOLDER, str(out)) for a in portable),
+    )
 
 
 def result_of(task: Task, summary: Summary, seconds: float) -> RunResult:
@@ -141,19 +151,32 @@ def claim_path(out: str | os.PathLike, run_id: str) -> Path:
 def fit_args(run: Run, out: str | os.PathLike) -> list[str]:
     """The ``cli.py`` arguments of a run: configs, overrides, seed, logger, summary callback, test after fit."""
     folder = run_dir(out, run.id)
-    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-              "init_args": {"save_dir": str(Path(out) / "runs"), "name": run.id, "version": "",
-                            "default_hp_metric": False}}
-    summary = {"class_path": "flatminima.callbacks.RunSummary",
-               "init_args": {"path": str(folder / "summary.json"), "run_id": run.id, "axes": dict(run.axes),
-                             "seed": run.seed, "finish_after": "test"}}
+    logger = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(Path(out) / "runs"), "name": run.id, "version": "", "default_hp_metric": False},
+    }
+    summary = {
+        "class_path": "flatminima.callbacks.RunSummary",
+        "init_args": {
+            "path": str(folder / "summary.json"),
+            "run_id": run.id,
+            "axes": dict(run.axes),
+            "seed": run.seed,
+            "finish_after": "test",
+        },
+    }
     args = ["fit"]
     for config in run.configs:
         args += ["--config", config]
     args += [f"--{key}={cli_value(value)}" for key, value in run.overrides]
-    args += [f"--seed_everything={run.seed}", f"--trainer.logger={_json(logger)}",
-             f"--trainer.default_root_dir={folder}", "--trainer.enable_progress_bar=false",
-             f"--trainer.callbacks+={_json(summary)}", "--test_after_fit=true"]
+    args += [
+        f"--seed_everything={run.seed}",
+        f"--trainer.logger={_json(logger)}",
+        f"--trainer.default_root_dir={folder}",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.callbacks+={_json(summary)}",
+        "--test_after_fit=true",
+    ]
     return args
 
 
@@ -170,8 +193,9 @@ def command_line(task: Task) -> str:
         words = ["python", shown, *task.args]
     else:
         words = ["flatminima", *task.args]
-    return (f"OMP_NUM_THREADS={task.threads} {CLAIM_ENV}={shlex.quote(str(claim_path(task.out, task.id)))} "
-            + " ".join(shlex.quote(w) for w in words))
+    return f"OMP_NUM_THREADS={task.threads} {CLAIM_ENV}={shlex.quote(str(claim_path(task.out, task.id)))} " + " ".join(
+        shlex.quote(w) for w in words
+    )
 
 
 def cli_value(value: Any) -> str:
@@ -239,8 +263,14 @@ def run_task(task: Task) -> RunResult:
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        record = {"id": task.id, "axes": dict(task.axes), "seed": task.seed, "command": command_line(task),
-                  "args": list(task.portable), "attempt": uuid.uuid4().hex}
+        record = {
+            "id": task.id,
+            "axes": dict(task.axes),
+            "seed": task.seed,
+            "command": command_line(task),
+            "args": list(task.portable),
+            "attempt": uuid.uuid4().hex,
+        }
         write_json(folder / "run.json", record)
         failure: BaseException | None = None
         cli_start = time.perf_counter()
@@ -261,8 +291,10 @@ def run_task(task: Task) -> RunResult:
         if error is not None:
             summary = write_failed(task, (summary or {}).get("error") or error)
         seconds = time.perf_counter() - start
-        write_json(folder / "run.json", {**record, "host": processes.host(), "pid": os.getpid(), "seconds": seconds,
-                                         "cli_seconds": cli_seconds})
+        write_json(
+            folder / "run.json",
+            {**record, "host": processes.host(), "pid": os.getpid(), "seconds": seconds, "cli_seconds": cli_seconds},
+        )
     return result_of(task, summary, seconds)
 
 
@@ -290,7 +322,7 @@ def _error(failure: BaseException | None, log: Path) -> str | None:
         return "the CLI exited before training (exit code 0)"
     lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     starts = [i for i, ln in enumerate(lines) if ln.startswith("error:")]
-    detail = " ".join(lines[starts[-1]:]) if starts else (lines[-1] if lines else "")
+    detail = " ".join(lines[starts[-1] :]) if starts else (lines[-1] if lines else "")
     detail = detail if len(detail) <= 600 else detail[:597] + "..."
     return f"SystemExit({exit_.code}): {detail}" if detail else f"SystemExit({exit_.code})"
 

@@ -53,8 +53,13 @@ class Ledger:
         stream: Where to say that a stale claim was taken over.
     """
 
-    def __init__(self, out: str | os.PathLike, heartbeat: claims.Heartbeat,
-                 attempts_at_start: dict[str, str | None], stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        heartbeat: claims.Heartbeat,
+        attempts_at_start: dict[str, str | None],
+        stream: TextIO | None = None,
+    ) -> None:
         self.out = Path(out)
         self.heartbeat = heartbeat
         self.attempts_at_start = attempts_at_start
@@ -196,8 +201,10 @@ def analyze_once(out: str | os.PathLike, owner: claims.Owner, stamp_at_start: ob
         current = signature(out)
         stamp = read_json(analysis_stamp(out))
         if stamp != stamp_at_start and isinstance(stamp, dict) and stamp.get("signature") == current:
-            stream.write(f"analysis: written by {stamp.get('by', 'another process')} for the same runs: "
-                         f"{Path(out) / 'analysis.md'}\n")
+            stream.write(
+                f"analysis: written by {stamp.get('by', 'another process')} for the same runs: "
+                f"{Path(out) / 'analysis.md'}\n"
+            )
             return False
         analyze()
         write_json(analysis_stamp(out), {"signature": current, "by": owner.describe()})

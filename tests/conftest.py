@@ -35,7 +35,8 @@ def ddp_step_runs(tmp_path_factory) -> Path:
     """The folder of tests/ddp_step_script.py's two-process DDP runs (one subprocess for test_ddp*.py)."""
     script = Path(__file__).with_name("ddp_step_script.py")
     out = tmp_path_factory.mktemp("ddp")
-    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300,
-                          cwd=script.parents[1])
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300, cwd=script.parents[1]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out

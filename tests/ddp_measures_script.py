@@ -49,7 +49,12 @@ class Plain(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(
-            nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 4),
+            nn.Conv2d(1, 3, 3),
+            nn.BatchNorm2d(3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(12, 4),
         )
 
     def training_step(self, batch, batch_idx):
@@ -82,8 +87,14 @@ def main(out: Path) -> None:
         FinalTrainEvaluation(on_checkpoint=True, batch_size=8),
     ]
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=callbacks, logger=False,
-        default_root_dir=str(out), enable_progress_bar=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        callbacks=callbacks,
+        logger=False,
+        default_root_dir=str(out),
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     module = Plain()
@@ -107,8 +118,12 @@ def main(out: Path) -> None:
         eigs = measures.hessian_eigenvalues(net, batches, 2, tol=1e-6)
         single.update({f"sharpness/hessian_eig{i + 1}": v for i, v in enumerate(eigs)})
         initial = callbacks[5].initial
-        single.update({f"sharpness/{k}": v for k, v in measures.pac_bayes(
-            net, batches, initial=initial, m=64, depth=5, samples=3).items()})
+        single.update(
+            {
+                f"sharpness/{k}": v
+                for k, v in measures.pac_bayes(net, batches, initial=initial, m=64, depth=5, samples=3).items()
+            }
+        )
         for key, magnitude_eps in (("sharpness_flatness", None), ("sharpness_mag_flatness", 1e-3)):
             alpha = measures.sharpness_alpha(net, batches, depth=4, restarts=2, steps=2, magnitude_eps=magnitude_eps)
             single[f"sharpness/{key}"] = 1 / alpha.radius**2

@@ -59,7 +59,7 @@ def test_adaptive_sharpness_approaches_first_order_value_as_rho_vanishes(p, adap
 def test_apgd_is_never_negative_and_pga_can_be():
     net = mlp(seed=4)
     x, y = data(n=16, shape=(5,), seed=7)
-    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
     for rho, step in [(0.5, None), (2.0, 50.0), (0.05, 1e-4)]:
         for p in (2.0, math.inf):
             values = measures.adaptive_sharpness_per_batch(net, batches, rho, p=p, step_size=step, n_iters=7)
@@ -71,8 +71,9 @@ def test_apgd_is_never_negative_and_pga_can_be():
     with torch.no_grad():
         sine.w.zero_()
     kw = dict(p=math.inf, adaptive=False, n_iters=1, step_size=5.0, loss_fn=lambda w, _: torch.sin(w).sum())
-    assert measures.adaptive_sharpness(sine, [(torch.zeros(1), None)], 10.0, method="pga", **kw) == \
-        pytest.approx(math.sin(5.0), rel=1e-12)
+    assert measures.adaptive_sharpness(sine, [(torch.zeros(1), None)], 10.0, method="pga", **kw) == pytest.approx(
+        math.sin(5.0), rel=1e-12
+    )
     assert measures.adaptive_sharpness(sine, [(torch.zeros(1), None)], 10.0, method="apgd", **kw) == 0.0
 
 

@@ -92,7 +92,6 @@ def test_exact_alpha_solver_matches_scipy_with_biases():
         assert exact <= measures.scaled_trace(t, b, [1.0] * depth)
 
 
-
 def test_sgd_solver_reproduces_the_original_algorithm_and_approaches_the_exact_minimum():
     t, b = [0.7, 2.0, 0.3, 1.1], [0.05, 0.2, 0.0, 0.4]
     ours = measures.minimize_scaled_trace(t, b, solver="sgd", lr=0.1, steps=300, decay=1e-3)

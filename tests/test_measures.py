@@ -38,8 +38,9 @@ def test_gradient_norm_sharpness_is_rho_times_the_dual_norm(p, q, adaptive):
         grads = torch.autograd.grad(F.cross_entropy(net(xb), yb), list(net.parameters()))
         flat = torch.cat([(g * (w.abs() if adaptive else 1)).reshape(-1) for g, w in zip(grads, net.parameters())])
         expected.append(0.05 * float(torch.linalg.vector_norm(flat, q)))
-        assert float(measures.gradient_norm(grads, list(net.parameters()), rho=0.05, p=p, adaptive=adaptive)) == \
-            pytest.approx(expected[-1], rel=1e-12)
+        assert float(
+            measures.gradient_norm(grads, list(net.parameters()), rho=0.05, p=p, adaptive=adaptive)
+        ) == pytest.approx(expected[-1], rel=1e-12)
     got = measures.gradient_norm_sharpness(net, batches, 0.05, p=p, adaptive=adaptive)
     assert got == pytest.approx(float(np.mean(expected)), rel=1e-12)
 
@@ -73,7 +74,8 @@ MEASURES = {
     "minimum_sgd": lambda net, b, **kw: measures.minimum_sharpness(net, b, solver="sgd", steps=50),
     "apgd": lambda net, b, **kw: measures.adaptive_sharpness(net, b, 0.05, n_iters=4, **kw),
     "pga_l2": lambda net, b, **kw: measures.adaptive_sharpness(
-        net, b, 0.05, p=2, method="pga", step_size=0.1, n_iters=3, **kw),
+        net, b, 0.05, p=2, method="pga", step_size=0.1, n_iters=3, **kw
+    ),
     "gradient_norm": lambda net, b, **kw: measures.gradient_norm_sharpness(net, b, 0.05, **kw),
     "eigenvalues": lambda net, b, **kw: measures.hessian_eigenvalues(net, b, 2, max_iter=6, **kw),
     "trace": lambda net, b, **kw: measures.hessian_trace(net, b, n_probes=3, **kw),
@@ -96,6 +98,7 @@ def test_measures_leave_the_model_bit_identical_also_on_exceptions(name):
     _assert_same(net, snap)
     assert value == MEASURES[name](net, [(x[:5], y[:5]), (x[5:], y[5:])])
     if name.startswith("minimum"):
+
         class Boom(nn.Module):
             def forward(self, t):
                 raise RuntimeError("boom")
@@ -163,8 +166,10 @@ def test_graph_batches_with_tuple_inputs_and_masked_loss():
 
     g = gen(0)
     graph = torch_geometric.data.Data(
-        x=torch.randn(12, 6, generator=g), edge_index=torch.randint(0, 12, (2, 30), generator=g),
-        y=torch.randint(0, 3, (12,), generator=g), train_mask=torch.arange(12) < 5,
+        x=torch.randn(12, 6, generator=g),
+        edge_index=torch.randint(0, 12, (2, 30), generator=g),
+        y=torch.randint(0, 3, (12,), generator=g),
+        train_mask=torch.arange(12) < 5,
     )
     net = Gat()
     loss = F.cross_entropy(net(graph.x, graph.edge_index)[graph.train_mask], graph.y[graph.train_mask])

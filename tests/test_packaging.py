@@ -23,8 +23,20 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGACY = Path(__file__).with_name("fixtures") / "legacy_run"
-SOURCE_IGNORE = shutil.ignore_patterns(".git", ".ci", "tests", "docs", "benchmarks", "logs", "data", "build",
-                                       "*.egg-info", "__pycache__", ".pytest_cache", "lightning_logs")
+SOURCE_IGNORE = shutil.ignore_patterns(
+    ".git",
+    ".ci",
+    "tests",
+    "docs",
+    "benchmarks",
+    "logs",
+    "data",
+    "build",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    "lightning_logs",
+)
 
 
 def _declared_packages() -> list[str]:
@@ -35,8 +47,10 @@ def _declared_packages() -> list[str]:
 
 def test_setup_cfg_declares_every_subpackage():
     found = {"flatminima"} | {
-        "flatminima." + ".".join(p.parent.relative_to(ROOT).parts) for p in ROOT.rglob("__init__.py")
-        if p.parent != ROOT and p.relative_to(ROOT).parts[0] not in {"tests", "benchmarks", "docs", "build", "data"}}
+        "flatminima." + ".".join(p.parent.relative_to(ROOT).parts)
+        for p in ROOT.rglob("__init__.py")
+        if p.parent != ROOT and p.relative_to(ROOT).parts[0] not in {"tests", "benchmarks", "docs", "build", "data"}
+    }
     assert sorted(_declared_packages()) == sorted(found)
 
 
@@ -47,11 +61,21 @@ def installed(tmp_path_factory) -> tuple[Path, list[str]]:
     source, wheels, target = tmp / "source", tmp / "dist", tmp / "site"
     shutil.copytree(ROOT, source, ignore=SOURCE_IGNORE)
     run = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*run, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(wheels)], check=True,
-                   cwd=tmp, capture_output=True, timeout=300)
+    subprocess.run(
+        [*run, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(wheels)],
+        check=True,
+        cwd=tmp,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = wheels.glob("flatminima-*.whl")
-    subprocess.run([*run, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, cwd=tmp,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [*run, "install", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        cwd=tmp,
+        capture_output=True,
+        timeout=300,
+    )
     with zipfile.ZipFile(wheel) as archive:
         return target, archive.namelist()
 
@@ -64,7 +88,7 @@ def test_the_wheel_holds_flatminima_alone(installed):
     assert not [n for n in names if n.startswith(("flatminima/tests/", "flatminima/benchmarks/"))]
 
 
-USER_TRAIN = textwrap.dedent('''
+USER_TRAIN = textwrap.dedent("""
     import warnings
 
     import lightning.pytorch as pl
@@ -109,7 +133,7 @@ USER_TRAIN = textwrap.dedent('''
     trainer.fit(Net(), DataLoader(TensorDataset(x, y), batch_size=16))
     print(flatminima.__file__)
     print(sorted(k for k in trainer.callback_metrics if k.startswith("sharpness/")))
-''')
+""")
 
 
 def test_a_project_with_its_own_callbacks_trains_with_the_installed_measures(installed, tmp_path):
@@ -121,25 +145,41 @@ def test_a_project_with_its_own_callbacks_trains_with_the_installed_measures(ins
     (project / "cli.py").write_text('OWNER = "user"\n')
     (project / "train.py").write_text(USER_TRAIN)
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "train.py"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "train.py"], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     where, keys = out.stdout.strip().splitlines()[-2:]
     assert Path(where).parent == target / "flatminima"
-    assert keys == "['sharpness/gradient_norm', 'sharpness/gradient_norm_step', 'sharpness/minimum', " \
-                   "'sharpness/minimum_trace']"
+    assert (
+        keys == "['sharpness/gradient_norm', 'sharpness/gradient_norm_step', 'sharpness/minimum', "
+        "'sharpness/minimum_trace']"
+    )
 
 
 def test_the_console_script_runs_a_study_and_a_fit_from_any_folder(installed, tmp_path):
     target, _ = installed
     env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
     script = [sys.executable, str(target / "bin" / "flatminima")]
-    study = subprocess.run([*script, "study", "run", "configs/studies/moons_quick.yaml", "--dry-run"], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=120)
+    study = subprocess.run(
+        [*script, "study", "run", "configs/studies/moons_quick.yaml", "--dry-run"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert study.returncode == 0, study.stderr
     commands = [line for line in study.stdout.splitlines() if not line.startswith("#")]
     assert len(commands) == 12 and all(" flatminima fit --config configs/data/moons.yaml" in c for c in commands)
-    fit = subprocess.run([*script, "fit", "--trainer.max_epochs=1", "--data.init_args.num_samples=256",
-                          "--trainer.logger=false"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    fit = subprocess.run(
+        [*script, "fit", "--trainer.max_epochs=1", "--data.init_args.num_samples=256", "--trainer.logger=false"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "test/acc" in fit.stdout and (tmp_path / "logs" / "moons_gsam").is_dir()
 
@@ -157,8 +197,9 @@ def test_a_run_saved_under_the_old_names_resumes_where_that_code_went(legacy_run
     from flatminima import cli
 
     assert "class_path: lightning_modules.Classifier" in (legacy_run.parents[1] / "config.yaml").read_text()
-    run = cli.main(["fit", "--ckpt_path", str(legacy_run), "--trainer.max_epochs", "3",
-                    "--trainer.enable_progress_bar", "false"])
+    run = cli.main(
+        ["fit", "--ckpt_path", str(legacy_run), "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false"]
+    )
     expected = torch.load(LEGACY / "resumed_epoch2_weights.pt", weights_only=True)  # the old code's resume
     got = {k: v for k, v in run.model.state_dict().items() if k.startswith("net.")}
     assert got.keys() == expected.keys()

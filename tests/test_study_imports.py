@@ -18,8 +18,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("formats", "lightning_modules", "datamodules", "callbacks", "cli_support", "studies", "benchmarks")
-LAYERS = {"formats": -1, "lightning_modules": 0, "datamodules": 1, "callbacks": 1, "cli_support": 2, "studies": 3, "cli": 4,
-          "benchmarks": 5}
+LAYERS = {
+    "formats": -1,
+    "lightning_modules": 0,
+    "datamodules": 1,
+    "callbacks": 1,
+    "cli_support": 2,
+    "studies": 3,
+    "cli": 4,
+    "benchmarks": 5,
+}
 """docs/design.md, "Import direction": a package imports only packages of a lower layer (or its own)."""
 
 
@@ -51,8 +59,9 @@ class _Imports(ast.NodeVisitor):
 
     def visit_If(self, node: ast.If) -> None:
         test = node.test
-        if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-                (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"):
+        if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+            isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+        ):
             for child in node.orelse:
                 self.visit(child)
             return
@@ -65,7 +74,7 @@ class _Imports(ast.NodeVisitor):
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         if node.level:
             base = self.name.split(".") if self.is_package else self.name.split(".")[:-1]
-            base = base[:len(base) - (node.level - 1)]
+            base = base[: len(base) - (node.level - 1)]
             module = ".".join(base + ([node.module] if node.module else []))
         else:
             module = node.module or ""
@@ -101,7 +110,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         stack.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == 1:
-                found.append(stack[stack.index(target):] + [target])
+                found.append(stack[stack.index(target) :] + [target])
             elif target not in state:
                 visit(target)
         stack.pop()
@@ -136,8 +145,12 @@ def test_no_import_cycle_between_project_modules():
 
 
 def test_packages_import_only_lower_layers():
-    upward = sorted((module, target) for module, targets in import_graph().items() for target in targets
-                    if layer(target) > layer(module))
+    upward = sorted(
+        (module, target)
+        for module, targets in import_graph().items()
+        for target in targets
+        if layer(target) > layer(module)
+    )
     assert upward == []
 
 
@@ -158,8 +171,14 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MPLBACKEN
 
 def without_torch(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter in which importing torch or Lightning raises."""
-    return subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(code)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
 
 
 def test_the_blocker_blocks():
@@ -176,8 +195,14 @@ STUDY_MODULES = """
 
 def test_studies_import_neither_torch_nor_lightning():
     """Where both are installed, importing the study tool still imports neither (without them: the next test)."""
-    installed = subprocess.run([sys.executable, "-c", "import sys" + textwrap.dedent(STUDY_MODULES)], cwd=ROOT,
-                               capture_output=True, text=True, timeout=120, env=ENV)
+    installed = subprocess.run(
+        [sys.executable, "-c", "import sys" + textwrap.dedent(STUDY_MODULES)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
     assert installed.returncode == 0, installed.stderr
     assert installed.stdout.strip() == "[]"
 
@@ -186,14 +211,17 @@ def test_study_analyze_runs_without_torch_and_lightning(tmp_path):
     from test_study_analysis import synthetic_study
 
     directory = synthetic_study(tmp_path)
-    out = without_torch(textwrap.dedent(STUDY_MODULES) + textwrap.dedent(f"""
+    out = without_torch(
+        textwrap.dedent(STUDY_MODULES)
+        + textwrap.dedent(f"""
         import runpy
         sys.argv = ["cli.py", "study", "analyze", {str(directory)!r}, "--bootstrap", "50"]
         try:
             runpy.run_path({str(ROOT / "cli.py")!r}, run_name="__main__")
         except SystemExit as done:
             print("exit", done.code, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "lightning")))
-    """))
+    """)
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[]", "exit", "0", "[]"], out.stderr
     assert (directory / "analysis.md").is_file() and (directory / "results.csv").is_file()
@@ -214,7 +242,9 @@ def test_the_summary_type_is_defined_once_and_run_results_are_built_in_the_runne
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 if any(isinstance(t, ast.Name) and t.id == "Summary" for t in targets):
                     definitions.append((name, "alias"))
-            elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "RunResult":
+            elif (
+                isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "RunResult"
+            ):
                 constructions.append(name)
     assert definitions == [("flatminima.formats.summary", "class")]
     assert set(constructions) == {"flatminima.studies.runner"}

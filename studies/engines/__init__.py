@@ -54,6 +54,11 @@ class Claims(Protocol):
 class Engine(Protocol):
     """Runs tasks and reports each one's result."""
 
-    def run(self, tasks: Sequence[Task], claims: Claims | None = None, on_start: OnStart | None = None,
-            on_done: OnDone | None = None) -> list[RunResult]:
+    def run(
+        self,
+        tasks: Sequence[Task],
+        claims: Claims | None = None,
+        on_start: OnStart | None = None,
+        on_done: OnDone | None = None,
+    ) -> list[RunResult]:
         """Run the tasks whose claim this process gets (all of them without ``claims``); one result per task run."""

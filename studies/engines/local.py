@@ -52,8 +52,9 @@ def die_with_parent(parent: int, parent_start: int | None) -> None:
     parent_guard.watch(parent, parent_start)
 
 
-def _worker_main(conn: Connection, parent: int, parent_start: int | None,
-                 execute: Callable[[Task], RunResult], warm: Sequence[str]) -> None:
+def _worker_main(
+    conn: Connection, parent: int, parent_start: int | None, execute: Callable[[Task], RunResult], warm: Sequence[str]
+) -> None:
     """A worker: die with the study process, import once, then run tasks until told to stop or the parent goes.
 
     Not a daemon process: a run may start DataLoader workers of its own.
@@ -94,9 +95,14 @@ class LocalEngine:
         warm: The modules the forkserver imports once (default: torch, Lightning and the CLI).
     """
 
-    def __init__(self, workers: int = 1, threads: int = 1, timeout: float | None = None,
-                 execute: Callable[[Task], RunResult] = runner.run_task,
-                 warm: Sequence[str] = runner.WARM_MODULES) -> None:
+    def __init__(
+        self,
+        workers: int = 1,
+        threads: int = 1,
+        timeout: float | None = None,
+        execute: Callable[[Task], RunResult] = runner.run_task,
+        warm: Sequence[str] = runner.WARM_MODULES,
+    ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"Invalid workers: {workers!r}; expected an integer >= 1")
         if timeout is not None and not timeout > 0:
@@ -109,8 +115,13 @@ class LocalEngine:
         self._context = mp.get_context("forkserver")
         self._context.set_forkserver_preload([*_checkout_main(), parent_guard.__name__, *self.warm])
 
-    def run(self, tasks: Sequence[Task], claims: Claims | None = None, on_start: OnStart | None = None,
-            on_done: OnDone | None = None) -> list[RunResult]:
+    def run(
+        self,
+        tasks: Sequence[Task],
+        claims: Claims | None = None,
+        on_start: OnStart | None = None,
+        on_done: OnDone | None = None,
+    ) -> list[RunResult]:
         """Run every task whose claim this process gets (every task without ``claims``); one result per task run."""
         pending = deque(tasks)
         results: list[RunResult] = []
@@ -151,10 +162,17 @@ class LocalEngine:
     def _spawn(self) -> _Worker:
         parent, child = self._context.Pipe()
         me = os.getpid()
-        process = self._context.Process(target=_worker_main, daemon=False, name="study-worker",
-                                        args=(child, me, processes.start_time(me), self.execute, self.warm))
-        with _environ(OMP_NUM_THREADS=str(self.threads), PYTHONPATH=runner.checkout_pythonpath(),  # the forkserver's, at its start
-                      **{parent_guard.PARENT_ENV: f"{me}:{processes.start_time(me) or ''}"}):
+        process = self._context.Process(
+            target=_worker_main,
+            daemon=False,
+            name="study-worker",
+            args=(child, me, processes.start_time(me), self.execute, self.warm),
+        )
+        with _environ(
+            OMP_NUM_THREADS=str(self.threads),
+            PYTHONPATH=runner.checkout_pythonpath(),  # the forkserver's, at its start
+            **{parent_guard.PARENT_ENV: f"{me}:{processes.start_time(me) or ''}"},
+        ):
             process.start()
         child.close()
         return _Worker(process, parent)
@@ -178,8 +196,10 @@ class LocalEngine:
             worker.process.kill()
             worker.process.join()
             task, worker.task, worker.started = worker.task, None, None
-            return runner.elsewhere(task, "its claim was taken over by another process (this one was presumed "
-                                          "dead); the run was stopped here")
+            return runner.elsewhere(
+                task,
+                "its claim was taken over by another process (this one was presumed dead); the run was stopped here",
+            )
         if not worker.process.is_alive():
             return self._lost(worker, _death(worker.process))
         if self.timeout is not None and worker.started is not None:

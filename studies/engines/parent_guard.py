@@ -48,6 +48,7 @@ def request_parent_death_signal() -> bool:
 
 def watch(pid: int, start: int | None, every: float = WATCHDOG_S) -> threading.Thread:
     """A daemon thread that kills this process (SIGKILL) once process ``pid`` (with that start time) is gone."""
+
     def run() -> None:
         while processes.alive(pid, start):
             time.sleep(every)
