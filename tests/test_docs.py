@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import glob
@@ -355,6 +356,25 @@ def script_problem(command: Command, root: Path = ROOT) -> str | None:
     return f"{command.where}: {command.words[0]} has no option {unknown}" if unknown else None
 
 
+def import_problems(page: Page) -> list[str]:
+    """Import statements of the Python blocks (and inline spans that are one) that fail: the names the docs use."""
+    problems = []
+    for snippet in page.code:
+        if snippet.lang != "python" and not (snippet.lang is None and re.match(r"^(from|import) ", snippet.text)):
+            continue
+        try:
+            tree = ast.parse(snippet.text)
+        except SyntaxError:  # an inline span with "..." in it
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                try:
+                    exec(compile(ast.Module([node], []), page.path.name, "exec"), {})
+                except Exception as err:  # noqa: BLE001 - any failure to import is the finding
+                    problems.append(f"{snippet.page}:{snippet.line}: {ast.unparse(node)}: {type(err).__name__}: {err}")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------- the tests
 def _id(value: object) -> str:
     return value.where if isinstance(value, Command) else str(value.relative_to(ROOT))
@@ -368,6 +388,12 @@ def test_links_resolve(path):
 @pytest.mark.parametrize("path", PAGES, ids=_id)
 def test_named_paths_exist(path):
     assert path_problems(next(p for p in pages() if p.path == path)) == []
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")  # torch_geometric's import, not ours
+@pytest.mark.parametrize("path", PAGES, ids=_id)
+def test_python_imports_resolve(path):
+    assert import_problems(next(p for p in pages() if p.path == path)) == []
 
 
 def test_the_pages_show_commands_of_each_kind():
@@ -406,6 +432,9 @@ def test_checks_catch_breakage(tmp_path, monkeypatch):
         "python cli.py study run tests/test_docs.py\n"
         "python benchmarks/step_overhead.py --rule SAM\n"
         "python benchmarks/no_such_script.py\n"
+        "```\n\n"
+        "```python\n"
+        "from flatminima.callbacks import MinimumSharpness, MinimalSharpness\n"
         "```\n",
         encoding="utf-8",
     )
@@ -427,3 +456,4 @@ def test_checks_catch_breakage(tmp_path, monkeypatch):
     assert "refused" in study_problem(study_commands[0])
     assert "does not load" in study_problem(study_commands[1])
     assert "--rule" in script_problem(scripts[0]) and "no script" in script_problem(scripts[1])
+    assert len(import_problems(broken)) == 1 and "MinimalSharpness" in import_problems(broken)[0]
