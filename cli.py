@@ -1,18 +1,9 @@
 """flatminima command line: ``python cli.py fit|validate|test|predict`` (LightningCLI) and ``study run|analyze``.
 
 **Composition.** ``python cli.py fit`` alone trains the embedded default, GSAM on moons
-(``configs/experiments/moons_gsam.yaml``). Preset files of ``configs/{data,model,optim,minimizer,callbacks,
-trainer}/`` layer on the default: ``fit --config configs/minimizer/sam.yaml`` is the default with SAM as
-the rule. An object a preset sets (the data module, the network, the optimizer, the rule, the lr
-scheduler, the logger) replaces the default's object entirely (``optim/sgd.yaml`` is plain SGD, not the
-default's momentum 0.9); a model preset changes the task class and the network and keeps the default's
-optimizer and rule; ``callbacks+:`` appends to the callbacks; everything else merges key by key. A config
-that defines a whole run (``model`` and ``data`` classes: an experiment, a run's ``config.yaml``)
-replaces the default entirely; later files layer on it by the same rule (an object they set replaces the
-experiment's object whole). With
-``--ckpt_path <run>/checkpoints/<file>.ckpt`` and no whole-run config, the run's ``config.yaml`` is the
-base. Later files and ``--key value`` override earlier ones; ``--print_config`` shows the result.
-(:mod:`flatminima.cli_support.compose` has the rule in code.)
+(``configs/experiments/moons_gsam.yaml``); ``--config`` preset files layer on it, a whole-run config replaces
+it, ``--key value`` overrides apply last, ``--print_config`` shows the result. The rule: ``docs/cli.md``
+(in code: :mod:`flatminima.cli_support.compose`).
 
 **Runs and folders.** A run logs to ``logs/<name>/version_<n>/`` (TensorBoard events, ``config.yaml``,
 ``checkpoints/``), ``<name>`` being the base's name followed by ``+<stem>`` of each file that changed it

@@ -1,6 +1,6 @@
 """How ``--config`` files compose, which base a run sits on, and the run's name (no Lightning import).
 
-The rule (also in ``cli.py``'s docstring and the README):
+The rule, as the code implements it (``docs/cli.md`` explains it to users):
 
 1. A config that defines a whole run (it sets both ``model`` and ``data`` classes: every
    ``configs/experiments/*.yaml``, a run's saved ``config.yaml``) is the base, and the embedded default
