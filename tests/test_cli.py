@@ -56,7 +56,7 @@ def one_error_line(capsys, args: list[str], code: int = 2) -> str:
     return lines[0]
 
 
-# ---------------------------------------------------------------- item 1: the README's composition
+# ---------------------------------------------------------------- item 1: the composition rule (docs/cli.md)
 def test_readme_composition_trains_the_default_epochs_not_lightnings_1000(capsys):
     printed = printed_config(
         capsys, *configs("data/moons.yaml", "model/mlp.yaml", "optim/adam.yaml", "minimizer/sam.yaml")

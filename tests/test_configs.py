@@ -294,7 +294,7 @@ def test_experiment_fast_dev_run(config, data_root):
 
 
 def test_composed_presets_fast_dev_run(data_root):
-    """The README's composition: data + model + base optimizer + rule presets."""
+    """The composition of docs/cli.md: data + model + base optimizer + rule presets."""
     args = [
         a
         for c in ("data/cifar10.yaml", "model/resnet18.yaml", "optim/sgd.yaml", "minimizer/sam.yaml")

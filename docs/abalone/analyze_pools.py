@@ -5,7 +5,7 @@ Inputs (this folder): ``pools_notebook_setup.csv`` (our runs of
 ``replica_seeds_0-49.csv`` (their notebook's code re-typed in plain torch, ``notebook_replica.py``),
 ``hammoud_fcnn_notebook.csv`` (what their notebook prints per model, ``extract_notebook.py``) and
 ``hammoud_fcnn_scatter.csv`` (their published scatter, digitized, ``digitize_scatter.py``). Prints the
-tables of docs/studies.md section 2 and draws docs/figures/abalone-sign.png.
+tables of docs/reproductions.md section 2 and draws docs/figures/abalone-sign.png.
 
 Kendall's τ is scipy's τ-b, as their notebook computes it. The pools are seeds 0-49, 50-99, ...
 
@@ -16,7 +16,7 @@ is the last training loss their notebook prints (one SGD step before the final w
 
 "Stale A": the sharpness recomputed with each model's L and the post-ascent loss A of *another* model of the
 pool (a random permutation, 2000 draws): what the published figure computes if the ascent results it read
-belonged to networks trained earlier (docs/studies.md, section 2).
+belonged to networks trained earlier (docs/reproductions.md, section 2).
 
 Usage (from the repository root)::
 

@@ -11,7 +11,7 @@ A disc hidden under others cannot be seen: the read values are approximate where
 
 Each point is then matched to a model (their printed values, hammoud_fcnn_notebook.csv) by the assignment
 that minimises Σ |x_i − (A_j − L_j)|, A_j and L_j the printed post-ascent and last training losses: a guess
-(the plotted sharpness is not A_j − L_j: see docs/studies.md, section 2), good enough to tell the few models
+(the plotted sharpness is not A_j − L_j: see docs/reproductions.md, section 2), good enough to tell the few models
 whose final training loss stands out. Usage (from the repository root; a few minutes on one thread)::
 
     git --git-dir <mirror of CS439_Sharpness> show 36e9b7d:Plots/FCNN-scatter.png > /tmp/FCNN-scatter.png
