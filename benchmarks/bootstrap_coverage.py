@@ -1,7 +1,7 @@
 """Coverage of the percentile bootstrap interval of Kendall's τ over small pools (why ``MIN_BOOTSTRAP_RUNS`` is 10).
 
 Pools of n runs with (x, y) bivariate normal of correlation ρ, whose Kendall τ is (2/π)·asin ρ; for each
-pool, the 95% interval :func:`studies.analysis.bootstrap_tau` gives (1000 resamples, without the
+pool, the 95% interval :func:`flatminima.studies.analysis.bootstrap_tau` gives (1000 resamples, without the
 minimum-run rule), and the share of pools whose interval holds the true τ. A nominal 95% interval
 should cover about 95% of them.
 
@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from studies.analysis import bootstrap_tau  # noqa: E402
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
+from flatminima.studies.analysis import bootstrap_tau  # noqa: E402
 
 
 def coverage(rho: float, n: int, pools: int, rng: np.random.Generator) -> float:

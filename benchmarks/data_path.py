@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datamodules import FashionMNISTDataModule  # noqa: E402
-from lightning_modules import Classifier  # noqa: E402
-from lightning_modules.networks import LeNet5  # noqa: E402
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
+from flatminima.datamodules import FashionMNISTDataModule  # noqa: E402
+from flatminima.lightning_modules import Classifier  # noqa: E402
+from flatminima.lightning_modules.networks import LeNet5  # noqa: E402
 
 BATCH = 64
 
@@ -80,7 +80,7 @@ def loader_fractions(tv: FashionMNISTDataModule, mem: FashionMNISTDataModule, wi
     batches = list(zip(range(window), mem.train_dataloader()))
     sources = {"torchvision": endless(tv.train_dataloader()), "in memory": endless(mem.train_dataloader())}
     times: dict[str, list[float]] = {"torchvision": [], "in memory": [], "step": []}
-    for w in range(windows + 1):  # window 0 warms everything up and is not counted
+    for _window in range(windows + 1):  # window 0 warms everything up and is not counted
         for name, source in sources.items():
             start = time.perf_counter()
             for _ in range(window):
@@ -123,9 +123,18 @@ def epochs(mem: FashionMNISTDataModule, fraction: float, repeats: int) -> tuple[
     limit = max(1, int(len(batches) * fraction))
     timer = EpochTimer(batches, limit)
     model = Classifier(lenet5(), num_classes=10, optimizer=partial(torch.optim.SGD, lr=0.05), minimizer=None)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=repeats + 1, limit_train_batches=limit,
-                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[timer])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=repeats + 1,
+        limit_train_batches=limit,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
     trainer.fit(model, datamodule=mem)
     return limit, statistics.median(timer.lightning[1:]), statistics.median(timer.plain[1:])
 
@@ -162,9 +171,18 @@ def profile_epoch(mem: FashionMNISTDataModule, limit: int) -> str:
     top functions by own time."""
     model = Classifier(lenet5(), num_classes=10, optimizer=partial(torch.optim.SGD, lr=0.05), minimizer=None)
     profile = ProfileEpoch()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=limit, limit_val_batches=0,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[profile])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        limit_train_batches=limit,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[profile],
+    )
     trainer.fit(model, datamodule=mem)
     stats = pstats.Stats(profile.profiler)
     totals: dict[str, float] = {}
@@ -198,24 +216,32 @@ def main() -> None:
 
     start = time.perf_counter()
     tv, mem = data(args.data_dir, in_memory=False), data(args.data_dir, in_memory=True)
-    print(f"device: CPU ({torch.get_num_threads()} thread(s)); torch {torch.__version__}; lightning {pl.__version__}; "
-          f"FashionMNIST {len(mem.train_set)} training images (read in {time.perf_counter() - start:.1f} s); "
-          f"LeNet-5 (BN, dropout 0.5), SGD, batch {BATCH}")
+    print(
+        f"device: CPU ({torch.get_num_threads()} thread(s)); torch {torch.__version__}; lightning {pl.__version__}; "
+        f"FashionMNIST {len(mem.train_set)} training images (read in {time.perf_counter() - start:.1f} s); "
+        f"LeNet-5 (BN, dropout 0.5), SGD, batch {BATCH}"
+    )
     a = loader_fractions(tv, mem, args.window, windows)
-    print(f"\n(a) loader time per batch / plain forward-backward-step ({windows} windows of {args.window} batches "
-          "each, interleaved; medians)")
+    print(
+        f"\n(a) loader time per batch / plain forward-backward-step ({windows} windows of {args.window} batches "
+        "each, interleaved; medians)"
+    )
     print("| path | loader (ms/batch) | plain step (ms) | loader / step |")
     print("| --- | --- | --- | --- |")
     for name in ("torchvision", "in memory"):
         print(f"| {name} | {a[name] * 1e3:.3f} | {a['step'] * 1e3:.2f} | {a[name] / a['step']:.3f} |")
 
     limit, lightning, plain = epochs(mem, fraction, args.repeats)
-    print(f"\n(b) training epoch of {limit} batches ({fraction:g} of an epoch): Lightning Classifier + in-memory "
-          f"loader / plain loop over pre-built batches ({args.repeats} of each, alternating; medians)")
+    print(
+        f"\n(b) training epoch of {limit} batches ({fraction:g} of an epoch): Lightning Classifier + in-memory "
+        f"loader / plain loop over pre-built batches ({args.repeats} of each, alternating; medians)"
+    )
     print("| batches | Lightning (s) | plain loop (s) | Lightning / plain | per step: Lightning, plain (ms) |")
     print("| --- | --- | --- | --- | --- |")
-    print(f"| {limit} | {lightning:.2f} | {plain:.2f} | {lightning / plain:.3f} | "
-          f"{lightning / limit * 1e3:.2f}, {plain / limit * 1e3:.2f} |")
+    print(
+        f"| {limit} | {lightning:.2f} | {plain:.2f} | {lightning / plain:.3f} | "
+        f"{lightning / limit * 1e3:.2f}, {plain / limit * 1e3:.2f} |"
+    )
     if args.profile:
         print("\ncProfile of one Lightning epoch (top functions by own time):")
         print(profile_epoch(mem, limit))

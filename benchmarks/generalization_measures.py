@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
 from benchmarks.measures import cnn, timed  # noqa: E402
-from callbacks import measures  # noqa: E402
+from flatminima.callbacks import measures  # noqa: E402
 
 
 def _rows(net, batches, initial) -> list[tuple[str, Callable[[], object]]]:
@@ -42,18 +42,24 @@ def _rows(net, batches, initial) -> list[tuple[str, Callable[[], object]]]:
         ("forward+backward (baseline)", forward_backward),
         ("pac_bayes: both variants + bounds (tol 0.01)", lambda: measures.pac_bayes(net, batches, initial=initial)),
         ("  pac_bayes_sigma plain, tol 0 (15 x 10)", lambda: measures.pac_bayes_sigma(net, batches, tol=0, **search)),
-        ("  pac_bayes_sigma magnitude, tol 0 (15 x 10)",
-         lambda: measures.pac_bayes_sigma(net, batches, tol=0, magnitude_eps=1e-3, **search)),
+        (
+            "  pac_bayes_sigma magnitude, tol 0 (15 x 10)",
+            lambda: measures.pac_bayes_sigma(net, batches, tol=0, magnitude_eps=1e-3, **search),
+        ),
         ("sharpness_alpha plain (15 x 3 starts x 5 steps)", lambda: measures.sharpness_alpha(net, batches)),
         ("sharpness_alpha magnitude", lambda: measures.sharpness_alpha(net, batches, magnitude_eps=1e-3)),
         ("  sharpness_alpha plain, tol 0", lambda: measures.sharpness_alpha(net, batches, tol=0)),
         ("average_sharpness L2 adaptive, 20 draws", lambda: measures.average_sharpness(net, batches, 0.1)),
-        ("average_sharpness Linf adaptive, 20 draws",
-         lambda: measures.average_sharpness(net, batches, 0.1, p=math.inf)),
+        (
+            "average_sharpness Linf adaptive, 20 draws",
+            lambda: measures.average_sharpness(net, batches, 0.1, p=math.inf),
+        ),
         ("norm_measures (with initial weights)", lambda: measures.norm_measures(net, batches, initial=initial)),
         ("fisher_rao_norm", lambda: measures.fisher_rao_norm(net, batches)),
-        ("loss_and_accuracy (final train evaluation)",
-         lambda: measures.loss_and_accuracy(net, batches, F.cross_entropy)),
+        (
+            "loss_and_accuracy (final train evaluation)",
+            lambda: measures.loss_and_accuracy(net, batches, F.cross_entropy),
+        ),
     ]
 
 
@@ -63,11 +69,11 @@ def train(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, max_epochs: in
     for epoch in range(1, max_epochs + 1):
         total = torch.zeros(())
         for i in range(0, len(x), 128):
-            loss = F.cross_entropy(net(x[i:i + 128]), y[i:i + 128])
+            loss = F.cross_entropy(net(x[i : i + 128]), y[i : i + 128])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += loss.detach() * len(x[i:i + 128])
+            total += loss.detach() * len(x[i : i + 128])
         if float(total) / len(x) <= 0.01:
             return epoch
     return max_epochs
@@ -101,12 +107,14 @@ def main() -> None:
     with torch.no_grad():
         y = net(x).argmax(1)
     epochs = train(net, x, y)
-    batches = [(x[i:i + 256], y[i:i + 256]) for i in range(0, args.samples, 256)]
+    batches = [(x[i : i + 256], y[i : i + 256]) for i in range(0, args.samples, 256)]
     rows = _rows(net, batches, initial)
-    print(f"CNN with {sum(p.numel() for p in net.parameters())} parameters, {args.samples} inputs 1×28×28 labelled "
-          f"by the network at initialization, trained {epochs} epochs to cross-entropy <= 0.01, batches of 256, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"median/min of {args.repeats} runs, ratio to a forward+backward run just before each")
+    print(
+        f"CNN with {sum(p.numel() for p in net.parameters())} parameters, {args.samples} inputs 1×28×28 labelled "
+        f"by the network at initialization, trained {epochs} epochs to cross-entropy <= 0.01, batches of 256, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"median/min of {args.repeats} runs, ratio to a forward+backward run just before each"
+    )
     print(f"{'measure':<50} {'median s':>9} {'min s':>8} {'× fwd+bwd':>10} {'evals':>6}  value")
     forward_backward = rows[0][1]
     for name, fn in rows:
@@ -122,8 +130,10 @@ def main() -> None:
             times.append(elapsed)
             ratios.append(elapsed / base)
         evals, value = _describe(out)
-        print(f"{name:<50} {statistics.median(times):>9.3f} {min(times):>8.3f} {statistics.median(ratios):>10.1f} "
-              f"{evals:>6}  {value}")
+        print(
+            f"{name:<50} {statistics.median(times):>9.3f} {min(times):>8.3f} {statistics.median(ratios):>10.1f} "
+            f"{evals:>6}  {value}"
+        )
 
 
 if __name__ == "__main__":

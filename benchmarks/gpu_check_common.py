@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-from lightning_modules import Classifier  # noqa: E402
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
+from flatminima.lightning_modules import Classifier  # noqa: E402
 
 LR = 0.1  # SGD learning rate of every correctness check (momentum 0.9)
 CLASSES = 10
@@ -110,9 +110,14 @@ class Report:
         return [r for r in self.rows if r.status == "FAIL"]
 
     def write(self, complete: bool) -> None:
-        doc = dict(self.header, rows=[asdict(r) for r in self.rows], passed=not self.failed,
-                   failed=[f"{r.section}: {r.check}" for r in self.failed], complete=complete,
-                   total_seconds=round(time.perf_counter() - self.start, 2))
+        doc = dict(
+            self.header,
+            rows=[asdict(r) for r in self.rows],
+            passed=not self.failed,
+            failed=[f"{r.section}: {r.check}" for r in self.failed],
+            complete=complete,
+            total_seconds=round(time.perf_counter() - self.start, 2),
+        )
         self.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.out.with_name(self.out.name + ".tmp")
         tmp.write_text(json.dumps(doc, indent=2, default=str))
@@ -127,8 +132,15 @@ def run_section(report: Report, section: str, rows: Callable[[], Iterable[Row]])
             report.add(row)
             start = time.perf_counter()
     except Exception as err:  # noqa: BLE001 - any error is a failed check, reported, not a crash
-        report.add(Row(section, "(section raised)", "FAIL", value=f"{type(err).__name__}: {err}"[:300],
-                       seconds=time.perf_counter() - start))
+        report.add(
+            Row(
+                section,
+                "(section raised)",
+                "FAIL",
+                value=f"{type(err).__name__}: {err}"[:300],
+                seconds=time.perf_counter() - start,
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------- network and data
@@ -140,9 +152,18 @@ def bn_cnn(side: int, seed: int = 0) -> nn.Sequential:
     """
     torch.manual_seed(seed)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * (side // 4) ** 2, 32), nn.ReLU(), nn.Linear(32, CLASSES),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * (side // 4) ** 2, 32),
+        nn.ReLU(),
+        nn.Linear(32, CLASSES),
     )
     net.out_features = CLASSES
     return net
@@ -154,8 +175,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 def make_batches(n: int, batch: int, side: int, seed: int, dtype: torch.dtype) -> list[Batch]:
     """``n`` synthetic CIFAR-like batches on the CPU (Gaussian images, uniform labels): no download."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 3, side, side, generator=g, dtype=dtype),
-             torch.randint(0, CLASSES, (batch,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(batch, 3, side, side, generator=g, dtype=dtype), torch.randint(0, CLASSES, (batch,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def loader(batches: list[Batch]) -> DataLoader:
@@ -167,12 +190,20 @@ def loader(batches: list[Batch]) -> DataLoader:
 
 def fit(net: nn.Module, rule, batches, device: torch.device, steps: int, callbacks=(), **trainer_kwargs):
     """Train ``net`` with ``rule`` for ``steps`` steps through a real Trainer; return (module, trainer)."""
-    model = Classifier(net, num_classes=CLASSES, optimizer=partial(torch.optim.SGD, lr=LR, momentum=0.9),
-                       minimizer=rule)
+    model = Classifier(
+        net, num_classes=CLASSES, optimizer=partial(torch.optim.SGD, lr=LR, momentum=0.9), minimizer=rule
+    )
     trainer = pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=list(callbacks), **trainer_kwargs,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+        **trainer_kwargs,
     )
     trainer.fit(model, loader(batches))
     return model, trainer

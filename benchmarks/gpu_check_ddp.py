@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_check_common import CLASSES, ROOT, Row, Settings, bn_cnn, loader, make_batches, verdict  # noqa: E402
-from lightning_modules import GSAM, Classifier  # noqa: E402
+
+from flatminima.lightning_modules import GSAM, Classifier  # noqa: E402
 
 STEPS = 3
 ASCENTS = ("replica", "global")
@@ -50,12 +51,24 @@ class Record(pl.Callback):
 def run(out: Path, accelerator: str, ascent: str) -> None:
     """Train the BN CNN for STEPS steps with GSAM on 2 devices; each rank saves what it saw."""
     batches = make_batches(2 * STEPS, 8, 8, seed=5, dtype=torch.float32)  # the sampler splits them over the ranks
-    model = Classifier(bn_cnn(8), num_classes=CLASSES, optimizer=partial(torch.optim.SGD, lr=0.1),
-                       minimizer=GSAM(rho=0.05, alpha=0.3), ascent=ascent)
+    model = Classifier(
+        bn_cnn(8),
+        num_classes=CLASSES,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        minimizer=GSAM(rho=0.05, alpha=0.3),
+        ascent=ascent,
+    )
     record = Record()
     trainer = pl.Trainer(
-        accelerator=accelerator, devices=2, strategy="ddp", max_steps=STEPS, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
+        accelerator=accelerator,
+        devices=2,
+        strategy="ddp",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
     )
     trainer.fit(model, loader(batches))
     torch.save(record.data, out / f"{ascent}_rank{trainer.global_rank}.pt")
@@ -74,8 +87,14 @@ def ddp_rows(s: Settings) -> Iterator[Row]:
     accelerator = "gpu" if s.ddp == "nccl" else "cpu"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory(prefix="gpu_check_ddp_") as tmp:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), tmp, accelerator], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=s.timeout_s)
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), tmp, accelerator],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=s.timeout_s,
+        )
         if proc.returncode == 0:
             runs = {a: [torch.load(Path(tmp) / f"{a}_rank{r}.pt", weights_only=True) for r in (0, 1)] for a in ASCENTS}
     seconds = time.perf_counter() - start
@@ -89,13 +108,19 @@ def ddp_rows(s: Settings) -> Iterator[Row]:
         grads_equal = all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(r0["grads1"], r1["grads1"]))
         expect_equal = ascent == "global"
         ok = same and grads_equal == expect_equal and r0["world_size"] == 2
-        yield Row("ddp", f"GSAM, ascent {ascent}, 2 ranks ({s.ddp}): final weights bit-identical on both ranks",
-                  verdict(ok), f"identical {same}; pass-1 grads {'equal' if grads_equal else 'differ'} across ranks",
-                  f"identical; grads {'equal' if expect_equal else 'differ'}", seconds if ascent == "replica" else None,
-                  dict(identical=same, pass1_grads_equal=grads_equal, world_size=r0["world_size"]))
+        yield Row(
+            "ddp",
+            f"GSAM, ascent {ascent}, 2 ranks ({s.ddp}): final weights bit-identical on both ranks",
+            verdict(ok),
+            f"identical {same}; pass-1 grads {'equal' if grads_equal else 'differ'} across ranks",
+            f"identical; grads {'equal' if expect_equal else 'differ'}",
+            seconds if ascent == "replica" else None,
+            dict(identical=same, pass1_grads_equal=grads_equal, world_size=r0["world_size"]),
+        )
     differ = not _equal(runs["replica"][0]["final"], runs["global"][0]["final"])
-    yield Row("ddp", "ascent replica and global end at different weights", verdict(differ), f"differ {differ}",
-              "differ", None)
+    yield Row(
+        "ddp", "ascent replica and global end at different weights", verdict(differ), f"differ {differ}", "differ", None
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The sharpness measures of ``callbacks.measures`` on the device equal their CPU values.
+"""The sharpness measures of ``flatminima.callbacks.measures`` on the device equal their CPU values.
 
 Same float64 BN CNN (BatchNorm running statistics set to non-trivial values, so the eval-mode
 folding matters) and the same synthetic batches on both devices. Deterministic measures must agree
@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gpu_check_common import Row, Settings, bn_cnn, make_batches, timed, verdict
 from torch import nn
 
-from callbacks import measures as M
-from gpu_check_common import Row, Settings, bn_cnn, make_batches, timed, verdict
+from flatminima.callbacks import measures as M
 
 LANCZOS_TOL = 1e-10
 Z_MAX = 4.0
@@ -41,14 +41,22 @@ def measures(s: Settings) -> list[Measure]:
     """The measures checked, with the arguments of this run."""
     return [
         Measure("minimum_sharpness (exact traces + Newton)", lambda n, b, seed: M.minimum_sharpness(n, b), 1e-9),
-        Measure("adaptive_sharpness (APGD, L∞, ρ 1e-3, 20 it)",
-                lambda n, b, seed: M.adaptive_sharpness(n, b, 1e-3), 1e-6),
+        Measure(
+            "adaptive_sharpness (APGD, L∞, ρ 1e-3, 20 it)", lambda n, b, seed: M.adaptive_sharpness(n, b, 1e-3), 1e-6
+        ),
         Measure("gradient_norm_sharpness (ρ 0.05)", lambda n, b, seed: M.gradient_norm_sharpness(n, b, 0.05), 1e-9),
-        Measure(f"hessian_eigenvalues k=1 (Lanczos tol {LANCZOS_TOL:g}; start seed 0 cpu, 1 device)",
-                lambda n, b, seed: M.hessian_eigenvalues(n, b, 1, tol=LANCZOS_TOL, max_iter=300, seed=seed)[0], 1e-8),
+        Measure(
+            f"hessian_eigenvalues k=1 (Lanczos tol {LANCZOS_TOL:g}; start seed 0 cpu, 1 device)",
+            lambda n, b, seed: M.hessian_eigenvalues(n, b, 1, tol=LANCZOS_TOL, max_iter=300, seed=seed)[0],
+            1e-8,
+        ),
         Measure("hessian_trace exact (layer traces)", lambda n, b, seed: M.hessian_trace(n, b, method="exact"), 1e-9),
-        Measure(f"hessian_trace Hutchinson, {s.probes} probes (seed 0 cpu, 1 device)",
-                lambda n, b, seed: M.hutchinson_trace(n, b, n_probes=s.probes, seed=seed), Z_MAX, "z"),
+        Measure(
+            f"hessian_trace Hutchinson, {s.probes} probes (seed 0 cpu, 1 device)",
+            lambda n, b, seed: M.hutchinson_trace(n, b, n_probes=s.probes, seed=seed),
+            Z_MAX,
+            "z",
+        ),
     ]
 
 
@@ -81,11 +89,19 @@ def compare(m: Measure, cpu: Any, dev: Any) -> tuple[bool, str, str, dict]:
     if m.kind == "z":
         z = abs(cpu.value - dev.value) / max((cpu.stderr**2 + dev.stderr**2) ** 0.5, 1e-300)
         text = f"cpu {cpu.value:.5g}±{cpu.stderr:.2g}, dev {dev.value:.5g}±{dev.stderr:.2g}, z {z:.2f}"
-        return z <= m.tol, text, f"z ≤ {m.tol:g}", dict(cpu=cpu.value, device=dev.value, cpu_se=cpu.stderr,
-                                                         device_se=dev.stderr, z=z)
+        return (
+            z <= m.tol,
+            text,
+            f"z ≤ {m.tol:g}",
+            dict(cpu=cpu.value, device=dev.value, cpu_se=cpu.stderr, device_se=dev.stderr, z=z),
+        )
     rel = abs(cpu - dev) / max(abs(cpu), 1e-300)
-    return rel <= m.tol, f"cpu {cpu:.10g}, dev {dev:.10g}, rel {rel:.1e}", f"≤ {m.tol:g} rel", dict(
-        cpu=cpu, device=dev, rel_diff=rel)
+    return (
+        rel <= m.tol,
+        f"cpu {cpu:.10g}, dev {dev:.10g}, rel {rel:.1e}",
+        f"≤ {m.tol:g} rel",
+        dict(cpu=cpu, device=dev, rel_diff=rel),
+    )
 
 
 def measure_rows(s: Settings) -> Iterator[Row]:
@@ -98,13 +114,27 @@ def measure_rows(s: Settings) -> Iterator[Row]:
         with torch.no_grad():
             next(dev_net.parameters()).mul_(1.01)
     fwd_bwd = forward_backward_seconds(dev_net, dev_batches, s.device)
-    yield Row("measures", f"forward+backward over the same {len(batches)}×{s.batch} inputs ({s.device.type})", "info",
-              f"{fwd_bwd * 1e3:.2f} ms", "baseline", fwd_bwd, dict(seconds=fwd_bwd))
+    yield Row(
+        "measures",
+        f"forward+backward over the same {len(batches)}×{s.batch} inputs ({s.device.type})",
+        "info",
+        f"{fwd_bwd * 1e3:.2f} ms",
+        "baseline",
+        fwd_bwd,
+        dict(seconds=fwd_bwd),
+    )
     for m in measures(s):
         cpu_value = m.fn(net, batches, 0)
         m.fn(dev_net, dev_batches, 1)  # warm-up (kernels, allocator)
-        seconds, dev_value = timed(lambda: m.fn(dev_net, dev_batches, 1), s.device)
+        seconds, dev_value = timed(lambda m=m: m.fn(dev_net, dev_batches, 1), s.device)
         ok, value, limit, data = compare(m, cpu_value, dev_value)
         ratio = seconds / fwd_bwd
-        yield Row("measures", f"{m.name}: {s.device.type} = cpu", verdict(ok), f"{value}; time {ratio:.1f}× fwd+bwd",
-                  limit, seconds, dict(data, seconds=seconds, fwd_bwd_ratio=ratio))
+        yield Row(
+            "measures",
+            f"{m.name}: {s.device.type} = cpu",
+            verdict(ok),
+            f"{value}; time {ratio:.1f}× fwd+bwd",
+            limit,
+            seconds,
+            dict(data, seconds=seconds, fwd_bwd_ratio=ratio),
+        )

@@ -31,20 +31,38 @@ def speed_rows(s: Settings) -> Iterator[Row]:
     for precision in ("32-true", "bf16-mixed"):
         start = time.perf_counter()
         one, two = time_plain(s.speed_model, device, precision=precision, **timing)
-        yield Row("speed", f"{what}, {precision}: plain PyTorch 2-pass ÷ 1-pass loop", "info",
-                  f"{two / one:.3f} ({one * 1e3:.2f} → {two * 1e3:.2f} ms)", "reference", time.perf_counter() - start,
-                  dict(model=s.speed_model, precision=precision, one_pass_ms=one * 1e3, two_pass_ms=two * 1e3,
-                       ratio=two / one))
+        yield Row(
+            "speed",
+            f"{what}, {precision}: plain PyTorch 2-pass ÷ 1-pass loop",
+            "info",
+            f"{two / one:.3f} ({one * 1e3:.2f} → {two * 1e3:.2f} ms)",
+            "reference",
+            time.perf_counter() - start,
+            dict(
+                model=s.speed_model, precision=precision, one_pass_ms=one * 1e3, two_pass_ms=two * 1e3, ratio=two / one
+            ),
+        )
         for rule in s.speed_rules:
             start = time.perf_counter()
             base, step = time_module(s.speed_model, rule, device, precision=precision, **timing)
             ratio = step / base
             note = "" if ratio <= AIM else ", above the aim"
-            yield Row("speed", f"{what}, {precision}: {rule} step ÷ base step (module)", "info",
-                      f"{ratio:.3f} ({base * 1e3:.2f} → {step * 1e3:.2f} ms{note})", f"floor 2.0, aim ≤ {AIM}",
-                      time.perf_counter() - start,
-                      dict(model=s.speed_model, precision=precision, rule=rule, base_ms=base * 1e3, step_ms=step * 1e3,
-                           ratio=ratio))
+            yield Row(
+                "speed",
+                f"{what}, {precision}: {rule} step ÷ base step (module)",
+                "info",
+                f"{ratio:.3f} ({base * 1e3:.2f} → {step * 1e3:.2f} ms{note})",
+                f"floor 2.0, aim ≤ {AIM}",
+                time.perf_counter() - start,
+                dict(
+                    model=s.speed_model,
+                    precision=precision,
+                    rule=rule,
+                    base_ms=base * 1e3,
+                    step_ms=step * 1e3,
+                    ratio=ratio,
+                ),
+            )
 
 
 # ---------------------------------------------------------------------------------------- cli.py runs
@@ -84,9 +102,21 @@ def _cli_row(check: str, cmd: list[str], timeout_s: float) -> Row:
         value = f"exit {code}: " + " ".join(out.strip().splitlines()[-2:])[-200:]
     else:
         value = f"wall {seconds:.1f} s" + (f", test/acc {float(acc[-1]):.4f}" if acc else "")
-    return Row("moons", check, verdict(code == 0), value, "runs (wall time reported)", seconds,
-               dict(command=cmd[1:], exit_code=code, wall_seconds=seconds,
-                    test_acc=float(acc[-1]) if acc else None, output_tail=out[-1500:] if code else ""))
+    return Row(
+        "moons",
+        check,
+        verdict(code == 0),
+        value,
+        "runs (wall time reported)",
+        seconds,
+        dict(
+            command=cmd[1:],
+            exit_code=code,
+            wall_seconds=seconds,
+            test_acc=float(acc[-1]) if acc else None,
+            output_tail=out[-1500:] if code else "",
+        ),
+    )
 
 
 def moons_rows(s: Settings) -> Iterator[Row]:

@@ -1,6 +1,6 @@
 """Correctness of the two-pass step on the device: float64 against the CPU, and mixed precision.
 
-Every step runs through a real Lightning ``Trainer.fit`` of ``lightning_modules.Classifier`` on the
+Every step runs through a real Lightning ``Trainer.fit`` of ``flatminima.lightning_modules.Classifier`` on the
 small BN CNN of :func:`gpu_check_common.bn_cnn` (SGD, lr 0.1, momentum 0.9):
 
 * float64: SAM, ASAM and GSAM steps on the device equal the same steps on the CPU (max |Δ| ≤ 1e-9 over
@@ -21,9 +21,8 @@ from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins import MixedPrecision
-
 from gpu_check_common import LR, Row, Settings, bn_cnn, cpu64, fit, make_batches, max_abs_diff, rel_norm, verdict
+from lightning.pytorch.plugins import MixedPrecision
 from step_overhead import RULES
 
 CPU = torch.device("cpu")
@@ -50,9 +49,15 @@ def fp64_rows(s: Settings) -> Iterator[Row]:
         expected = cpu64(ref.net.state_dict().values())
         diff = max_abs_diff(cpu64(dev.net.state_dict().values()), expected)
         update = max_abs_diff(cpu64(net.parameters()), cpu64(ref.net.parameters()))
-        yield Row("steps", f"{name} step, float64, {s.device.type} = cpu (2 steps, BN CNN)",
-                  verdict(diff <= FP64_TOL and update > 0), f"max abs diff {diff:.1e} (largest update {update:.1e})",
-                  f"≤ {FP64_TOL:g}", time.perf_counter() - start, dict(max_abs_diff=diff, max_update=update))
+        yield Row(
+            "steps",
+            f"{name} step, float64, {s.device.type} = cpu (2 steps, BN CNN)",
+            verdict(diff <= FP64_TOL and update > 0),
+            f"max abs diff {diff:.1e} (largest update {update:.1e})",
+            f"≤ {FP64_TOL:g}",
+            time.perf_counter() - start,
+            dict(max_abs_diff=diff, max_update=update),
+        )
 
 
 # ---------------------------------------------------------------------------------------- mixed precision
@@ -131,13 +136,23 @@ def amp_rows(s: Settings) -> Iterator[Row]:
     net = bn_cnn(s.side)
     refs = {}
     for name in AMP_RULES:
-        ref, _ = fit(copy.deepcopy(net).double(), RULES[name](), [(x.double(), y) for x, y in batches], CPU, steps=1,
-                     precision="64-true")
+        ref, _ = fit(
+            copy.deepcopy(net).double(),
+            RULES[name](),
+            [(x.double(), y) for x, y in batches],
+            CPU,
+            steps=1,
+            precision="64-true",
+        )
         refs[name] = cpu64(ref.net.parameters())
     w0 = cpu64(net.parameters())
     if not s.on_cuda:
-        yield Row("amp", "Trainer(precision='16-mixed') on cpu", "skip",
-                  "Lightning silently runs bf16 on the CPU: the 16-mixed rows use an explicit CPU GradScaler plugin")
+        yield Row(
+            "amp",
+            "Trainer(precision='16-mixed') on cpu",
+            "skip",
+            "Lightning silently runs bf16 on the CPU: the 16-mixed rows use an explicit CPU GradScaler plugin",
+        )
     for precision in ("bf16-mixed", "16-mixed"):
         for name in AMP_RULES:
             yield from _amp_rule_rows(s, precision, name, net, batches, refs[name], w0)
@@ -159,14 +174,25 @@ def _amp_rule_rows(s: Settings, precision: str, name: str, net, batches, ref, w0
     limit = f"≤ {FORMULA_TOL:g}"
     if name == "USAM" and scale != 1:
         limit += f" (a scaled ascent: {scale - 1:g})"
-    yield Row("amp", f"{name} step, {tag}: {what} and w − lr·d from the recorded unscaled grads",
-              verdict(worst <= FORMULA_TOL),
-              f"ε {err['eps']:.1e}, d {err['d']:.1e}, w {err['step']:.1e} (S={scale:g})",
-              limit, seconds, dict(err, scale=scale))
+    yield Row(
+        "amp",
+        f"{name} step, {tag}: {what} and w − lr·d from the recorded unscaled grads",
+        verdict(worst <= FORMULA_TOL),
+        f"ε {err['eps']:.1e}, d {err['d']:.1e}, w {err['step']:.1e} (S={scale:g})",
+        limit,
+        seconds,
+        dict(err, scale=scale),
+    )
     coarse = rel_norm(cpu64(model.net.parameters()), ref, base=w0)
-    yield Row("amp", f"{name} step, {precision}: weights ≈ the float64 step (coarse: the format's precision)",
-              verdict(coarse <= COARSE_TOL), f"‖Δ‖/‖update‖ {coarse:.3f}", f"≤ {COARSE_TOL:g}", None,
-              dict(rel_err=coarse, global_step=trainer.global_step))
+    yield Row(
+        "amp",
+        f"{name} step, {precision}: weights ≈ the float64 step (coarse: the format's precision)",
+        verdict(coarse <= COARSE_TOL),
+        f"‖Δ‖/‖update‖ {coarse:.3f}",
+        f"≤ {COARSE_TOL:g}",
+        None,
+        dict(rel_err=coarse, global_step=trainer.global_step),
+    )
 
 
 def _skipped_step_row(s: Settings, net, batches) -> Row:
@@ -183,8 +209,12 @@ def _skipped_step_row(s: Settings, net, batches) -> Row:
     no_state = len(trainer.optimizers[0].state) == 0
     ok = same and injected and after < before and no_state
     how = "Trainer(precision='16-mixed')" if s.on_cuda else "GradScaler on cpu"
-    return Row("amp", f"SAM step, 16-mixed ({how}), inf forced into the pass-2 grad: scaler skips, weights "
-               "bit-identical",
-               verdict(ok), f"identical {same}, scale {before:g} → {after:g}, optimizer state empty {no_state}",
-               "bit-identical", time.perf_counter() - start,
-               dict(identical=same, injected=injected, scale_before=before, scale_after=after))
+    return Row(
+        "amp",
+        f"SAM step, 16-mixed ({how}), inf forced into the pass-2 grad: scaler skips, weights bit-identical",
+        verdict(ok),
+        f"identical {same}, scale {before:g} → {after:g}, optimizer state empty {no_state}",
+        "bit-identical",
+        time.perf_counter() - start,
+        dict(identical=same, injected=injected, scale_before=before, scale_after=after),
+    )

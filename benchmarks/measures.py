@@ -27,8 +27,8 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from callbacks import measures  # noqa: E402
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
+from flatminima.callbacks import measures  # noqa: E402
 from tests.reference_alpha import reference_sgd_solve  # noqa: E402  (the tests' oracle)
 
 
@@ -36,9 +36,14 @@ def cnn() -> nn.Sequential:
     """Two 5×5 conv layers with 2×2 max pooling and one linear layer: 13 422 parameters for 28×28×1."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 10, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(10, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+        nn.Conv2d(1, 10, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(10, 32, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
     )
 
 
@@ -91,7 +96,7 @@ def _arguments() -> argparse.Namespace:
 
 def _rows(net: nn.Module, x: torch.Tensor, y: torch.Tensor, traces, args) -> list[tuple[str, Callable[[], object]]]:
     """The timed rows: (name, call), the forward+backward baseline first."""
-    b256, b128, b64 = ([(x[i:i + m], y[i:i + m]) for i in range(0, len(x), m)] for m in (256, 128, 64))
+    b256, b128, b64 = ([(x[i : i + m], y[i : i + m]) for i in range(0, len(x), m)] for m in (256, 128, 64))
 
     def forward_backward():
         for xb, yb in b256:
@@ -105,15 +110,21 @@ def _rows(net: nn.Module, x: torch.Tensor, y: torch.Tensor, traces, args) -> lis
         ("  layer traces only", lambda: measures.layer_traces(net, b256)),
         ("  alpha solve: exact (Newton)", lambda: measures.minimize_scaled_trace(t_list, b_list)),
         ("  alpha solve: sgd, 10k steps", lambda: measures.minimize_scaled_trace(t_list, b_list, solver="sgd")),
-        ("  alpha solve: sgd, 100k steps (Bejan et al.)",
-         lambda: measures.minimize_scaled_trace(t_list, b_list, solver="sgd", steps=100_000)),
+        (
+            "  alpha solve: sgd, 100k steps (Bejan et al.)",
+            lambda: measures.minimize_scaled_trace(t_list, b_list, solver="sgd", steps=100_000),
+        ),
         ("adaptive_sharpness apgd, 20 it, m=128", lambda: measures.adaptive_sharpness(net, b128, 0.0005)),
-        ("adaptive_sharpness pga, 5 it, m=64",
-         lambda: measures.adaptive_sharpness(net, b64, 0.0005, method="pga", step_size=0.05, n_iters=5)),
+        (
+            "adaptive_sharpness pga, 5 it, m=64",
+            lambda: measures.adaptive_sharpness(net, b64, 0.0005, method="pga", step_size=0.05, n_iters=5),
+        ),
         ("gradient_norm_sharpness, m=128", lambda: measures.gradient_norm_sharpness(net, b128, 0.05)),
         ("hessian_eigenvalues k=1 (Lanczos, tol 1e-4)", lambda: measures.hessian_eigenvalues(net, b256, 1)),
-        (f"hessian_trace hutchinson, {args.probes} probes",
-         lambda: measures.hessian_trace(net, b256, n_probes=args.probes)),
+        (
+            f"hessian_trace hutchinson, {args.probes} probes",
+            lambda: measures.hessian_trace(net, b256, n_probes=args.probes),
+        ),
         ("hessian_trace exact (GGN)", lambda: measures.hessian_trace(net, b256, method="exact")),
     ]
     if not args.no_reference:
@@ -140,8 +151,10 @@ def _time_rows(rows: list[tuple[str, Callable[[], object]]], repeats: int) -> di
         results[name] = out
         value = out if isinstance(out, float) else (out[0] if isinstance(out, list) else "")
         value = f"{value:.6g}" if isinstance(value, float) else ""
-        print(f"{name:<48} {statistics.median(times):>9.3f} {min(times):>8.3f} {statistics.median(ratios):>10.1f}  "
-              f"{value}")
+        print(
+            f"{name:<48} {statistics.median(times):>9.3f} {min(times):>8.3f} {statistics.median(ratios):>10.1f}  "
+            f"{value}"
+        )
     return results
 
 
@@ -153,18 +166,23 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.samples, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (args.samples,), generator=g)
-    traces = measures.layer_traces(net, [(x[i:i + 256], y[i:i + 256]) for i in range(0, args.samples, 256)])
+    traces = measures.layer_traces(net, [(x[i : i + 256], y[i : i + 256]) for i in range(0, args.samples, 256)])
     rows = _rows(net, x, y, traces, args)
     params = sum(p.numel() for p in net.parameters())
-    print(f"CNN with {params} parameters, {args.samples} inputs 1×28×28, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median/min of {args.repeats} runs; each run of a measure is "
-          "paired with a forward+backward run just before it and the ratio is the median of the pairs' ratios")
+    print(
+        f"CNN with {params} parameters, {args.samples} inputs 1×28×28, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; median/min of {args.repeats} runs; each run of a measure is "
+        "paired with a forward+backward run just before it and the ratio is the median of the pairs' ratios"
+    )
     results = _time_rows(rows, args.repeats)
     if not args.no_reference:
         ref = results["reference-style diag H (per-example Jacobians)"]
         ours = torch.stack([traces.weight, traces.bias], 1).reshape(-1).to(ref.dtype)
-        print(f"max relative difference of the per-parameter-tensor traces, ours vs reference-style: "
-              f"{float(((ours - ref).abs() / ref.abs()).max()):.2e}")
+        print(
+            f"max relative difference of the per-parameter-tensor traces, ours vs reference-style: "
+            f"{float(((ours - ref).abs() / ref.abs()).max()):.2e}"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -40,9 +40,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier  # noqa: E402
-from lightning_modules.minimizers import (  # noqa: E402
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
+from flatminima.lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier  # noqa: E402
+from flatminima.lightning_modules.minimizers import (  # noqa: E402
     ESAM,
     MESA,
     SAF,
@@ -52,7 +52,7 @@ from lightning_modules.minimizers import (  # noqa: E402
     MomentumSAM,
     RandomSteps,
 )
-from lightning_modules.networks import MLP  # noqa: E402
+from flatminima.lightning_modules.networks import MLP  # noqa: E402
 
 RULES = {
     "SAM": lambda: SAM(0.05),
@@ -62,7 +62,6 @@ RULES = {
     "GSAM": lambda: GSAM(0.05, alpha=0.1),
     "AdaptiveGSAM": lambda: AdaptiveGSAM(0.05, alpha=0.1),
 }
-
 
 
 def _term_on(cls):
@@ -87,15 +86,24 @@ EFFICIENT = ["SAM", *VARIANTS]  # --rules efficient
 def small_cnn() -> nn.Module:
     """Two conv blocks (conv-BN-ReLU-pool) and two linear layers on 3×32×32 inputs (~0.55M parameters)."""
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
 def resnet18() -> nn.Module:
     try:
-        from lightning_modules.networks import ResNet18
+        from flatminima.lightning_modules.networks import ResNet18
 
         return ResNet18(num_classes=10)
     except ImportError:  # pragma: no cover - before the CIFAR networks exist
@@ -181,8 +189,17 @@ def _inputs(model_name: str, device: str, batch: int | None):
     return net, x, y, classes
 
 
-def time_module(model_name: str, rule_name: str, device: str, warmup: int, window: int, windows: int,
-                batch: int | None = None, precision: str = "32-true", timer_out: list | None = None):
+def time_module(
+    model_name: str,
+    rule_name: str,
+    device: str,
+    warmup: int,
+    window: int,
+    windows: int,
+    batch: int | None = None,
+    precision: str = "32-true",
+    timer_out: list | None = None,
+):
     """Median step time (s) of the module without and with the rule, in interleaved windows of one run.
 
     ``batch`` overrides the model's batch size; ``precision`` is the Trainer's (``"bf16-mixed"``, ...).
@@ -195,16 +212,29 @@ def time_module(model_name: str, rule_name: str, device: str, warmup: int, windo
         timer_out.append(timer)
     steps = warmup + window * 2 * windows + 1
     trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
         precision=precision,
     )
     trainer.fit(model, DataLoader(RepeatBatch(x, y, steps), batch_size=None))
     return statistics.median(timer.times[False]), statistics.median(timer.times[True])
 
 
-def time_plain(model_name: str, device: str, warmup: int, window: int, windows: int,
-               batch: int | None = None, precision: str = "32-true"):
+def time_plain(
+    model_name: str,
+    device: str,
+    warmup: int,
+    window: int,
+    windows: int,
+    batch: int | None = None,
+    precision: str = "32-true",
+):
     """Median step time (s) of a bare PyTorch loop with 1 and with 2 forward-backward passes per step.
 
     ``precision="bf16-mixed"`` runs the forward passes under ``torch.autocast`` in bfloat16.
@@ -238,15 +268,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default=None, help="comma list among mlp,cnn,resnet18")
-    parser.add_argument("--rules", default="SAM,ASAM,GSAM",
-                        help=f"comma list among {','.join([*RULES, *VARIANTS])}, or 'efficient' (SAM and the variants)")
+    parser.add_argument(
+        "--rules",
+        default="SAM,ASAM,GSAM",
+        help=f"comma list among {','.join([*RULES, *VARIANTS])}, or 'efficient' (SAM and the variants)",
+    )
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps (half base, half rule)")
     parser.add_argument("--window", type=int, default=10, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=5, help="timed windows of each kind (interleaved)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
-    models = args.models.split(",") if args.models else (["mlp", "cnn", "resnet18"] if args.device == "cuda"
-                                                         else ["mlp", "cnn"])
+    models = (
+        args.models.split(",")
+        if args.models
+        else (["mlp", "cnn", "resnet18"] if args.device == "cuda" else ["mlp", "cnn"])
+    )
     rules = EFFICIENT if args.rules == "efficient" else args.rules.split(",")
     unknown = [r for r in rules if r not in RULES and r not in VARIANTS]
     if unknown:
@@ -259,8 +295,10 @@ def main() -> None:
     print("2-pass share: the fraction of the rule's timed steps with two forward-backward passes")
     print("ratio of means: the mean over all windows (the median's ratio is robust to a busy machine, this one")
     print("               counts every step, for plans that change over the run such as AE-SAM's)")
-    print("| model | rule | base step (ms) | rule step (ms) | module ratio | ratio of means | 2-pass share "
-          "| plain 1-pass (ms) | plain 2-pass (ms) | plain ratio |")
+    print(
+        "| model | rule | base step (ms) | rule step (ms) | module ratio | ratio of means | 2-pass share "
+        "| plain 1-pass (ms) | plain 2-pass (ms) | plain ratio |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     results = []
     for m in models:
@@ -271,11 +309,26 @@ def main() -> None:
             share = timers[0].two_pass_steps / max(timers[0].rule_steps, 1)
             times = timers[0].times
             mean_ratio = statistics.mean(times[True]) / statistics.mean(times[False])
-            print(f"| {m} | {r} | {base * 1e3:.3f} | {t * 1e3:.3f} | {t / base:.3f} | {mean_ratio:.3f} | {share:.2f} "
-                  f"| {plain1 * 1e3:.3f} | {plain2 * 1e3:.3f} | {plain2 / plain1:.3f} |", flush=True)
-            results.append(dict(model=m, rule=r, step_ms=t * 1e3, base_ms=base * 1e3, ratio=t / base,
-                                mean_ratio=mean_ratio, two_pass_share=share, plain1_ms=plain1 * 1e3,
-                                plain2_ms=plain2 * 1e3, plain_ratio=plain2 / plain1, device=device_name))
+            print(
+                f"| {m} | {r} | {base * 1e3:.3f} | {t * 1e3:.3f} | {t / base:.3f} | {mean_ratio:.3f} | {share:.2f} "
+                f"| {plain1 * 1e3:.3f} | {plain2 * 1e3:.3f} | {plain2 / plain1:.3f} |",
+                flush=True,
+            )
+            results.append(
+                dict(
+                    model=m,
+                    rule=r,
+                    step_ms=t * 1e3,
+                    base_ms=base * 1e3,
+                    ratio=t / base,
+                    mean_ratio=mean_ratio,
+                    two_pass_share=share,
+                    plain1_ms=plain1 * 1e3,
+                    plain2_ms=plain2 * 1e3,
+                    plain_ratio=plain2 / plain1,
+                    device=device_name,
+                )
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -35,11 +35,13 @@ def study_file(folder: Path, runs: int, epochs: int) -> Path:
     """A grid of ``runs`` runs (4 cells × runs/4 seeds) with absolute config paths."""
     seeds = max(1, runs // 4)
     c = ROOT / "configs"
-    text = (f"name: bench\nbase: [{c}/data/moons.yaml, {c}/model/mlp.yaml]\n"
-            f"overrides: {{trainer.max_epochs: {epochs}}}\n"
-            f"axes:\n  optim: {{sgd: {c}/optim/sgd.yaml, adam: {c}/optim/adam.yaml}}\n"
-            f"  rule: {{none: {c}/minimizer/none.yaml, sam: {c}/minimizer/sam.yaml}}\n"
-            f"seeds: {seeds}\nresources: {{cpu: 1}}\n")
+    text = (
+        f"name: bench\nbase: [{c}/data/moons.yaml, {c}/model/mlp.yaml]\n"
+        f"overrides: {{trainer.max_epochs: {epochs}}}\n"
+        f"axes:\n  optim: {{sgd: {c}/optim/sgd.yaml, adam: {c}/optim/adam.yaml}}\n"
+        f"  rule: {{none: {c}/minimizer/none.yaml, sam: {c}/minimizer/sam.yaml}}\n"
+        f"seeds: {seeds}\nresources: {{cpu: 1}}\n"
+    )
     path = folder / "bench.yaml"
     path.write_text(text)
     return path
@@ -47,8 +49,15 @@ def study_file(folder: Path, runs: int, epochs: int) -> Path:
 
 def timed(command: list[str] | str, cwd: Path, env: dict[str, str]) -> float:
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, env=env, shell=isinstance(command, str), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(
+        command,
+        cwd=cwd,
+        env=env,
+        shell=isinstance(command, str),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if result.returncode != 0:
         raise SystemExit(f"failed ({result.returncode}): {command}\n{result.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -67,14 +76,22 @@ def main() -> None:
     study = study_file(folder, args.runs, args.epochs)
     python = [sys.executable, str(ROOT / "cli.py"), "study", "run", str(study)]
 
-    printed = subprocess.run([*python, "--out", str(folder / "separate"), "--dry-run"], cwd=folder, env=env,
-                             capture_output=True, text=True, check=True).stdout
-    commands = [ln.replace(" python ", f" {sys.executable} ", 1) for ln in printed.splitlines()
-                if ln and not ln.startswith("#")]
+    printed = subprocess.run(
+        [*python, "--out", str(folder / "separate"), "--dry-run"],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    commands = [
+        ln.replace(" python ", f" {sys.executable} ", 1) for ln in printed.splitlines() if ln and not ln.startswith("#")
+    ]
     n = len(commands)
 
-    wall_study = timed([*python, "--out", str(folder / "study"), "--workers", str(args.workers), "--no-analysis"],
-                       folder, env)
+    wall_study = timed(
+        [*python, "--out", str(folder / "study"), "--workers", str(args.workers), "--no-analysis"], folder, env
+    )
     wall_loop = sum(timed(c, folder, env) for c in commands)
     shutil.rmtree(folder / "separate")
     start = time.perf_counter()
@@ -93,12 +110,18 @@ def main() -> None:
     print(f"{n} runs (moons MLP, {args.epochs} epochs), {args.workers} workers, {os.cpu_count()} CPUs")
     print(f"study run --workers {args.workers}:              {wall_study:7.1f} s")
     print(f"{n} separate processes, one at a time:  {wall_loop:7.1f} s   ratio {wall_loop / wall_study:5.2f}")
-    print(f"{n} separate processes, {args.workers} at a time:     {wall_parallel:7.1f} s   "
-          f"ratio {wall_parallel / wall_study:5.2f}")
-    print(f"per run in a worker: cli.main {cli_total / n:.2f} s (fit + test {fit_test:.2f} s); "
-          f"a separate process: {wall_loop / n:.2f} s")
-    print(f"runner overhead per run: {overhead:.2f} s all included (parent and worker start-up, dispatch, idle "
-          f"ends); bookkeeping alone {bookkeeping * 1000:.0f} ms")
+    print(
+        f"{n} separate processes, {args.workers} at a time:     {wall_parallel:7.1f} s   "
+        f"ratio {wall_parallel / wall_study:5.2f}"
+    )
+    print(
+        f"per run in a worker: cli.main {cli_total / n:.2f} s (fit + test {fit_test:.2f} s); "
+        f"a separate process: {wall_loop / n:.2f} s"
+    )
+    print(
+        f"runner overhead per run: {overhead:.2f} s all included (parent and worker start-up, dispatch, idle "
+        f"ends); bookkeeping alone {bookkeeping * 1000:.0f} ms"
+    )
     print(f"outputs: {folder}" if args.keep else "")
     if args.keep is None:
         shutil.rmtree(folder)

@@ -14,11 +14,11 @@ Layout, one concept per module:
   ``summary``, ``progress``.
 
 Why plain imports behind one guard: Lightning is a hard dependency, so the callbacks are imported
-plainly (``callbacks.AdaptiveSharpness`` is an ordinary attribute for YAML class paths, IDEs and
+plainly (``flatminima.callbacks.AdaptiveSharpness`` is an ordinary attribute for YAML class paths, IDEs and
 ``dir()``), while the house rule "pure math importable without Lightning" still holds because Python
-runs this file before ``callbacks.measures``: the one ``try`` below skips the callbacks when Lightning
+runs this file before ``flatminima.callbacks.measures``: the one ``try`` below skips the callbacks when Lightning
 itself cannot be imported, and only then (any other import error surfaces), so ``import
-callbacks.measures`` works in an environment without Lightning and ``from callbacks import
+flatminima.callbacks.measures`` works in an environment without Lightning and ``from callbacks import
 AdaptiveSharpness`` there fails with an ``ImportError``, as it should.
 """
 

@@ -1,7 +1,7 @@
 """Plumbing shared by the sharpness measures (torch only, no Lightning).
 
 * the argument checks ``check_int``, ``check_float``, ``check_choice``, ``check_p``: re-exported from
-  :mod:`lightning_modules.validation`, the project's one validation module (importable without Lightning).
+  :mod:`flatminima.lightning_modules.validation`, the project's one validation module (importable without Lightning).
 * :func:`evaluating` — the no-trace context every measure runs in: eval mode, fp32 (no autocast),
   autograd on (also inside ``torch.inference_mode``), the global RNG forked, and the ``training``
   flags restored exactly, also on exceptions.
@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-# The argument checks live in lightning_modules.validation (one set of rules for the whole project); re-exported
+# The argument checks live in flatminima.lightning_modules.validation (one set of rules for the whole project); re-exported
 # for the math modules of this package, which import them from here.
-from lightning_modules.validation import check_choice, check_float, check_int, check_p  # noqa: F401
+from flatminima.lightning_modules.validation import check_choice, check_float, check_int, check_p  # noqa: F401
 
 Reduce = Callable[[Tensor], Tensor]
 """Sums a tensor elementwise over all processes and returns the sum (same shape, same device)."""

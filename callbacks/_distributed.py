@@ -1,6 +1,6 @@
 """How a measure runs under DDP: each rank measures a share of the batches, with rank 0's buffers.
 
-The measures in :mod:`callbacks.measures` take a ``reduce`` hook that sums a tensor over processes;
+The measures in :mod:`flatminima.callbacks.measures` take a ``reduce`` hook that sums a tensor over processes;
 :func:`reducer` builds it from the trainer's strategy. :func:`rank_zero_buffers` makes every rank
 measure the model the checkpoint holds (rank 0's BatchNorm statistics).
 """

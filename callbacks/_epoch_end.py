@@ -6,7 +6,7 @@ resumes past that hook, or replays it without the epoch's logged metrics. A call
 lose that epoch's work records, in its state, the ``(epoch, step)`` whose end is still due; after the
 resume it does that work itself (:meth:`EpochEndTracker._overdue`) or recognises the replay
 (:meth:`EpochEndTracker._epoch_ended`). Used by the sharpness measures and by
-:class:`~callbacks.checkpoint.LossThresholdCheckpoint`.
+:class:`~flatminima.callbacks.checkpoint.LossThresholdCheckpoint`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ Pending = tuple[int, int]
 """``(epoch, step)`` of an epoch end still due."""
 
 
-def pending_epoch_end(trainer: pl.Trainer | None, batch_epoch: int, ended_epoch: int,
-                      restored: Pending | None) -> Pending | None:
+def pending_epoch_end(
+    trainer: pl.Trainer | None, batch_epoch: int, ended_epoch: int, restored: Pending | None
+) -> Pending | None:
     """The (epoch, step) whose epoch-end work a checkpoint written now would leave undone, or None.
 
     That is the case after the last batch of an epoch whose batches ran here (``batch_epoch``) and whose
@@ -65,8 +66,9 @@ class EpochEndTracker:
         pending = state_dict.get("pending")
         self._pending = None if pending is None else (int(pending[0]), int(pending[1]))
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any,
-                             **kwargs: Any) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
         self._batch_epoch = trainer.current_epoch
 
     def _epoch_ended(self, trainer: pl.Trainer) -> bool:

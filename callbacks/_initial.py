@@ -17,7 +17,7 @@ from torch import Tensor
 
 
 class InitialWeights:
-    """Mixin for a :class:`~callbacks.base.SharpnessCallback`: :attr:`initial`, the network's weights at fit start.
+    """Mixin for a :class:`~flatminima.callbacks.base.SharpnessCallback`: :attr:`initial`, the network's weights at fit start.
 
     Put it before ``SharpnessCallback`` among the bases; it extends ``state_dict``/``load_state_dict`` with
     ``"initial"`` and takes the copy in ``on_fit_start``.

@@ -1,7 +1,7 @@
 """Whether a monitored training metric will be logged: refuse a ``monitor`` nothing logs, before training.
 
-Used by :class:`~callbacks.checkpoint.LossThresholdCheckpoint`. Certain at setup when the module declares
-its epoch-level metrics (``epoch_metric_names``, as :class:`~lightning_modules.TwoPassModule` does), else
+Used by :class:`~flatminima.callbacks.checkpoint.LossThresholdCheckpoint`. Certain at setup when the module declares
+its epoch-level metrics (``epoch_metric_names``, as :class:`~flatminima.lightning_modules.TwoPassModule` does), else
 after the first training batch when nothing that could log later (an epoch-end hook of the module, or
 a callback from outside Lightning and this package) could provide it.
 """
@@ -12,8 +12,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_modules import compat
-from lightning_modules.validation import invalid
+from flatminima.lightning_modules import compat
+from flatminima.lightning_modules.validation import invalid
 
 
 def check_monitor_name(monitor: Any) -> str:
@@ -32,7 +32,8 @@ def check_monitor(trainer: pl.Trainer, pl_module: pl.LightningModule, monitor: s
     if monitor in names or monitor.startswith("sharpness/"):  # measures log at epoch end
         return True
     module_known = _epoch_end_logging_is_declared(pl_module) or (
-        first_batch and not any(_overrides(pl_module, h) for h in ("on_train_batch_end", "on_train_epoch_end")))
+        first_batch and not any(_overrides(pl_module, h) for h in ("on_train_batch_end", "on_train_epoch_end"))
+    )
     if module_known and not _callbacks_may_log(trainer):
         raise ValueError(
             f"Invalid monitor: {monitor!r} is not logged by {type(pl_module).__name__} as a training "
@@ -60,6 +61,8 @@ def _epoch_end_logging_is_declared(module: pl.LightningModule) -> bool:
     if not callable(getattr(module, "epoch_metric_names", None)):
         return False
     mro = type(module).__mro__
-    owner = {name: next(i for i, c in enumerate(mro) if name in vars(c))
-             for name in ("epoch_metric_names", "on_train_epoch_end")}
+    owner = {
+        name: next(i for i, c in enumerate(mro) if name in vars(c))
+        for name in ("epoch_metric_names", "on_train_epoch_end")
+    }
     return owner["epoch_metric_names"] <= owner["on_train_epoch_end"]

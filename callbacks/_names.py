@@ -69,7 +69,7 @@ def _refuse_twins(measures: list[Measure], names: dict[int, str]) -> None:
             )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def constructor_defaults(cls: type) -> dict[str, Any]:
     """The default argument values of a class's constructor, the options it passes on in ``**kwargs`` included.
 

@@ -70,15 +70,22 @@ def draw_indices(n: int, num_samples: int | None, sampling: Sampling, seed: int)
 def check_indices(indices: list[int], n: int, kind: str) -> None:
     """Refuse stored indices that do not fit the training set any more (it changed since they were drawn)."""
     if indices and max(indices) >= n:
-        raise ValueError(f"{kind}: the stored subset indexes {max(indices)} but the training set has {n} examples "
-                         "(it changed since the subset was drawn)")
+        raise ValueError(
+            f"{kind}: the stored subset indexes {max(indices)} but the training set has {n} examples "
+            "(it changed since the subset was drawn)"
+        )
 
 
 def collate_subset(loader: DataLoader, indices: list[int], batch_size: int, seed: int) -> list[Any]:
     """The examples ``indices`` of the loader's dataset in batches of ``batch_size``, collated under ``seed``."""
     with seeded_rng(seed):
-        subset = DataLoader(Subset(loader.dataset, indices), batch_size=batch_size, shuffle=False,
-                            collate_fn=loader.collate_fn, num_workers=0)
+        subset = DataLoader(
+            Subset(loader.dataset, indices),
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=loader.collate_fn,
+            num_workers=0,
+        )
         return list(subset)
 
 
@@ -89,5 +96,7 @@ def convert_batches(batches: list[Any], batch_to_inputs: BatchToInputs | None, o
     try:
         return [batch_to_inputs(b) for b in batches]
     except Exception as err:
-        raise ValueError(f"Invalid batch_to_inputs: {batch_to_inputs!r} failed on a training batch of "
-                         f"{owner}: {type(err).__name__}: {err}") from err
+        raise ValueError(
+            f"Invalid batch_to_inputs: {batch_to_inputs!r} failed on a training batch of "
+            f"{owner}: {type(err).__name__}: {err}"
+        ) from err

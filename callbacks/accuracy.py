@@ -20,11 +20,15 @@ __all__ = ["correct_count", "margins", "accuracy_at", "loss_and_accuracy"]
 
 def _check(outputs: Any, targets: Any) -> tuple[Tensor, Tensor]:
     if not isinstance(outputs, Tensor) or not isinstance(targets, Tensor):
-        raise TypeError("Invalid batch for an accuracy-based measure: the network must return a tensor of logits "
-                        "and the targets must be a tensor of class labels")
+        raise TypeError(
+            "Invalid batch for an accuracy-based measure: the network must return a tensor of logits "
+            "and the targets must be a tensor of class labels"
+        )
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise ValueError(f"Invalid targets: dtype {targets.dtype}; an accuracy-based measure needs integer class "
-                         "labels (a classification task)")
+        raise ValueError(
+            f"Invalid targets: dtype {targets.dtype}; an accuracy-based measure needs integer class "
+            "labels (a classification task)"
+        )
     return outputs, targets.reshape(-1)
 
 
@@ -55,8 +59,9 @@ def margins(outputs: Any, targets: Any) -> Tensor:
     return true - others.max(dim=1).values
 
 
-def accuracy_at(fm: FlatModel, flat: Tensor, batches: Sequence[tuple[Any, Any]], reduce: Reduce | None,
-                what: str) -> float:
+def accuracy_at(
+    fm: FlatModel, flat: Tensor, batches: Sequence[tuple[Any, Any]], reduce: Reduce | None, what: str
+) -> float:
     """Training accuracy of the network at parameters ``flat`` over ``batches`` (and all processes' batches)."""
     correct = torch.zeros((), dtype=torch.float64, device=fm.device)
     count = 0
@@ -67,12 +72,13 @@ def accuracy_at(fm: FlatModel, flat: Tensor, batches: Sequence[tuple[Any, Any]],
     return float(mean_of(correct, count, reduce, what))
 
 
-def loss_and_accuracy(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn,
-                      reduce: Reduce | None = None) -> tuple[float, float | None]:
+def loss_and_accuracy(
+    model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, reduce: Reduce | None = None
+) -> tuple[float, float | None]:
     """The mean loss over the examples and the accuracy of ``model`` in eval mode (None for non-integer targets).
 
     The mean loss weights each batch's (mean-reduced) loss by its number of examples, so it is the
-    per-example mean whatever the batch sizes. Leaves no trace (:func:`callbacks._core.evaluating`).
+    per-example mean whatever the batch sizes. Leaves no trace (:func:`flatminima.callbacks._core.evaluating`).
     """
     model = unwrap(model)
     with evaluating(model), torch.no_grad():

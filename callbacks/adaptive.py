@@ -147,8 +147,17 @@ def _direction(g: Tensor, p: float, c: Tensor | None) -> Tensor:
     return d if c is None else d * c
 
 
-def _apgd(fm: FlatModel, batch: Any, loss_fn: LossFn, rho: float, p: float, c: Tensor | None,
-          n_iters: int, step_size: float, reset: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def _apgd(
+    fm: FlatModel,
+    batch: Any,
+    loss_fn: LossFn,
+    rho: float,
+    p: float,
+    c: Tensor | None,
+    n_iters: int,
+    step_size: float,
+    reset: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(best loss over all iterates, δ = 0 included; the batch loss at w0; the number of steps that lowered it)."""
     zero = torch.zeros_like(fm.w0)
     loss0, g = fm.loss_and_grad(fm.w0, batch, loss_fn)
@@ -210,9 +219,20 @@ class _PassEnds:
             self.total = torch.zeros_like(self.total)
 
 
-def _pga(fm: FlatModel, batch: Any, loss_fn: LossFn, rho: float, p: float, c: Tensor | None, n_iters: int,
-         step_size: float, score: Score | None = None, clean: Tensor | None = None, box: Box = "abs",
-         passes: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def _pga(
+    fm: FlatModel,
+    batch: Any,
+    loss_fn: LossFn,
+    rho: float,
+    p: float,
+    c: Tensor | None,
+    n_iters: int,
+    step_size: float,
+    score: Score | None = None,
+    clean: Tensor | None = None,
+    box: Box = "abs",
+    passes: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(the selected iterate's loss, scored by ``score`` if given; the clean loss, ``clean`` when scored, else the
     batch loss at w0; the number of steps that lowered the loss). The selection: the best iterate after the first
     step, or with ``passes`` the end of the pass with the largest summed loss."""
@@ -253,8 +273,9 @@ def check_selection(method: str, n_iters: int, select: str, passes: int) -> None
     if select == "best_pass_end" and method != "pga":
         raise ValueError(f"Invalid select: 'best_pass_end' with method={method!r}; it applies to method='pga'")
     if select == "best_iterate" and passes != 1:
-        raise ValueError(f"Invalid passes: {passes} with select='best_iterate'; expected 1 (passes apply to "
-                         "select='best_pass_end')")
+        raise ValueError(
+            f"Invalid passes: {passes} with select='best_iterate'; expected 1 (passes apply to select='best_pass_end')"
+        )
     if n_iters % passes:
         raise ValueError(f"Invalid passes: {passes}; expected a divisor of n_iters={n_iters} (passes of equal length)")
 
@@ -295,8 +316,22 @@ def worst_case_ascents(
                     loss0 = fm.loss(fm.w0, batch, loss_fn).detach()
             rows.append((loss0 if base is None else base,) * 2 + (fm.w0.new_zeros(()),))
         elif method == "pga":
-            rows.append(_pga(fm, batch, loss_fn, rho, p, c, n_iters, step_size, score, base, box,
-                             passes if select == "best_pass_end" else None))
+            rows.append(
+                _pga(
+                    fm,
+                    batch,
+                    loss_fn,
+                    rho,
+                    p,
+                    c,
+                    n_iters,
+                    step_size,
+                    score,
+                    base,
+                    box,
+                    passes if select == "best_pass_end" else None,
+                )
+            )
         else:
             rows.append(_apgd(fm, batch, loss_fn, rho, p, c, n_iters, step_size, reset=method == "apgd_reset"))
     if not rows:

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_modules.validation import check_choice, check_float, check_int, check_p
+from flatminima.lightning_modules.validation import check_choice, check_float, check_int, check_p
 
 from . import measures
 from ._subset import seeded_rng
@@ -23,14 +23,14 @@ class AdaptiveSharpness(SharpnessCallback):
     """Adaptive worst-case m-sharpness (Andriushchenko et al. 2023) at checkpoints.
 
     mean over the subset's batches of max_{‖δ ⊙ c⁻¹‖_p ≤ ρ} L_B(w + δ) − L_B(w), c = |w| if adaptive
-    (:func:`callbacks.measures.adaptive_sharpness`). Hammoud et al. 2023 measure with ``method="pga"``,
+    (:func:`flatminima.callbacks.measures.adaptive_sharpness`). Hammoud et al. 2023 measure with ``method="pga"``,
     ``n_iters=5``, p = ∞, ``batch_size=64``, ``num_samples=3200`` (50 batches), the step the training
     learning rate (taken from the first optimizer when ``step_size`` is None).
 
     Hammoud et al.'s notebooks measure differently; the options ``score``, ``box``, ``select``, ``train_mode``
-    and ``sampling`` reproduce their choices (see :func:`callbacks.measures.adaptive_sharpness`).
+    and ``sampling`` reproduce their choices (see :func:`flatminima.callbacks.measures.adaptive_sharpness`).
 
-    Logs (means over the batches; :func:`callbacks.measures.adaptive_sharpness_parts`):
+    Logs (means over the batches; :func:`flatminima.callbacks.measures.adaptive_sharpness_parts`):
         ``sharpness/<name>``: the sharpness A − L.
         ``sharpness/<name>_ascent_loss``: A, the loss of the selected ascent iterate (the training-set
         loss with ``score="train_set"``).
@@ -61,12 +61,24 @@ class AdaptiveSharpness(SharpnessCallback):
         train_mode: Measure with the network in training mode (dropout on, as their GAT and LeNet-5
             notebooks do); the dropout masks are drawn from a generator seeded with ``seed`` at every
             measurement, and the global RNG is restored afterwards.
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options, ``sampling`` included
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options, ``sampling`` included
             (``"replacement"``: their GAT notebook draws its 64 nodes with replacement).
     """
 
-    identity_args = ("rho", "p", "adaptive", "n_iters", "method", "step_size", "score", "box", "select", "passes",
-                     "train_mode", "sampling") + SharpnessCallback.identity_args
+    identity_args = (
+        "rho",
+        "p",
+        "adaptive",
+        "n_iters",
+        "method",
+        "step_size",
+        "score",
+        "box",
+        "select",
+        "passes",
+        "train_mode",
+        "sampling",
+    ) + SharpnessCallback.identity_args
 
     def __init__(
         self,
@@ -100,8 +112,9 @@ class AdaptiveSharpness(SharpnessCallback):
         check_selection(self.method, self.n_iters, self.select, self.passes)
         self._score_batches: list[Any] | None = None
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
         step_size = self.step_size
         if step_size is None and self.method == "pga":
             if not trainer.optimizers:
@@ -110,22 +123,39 @@ class AdaptiveSharpness(SharpnessCallback):
         score_batches = self.training_set_batch(trainer) if self.score == "train_set" else None
         with seeded_rng(self.seed) if self.train_mode else contextlib.nullcontext():
             parts = measures.adaptive_sharpness_parts(
-                network, batches, self.rho, p=self.p, adaptive=self.adaptive, n_iters=self.n_iters,
-                method=self.method, step_size=step_size, loss_fn=self.loss_fn, reduce=reduce,
-                score_batches=score_batches, box=self.box, select=self.select, passes=self.passes,
+                network,
+                batches,
+                self.rho,
+                p=self.p,
+                adaptive=self.adaptive,
+                n_iters=self.n_iters,
+                method=self.method,
+                step_size=step_size,
+                loss_fn=self.loss_fn,
+                reduce=reduce,
+                score_batches=score_batches,
+                box=self.box,
+                select=self.select,
+                passes=self.passes,
                 train_mode=self.train_mode,
             )
         key = f"sharpness/{self.metric_name}"
-        return {key: parts.value, f"{key}_ascent_loss": parts.ascent_loss, f"{key}_clean_loss": parts.clean_loss,
-                f"{key}_ascent_falls": parts.falls}
+        return {
+            key: parts.value,
+            f"{key}_ascent_loss": parts.ascent_loss,
+            f"{key}_clean_loss": parts.clean_loss,
+            f"{key}_ascent_falls": parts.falls,
+        }
 
     def training_set_batch(self, trainer: pl.Trainer) -> list[Any]:
         """The whole training set collated as one batch (through ``batch_to_inputs``), drawn once and kept."""
         if self._score_batches is None:
             loader = trainer.train_dataloader
             if not isinstance(loader, DataLoader):
-                raise TypeError(f"{type(self).__name__}(score='train_set') needs the training DataLoader; "
-                                f"trainer.train_dataloader is {type(loader).__name__}")
+                raise TypeError(
+                    f"{type(self).__name__}(score='train_set') needs the training DataLoader; "
+                    f"trainer.train_dataloader is {type(loader).__name__}"
+                )
             dataset = loader.dataset
             batch = loader.collate_fn([dataset[i] for i in range(len(dataset))])
             self._score_batches = [self.batch_to_inputs(batch) if self.batch_to_inputs is not None else batch]

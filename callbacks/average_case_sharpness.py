@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_modules.validation import check_float, check_int, check_p
+from flatminima.lightning_modules.validation import check_float, check_int, check_p
 
 from . import measures
 from .base import SharpnessCallback, Values
@@ -19,7 +19,7 @@ class AverageSharpness(SharpnessCallback):
 
     δ = ρ c ⊙ z with c = |w| (adaptive) or 1, z Gaussian (p = 2) or uniform in [−1, 1] (p = ∞), ``samples``
     seeded draws, each applied to every batch of the fixed subset
-    (:func:`callbacks.measures.average_sharpness`).
+    (:func:`flatminima.callbacks.measures.average_sharpness`).
 
     Logs:
         ``sharpness/<name>``: the Monte-Carlo mean.
@@ -32,7 +32,7 @@ class AverageSharpness(SharpnessCallback):
         samples: Noise draws (each one forward pass over the subset).
         name: Metric name (default ``"average"``).
         batch_size: Batch size of the subset's batches (default 256).
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options (schedule, subset, loss, network).
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options (schedule, subset, loss, network).
     """
 
     identity_args = ("rho", "p", "adaptive", "samples") + SharpnessCallback.identity_args
@@ -53,10 +53,19 @@ class AverageSharpness(SharpnessCallback):
         self.adaptive = bool(adaptive)
         self.samples = check_int("samples", samples)
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
-        estimate = measures.average_sharpness(network, batches, self.rho, p=self.p, adaptive=self.adaptive,
-                                              samples=self.samples, seed=self.seed, loss_fn=self.loss_fn,
-                                              reduce=reduce)
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
+        estimate = measures.average_sharpness(
+            network,
+            batches,
+            self.rho,
+            p=self.p,
+            adaptive=self.adaptive,
+            samples=self.samples,
+            seed=self.seed,
+            loss_fn=self.loss_fn,
+            reduce=reduce,
+        )
         key = f"sharpness/{self.metric_name}"
         return {key: estimate.value, f"{key}_stderr": estimate.stderr}

@@ -1,10 +1,10 @@
 """The base class of the sharpness callbacks: when to measure, on what data, where the values go.
 
 Each measure is a thin subclass implementing :meth:`SharpnessCallback.compute` (the math is in
-:mod:`callbacks.measures`). The base decides *on what data* (a fixed, seeded subset of the training
-set, chosen once and kept across resumes: :mod:`callbacks._subset`), *where* (the unwrapped network,
+:mod:`flatminima.callbacks.measures`). The base decides *on what data* (a fixed, seeded subset of the training
+set, chosen once and kept across resumes: :mod:`flatminima.callbacks._subset`), *where* (the unwrapped network,
 each DDP rank taking a share of the batches, sums all-reduced so every rank gets the single-device
-value: :mod:`callbacks._distributed`), *when* (every N epochs and/or whenever a callback with the
+value: :mod:`flatminima.callbacks._distributed`), *when* (every N epochs and/or whenever a callback with the
 :func:`triggers_measures` capability saves) and *where the values go* (logged as ``sharpness/<name>``
 and kept, once, in :attr:`SharpnessCallback.history`). None of it imports this project's LightningModules.
 
@@ -17,7 +17,7 @@ into the base's signature, so YAML configs and ``--help`` see every option with 
 description, as with a full signature.
 
 **The trigger capability.** A callback whose class sets ``triggers_measures = True`` promises to call
-:func:`measure_on_save` before each of its saves (:class:`~callbacks.checkpoint.LossThresholdCheckpoint`
+:func:`measure_on_save` before each of its saves (:class:`~flatminima.callbacks.checkpoint.LossThresholdCheckpoint`
 does); a measure with ``on_checkpoint=True`` then measures the saved weights. The measures find such a
 callback through that attribute, without importing it.
 """
@@ -34,8 +34,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_modules import compat
-from lightning_modules.validation import ArgumentTypeError, check_choice, check_int, invalid
+from flatminima.lightning_modules import compat
+from flatminima.lightning_modules.validation import ArgumentTypeError, check_choice, check_int, invalid
 
 from . import measures
 from ._distributed import rank_zero_buffers, reducer
@@ -60,8 +60,9 @@ def triggers_measures(callback: Any) -> bool:
     return getattr(callback, "triggers_measures", False) is True
 
 
-def measure_on_save(trainer: pl.Trainer, pl_module: pl.LightningModule, *, via_logger: bool = False,
-                    at: Pending | None = None) -> list[SharpnessCallback]:
+def measure_on_save(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, *, via_logger: bool = False, at: Pending | None = None
+) -> list[SharpnessCallback]:
     """Run every ``on_checkpoint`` measure now, before a save at ``at`` (on every rank); return those measures.
 
     Called by a callback with the :func:`triggers_measures` capability. Each measure logs its values,
@@ -97,7 +98,7 @@ class SharpnessCallback(EpochEndTracker, Callback):
 
     Subclasses implement :meth:`compute`. A measurement runs every ``every_n_epochs`` epochs (at the end
     of the training epoch), whenever a callback with the :func:`triggers_measures` capability
-    (:class:`~callbacks.checkpoint.LossThresholdCheckpoint`) saves (``on_checkpoint``) and/or at the end of
+    (:class:`~flatminima.callbacks.checkpoint.LossThresholdCheckpoint`) saves (``on_checkpoint``) and/or at the end of
     fit (``at_end``), at most once per (epoch, step). Values are logged with ``pl_module.log`` (or to the
     loggers directly from hooks that forbid logging) and kept in :attr:`history` — the one store of the
     measured values: it is saved in the callback state (so it survives a resume); the checkpoint saved at
@@ -133,13 +134,13 @@ class SharpnessCallback(EpochEndTracker, Callback):
         loss_fn: ``loss_fn(outputs, targets)``, a mean-reduced scalar loss.
         batch_to_inputs: Converts a collated training batch into ``(inputs, targets)``; inputs given as a
             tuple are passed as ``network(*inputs)``. For a PyG ``Data`` graph with masks use
-            :func:`callbacks.inputs.node_inputs` with ``loss_fn=callbacks.inputs.masked_cross_entropy``.
+            :func:`flatminima.callbacks.inputs.node_inputs` with ``loss_fn=flatminima.callbacks.inputs.masked_cross_entropy``.
         network: Dotted attribute path of the network inside the LightningModule (default: ``net`` when
             the module has an ``nn.Module`` attribute of that name, else the LightningModule itself).
         sampling: How the subset is drawn: ``"subset"`` (distinct examples, without replacement) or
             ``"replacement"`` (``num_samples`` independent uniform draws, with replacement: each batch a
             sample S ~ P^m, so a small training set still gives many fresh batches). Offered by the
-            subclasses that pass it on (:class:`~callbacks.AdaptiveSharpness`).
+            subclasses that pass it on (:class:`~flatminima.callbacks.AdaptiveSharpness`).
     """
 
     #: The arguments that define what is measured (besides ``name``): the state key and the metric-name
@@ -185,8 +186,9 @@ class SharpnessCallback(EpochEndTracker, Callback):
         self._measures_subset = False
 
     # ------------------------------------------------------------------ to implement
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
         """Run the measure on this rank's share of the batches; return ``{metric key: value}``."""
         raise NotImplementedError
 
@@ -241,7 +243,7 @@ class SharpnessCallback(EpochEndTracker, Callback):
                 f"{type(self).__name__}({self.name!r}) will not measure: it has every_n_epochs=None, at_end=False "
                 "and "
                 + ("no LossThresholdCheckpoint among the callbacks" if self.on_checkpoint else "on_checkpoint=False")
-                + "; add callbacks.LossThresholdCheckpoint or set every_n_epochs or at_end"
+                + "; add flatminima.callbacks.LossThresholdCheckpoint or set every_n_epochs or at_end"
             )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -269,14 +271,16 @@ class SharpnessCallback(EpochEndTracker, Callback):
         self._epoch_ended(trainer)
         self.epoch_end(trainer, pl_module, trainer.current_epoch, trainer.global_step)
 
-    def epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, step: int, *,
-                  via_logger: bool = False) -> None:
+    def epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, step: int, *, via_logger: bool = False
+    ) -> None:
         """The work at the end of training epoch ``epoch`` (at ``step``): measure every N epochs."""
         if self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0:
             self.measure_now(trainer, pl_module, via_logger=via_logger, at=(epoch, step))
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self._last_key is not None and self._last_key[1] == trainer.global_step:  # measured on these weights
             checkpoint.setdefault("sharpness", {}).update(self.measurement_at(*self._last_key))
 
@@ -294,14 +298,20 @@ class SharpnessCallback(EpochEndTracker, Callback):
         try:
             self.check_batch(self.resolve_network(pl_module), batches[0])
         except (TypeError, ValueError, RuntimeError, IndexError, KeyError) as err:
-            hint = ("pass batch_to_inputs, a callable turning a training batch into (inputs, targets)"
-                    if self.batch_to_inputs is None else "check batch_to_inputs, loss_fn and network")
-            raise ValueError(f"{type(self).__name__}({self.name!r}) cannot measure on the training batches: "
-                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; {hint}") from err
+            hint = (
+                "pass batch_to_inputs, a callable turning a training batch into (inputs, targets)"
+                if self.batch_to_inputs is None
+                else "check batch_to_inputs, loss_fn and network"
+            )
+            raise ValueError(
+                f"{type(self).__name__}({self.name!r}) cannot measure on the training batches: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; {hint}"
+            ) from err
 
     # ------------------------------------------------------------------ measuring
-    def measure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *,
-                    via_logger: bool = False, at: Pending | None = None) -> Values:
+    def measure_now(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, via_logger: bool = False, at: Pending | None = None
+    ) -> Values:
         """Measure now on every rank (collective under DDP), log, record; once per (epoch, step).
 
         Args:
@@ -326,8 +336,9 @@ class SharpnessCallback(EpochEndTracker, Callback):
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
         else:
             for metric, value in values.items():
-                pl_module.log(metric, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max",
-                              batch_size=1)
+                pl_module.log(
+                    metric, value, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max", batch_size=1
+                )
         return values
 
     def resolve_network(self, pl_module: pl.LightningModule) -> nn.Module:
@@ -348,7 +359,7 @@ class SharpnessCallback(EpochEndTracker, Callback):
         """This rank's share (every world_size-th batch) of the fixed subset, on the module's device."""
         if self._batches is None:
             self._batches = self._load(trainer)
-        share = self._batches[trainer.global_rank::trainer.world_size]
+        share = self._batches[trainer.global_rank :: trainer.world_size]
         return [move_data_to_device(batch, pl_module.device) for batch in share]
 
     def all_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:

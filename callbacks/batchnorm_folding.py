@@ -52,9 +52,11 @@ def _fx_pairs(model: nn.Module) -> list[tuple[str, str]]:
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as error:  # noqa: BLE001 - any tracing failure means we cannot find the layers
-        raise ValueError(f"Invalid model for BatchNorm folding: {type(model).__name__} could not be traced by "
-                         f"torch.fx ({type(error).__name__}: {error}), so the layer each BatchNorm follows is "
-                         "unknown") from error
+        raise ValueError(
+            f"Invalid model for BatchNorm folding: {type(model).__name__} could not be traced by "
+            f"torch.fx ({type(error).__name__}: {error}), so the layer each BatchNorm follows is "
+            "unknown"
+        ) from error
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -64,9 +66,14 @@ def _fx_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if node.op != "call_module" or _norm_kind(model.get_submodule(str(node.target))) is None:
             continue
         source = node.args[0] if node.args else None
-        if (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
-                and isinstance(model.get_submodule(str(source.target)), LAYERS)
-                and calls[str(source.target)] == 1 and calls[str(node.target)] == 1):
+        if (
+            isinstance(source, torch.fx.Node)
+            and source.op == "call_module"
+            and len(source.users) == 1
+            and isinstance(model.get_submodule(str(source.target)), LAYERS)
+            and calls[str(source.target)] == 1
+            and calls[str(node.target)] == 1
+        ):
             pairs.append((str(source.target), str(node.target)))
     return pairs
 
@@ -79,11 +86,15 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
 @torch.no_grad()
 def _fold(layer: nn.Module, norm: nn.Module, norm_name: str) -> None:
     if not isinstance(layer, _NORMS[type(norm)]):
-        raise ValueError(f"Invalid model for BatchNorm folding: {norm_name} ({type(norm).__name__}) follows a "
-                         f"{type(layer).__name__}, which it does not normalize channel-wise")
+        raise ValueError(
+            f"Invalid model for BatchNorm folding: {norm_name} ({type(norm).__name__}) follows a "
+            f"{type(layer).__name__}, which it does not normalize channel-wise"
+        )
     if not norm.track_running_stats or norm.running_mean is None or norm.running_var is None:
-        raise ValueError(f"Invalid model for BatchNorm folding: {norm_name} has no running statistics (in eval mode "
-                         "it normalizes with batch statistics, which is not an affine map)")
+        raise ValueError(
+            f"Invalid model for BatchNorm folding: {norm_name} has no running statistics (in eval mode "
+            "it normalizes with batch statistics, which is not an affine map)"
+        )
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight
@@ -110,8 +121,10 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     left = [n for n in norms if n not in folded]
     if left:
         kind = type(model.get_submodule(left[0])).__name__
-        raise ValueError(f"Invalid model for BatchNorm folding: {left[0]} ({kind}) does not directly follow a "
-                         "Linear/Conv layer whose output only it reads, so it cannot be folded into a layer")
+        raise ValueError(
+            f"Invalid model for BatchNorm folding: {left[0]} ({kind}) does not directly follow a "
+            "Linear/Conv layer whose output only it reads, so it cannot be folded into a layer"
+        )
     for layer_name, norm_name in pairs:
         _fold(out.get_submodule(layer_name), out.get_submodule(norm_name), norm_name)
         _replace(out, norm_name, nn.Identity())

@@ -16,8 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_modules import compat
-from lightning_modules.validation import check_choice, check_int, invalid, is_real
+from flatminima.lightning_modules import compat
+from flatminima.lightning_modules.validation import check_choice, check_int, invalid, is_real
 
 from ._epoch_end import EpochEndTracker
 from ._monitor import check_monitor, check_monitor_name
@@ -34,7 +34,7 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
 
     Bejan et al. (after Jiang et al. 2019, "Fantastic generalization measures") save models the first
     time the training loss reaches 0.01 and then periodically. At each save the measures of every
-    :class:`~callbacks.base.SharpnessCallback` with ``on_checkpoint=True`` run first (on every rank), so
+    :class:`~flatminima.callbacks.base.SharpnessCallback` with ``on_checkpoint=True`` run first (on every rank), so
     they measure exactly the saved weights, log ``sharpness/<name>`` and land inside the checkpoint
     (``checkpoint["sharpness"]``). The decision is taken at the end of each training epoch on the
     monitored epoch value averaged over ranks, so every rank decides the same (and it is reduced with
@@ -61,11 +61,11 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
     are dropped on load and read from the measures' restored histories.)
 
     **The trigger capability.** The class sets ``triggers_measures = True``
-    (:func:`callbacks.base.triggers_measures`): a measure with ``on_checkpoint=True`` knows it will be run
+    (:func:`flatminima.callbacks.base.triggers_measures`): a measure with ``on_checkpoint=True`` knows it will be run
     by this callback and does not warn that it never measures.
 
     A ``monitor`` the module does not log is refused before training: at setup when the module declares
-    its epoch-level metrics (``epoch_metric_names``, as :class:`~lightning_modules.TwoPassModule` does),
+    its epoch-level metrics (``epoch_metric_names``, as :class:`~flatminima.lightning_modules.TwoPassModule` does),
     else after the first training batch when nothing logged later could provide it. A resume from a
     checkpoint written after an epoch's last batch and before that epoch's end takes the decision
     Lightning skips for that epoch (a periodic or final save, with its measurements); whether that epoch
@@ -106,8 +106,16 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
         check_monitor_name(monitor)
         every_n_epochs = check_int("every_n_epochs", every_n_epochs, 0)
         check_choice("anchor", anchor, ("threshold", "zero"))
-        super().__init__(dirpath=dirpath, filename=filename, monitor=None, verbose=verbose, save_top_k=-1,
-                         save_weights_only=save_weights_only, every_n_epochs=0, save_on_train_epoch_end=True)
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=None,
+            verbose=verbose,
+            save_top_k=-1,
+            save_weights_only=save_weights_only,
+            every_n_epochs=0,
+            save_on_train_epoch_end=True,
+        )
         self.threshold = float(threshold)
         self.loss_monitor = monitor  #: the metric compared with the threshold (ModelCheckpoint's monitor is None)
         self.period = every_n_epochs  #: saves after the threshold epoch (ModelCheckpoint's every_n_epochs is 0)
@@ -132,13 +140,15 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        return compat.state_key(self, threshold=self.threshold, monitor=self.loss_monitor,
-                                every_n_epochs=self.period, anchor=self.anchor)
+        return compat.state_key(
+            self, threshold=self.threshold, monitor=self.loss_monitor, every_n_epochs=self.period, anchor=self.anchor
+        )
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(threshold_epoch=self.threshold_epoch, saved=[dict(r) for r in self._records],
-                     pending=self._pending_now())
+        state.update(
+            threshold_epoch=self.threshold_epoch, saved=[dict(r) for r in self._records], pending=self._pending_now()
+        )
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -164,8 +174,7 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._catch_up(trainer, pl_module)  # a resume at the very end runs no training hook at all
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any,
-                           **kwargs: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         """No step-based saving; after the first batch, check that the monitored metric is logged."""
         if not self._monitor_checked:
             self._monitor_checked = check_monitor(trainer, pl_module, self.loss_monitor, first_batch=True)
@@ -208,8 +217,9 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
         if overdue is not None:
             self._decide_blind(trainer, pl_module, *overdue, via_logger=True)
 
-    def _decide_blind(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, step: int, *,
-                      via_logger: bool) -> None:
+    def _decide_blind(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, step: int, *, via_logger: bool
+    ) -> None:
         """The decision for an epoch whose monitored value is gone: periodic and final saves only, with a warning."""
         if self.threshold_epoch is None:
             rank_zero_warn(
@@ -227,8 +237,9 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
         if self.save_at_end and not self._skip(trainer):
             self._save(trainer, pl_module, "end", math.nan, via_logger=True)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self._saving is not None:
             checkpoint["loss_threshold"] = dict(self._saving)
 
@@ -262,14 +273,28 @@ class LossThresholdCheckpoint(EpochEndTracker, ModelCheckpoint):
             return True
         return loop.max_steps is not None and loop.max_steps >= 0 and trainer.global_step >= loop.max_steps
 
-    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str, loss: float, *,
-              via_logger: bool = False, at: tuple[int, int] | None = None) -> None:
+    def _save(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        reason: str,
+        loss: float,
+        *,
+        via_logger: bool = False,
+        at: tuple[int, int] | None = None,
+    ) -> None:
         """Run the on_checkpoint measures, then save the file with this save's record in the callback state."""
         epoch, step = at if at is not None else (trainer.current_epoch, trainer.global_step)
         self._measures = measure_on_save(trainer, pl_module, via_logger=via_logger, at=at)
         filepath = compat.checkpoint_filepath(self, trainer, epoch, step)
-        self._saving = {"reason": reason, "epoch": epoch, "step": step,
-                        "threshold_epoch": self.threshold_epoch, "monitor": self.loss_monitor, "value": loss}
+        self._saving = {
+            "reason": reason,
+            "epoch": epoch,
+            "step": step,
+            "threshold_epoch": self.threshold_epoch,
+            "monitor": self.loss_monitor,
+            "value": loss,
+        }
         self._records.append({**self._saving, "path": filepath})  # part of the state being saved
         try:
             compat.save_checkpoint(self, trainer, filepath)

@@ -20,11 +20,11 @@ class ComplexityMeasures(InitialWeights, SharpnessCallback):
     Frobenius norms (also over the margin), Frobenius over spectral, parameter norm, path-norm (also over
     the margin) and, against the initial weights the callback keeps from the start of fit (in its checkpoint
     state), the Frobenius and spectral distances to initialization (formulas:
-    :mod:`callbacks.norms`). One forward pass over the subset: every rank computes it on the whole
+    :mod:`flatminima.callbacks.norms`). One forward pass over the subset: every rank computes it on the whole
     subset, so no collective is needed. BatchNorm that cannot be folded, inputs that are not tensors and
     targets that are not class labels are refused before training.
 
-    Logs ``complexity/<key>`` for every key of :func:`callbacks.measures.norm_measures` (``params``,
+    Logs ``complexity/<key>`` for every key of :func:`flatminima.callbacks.measures.norm_measures` (``params``,
     ``inverse_margin``, ``log_prod_spec``, ``log_prod_spec_over_margin``, ``log_sum_spec``,
     ``log_sum_spec_over_margin``, ``log_prod_fro``, ``log_prod_fro_over_margin``, ``log_sum_fro``,
     ``log_sum_fro_over_margin``, ``fro_over_spec``, ``log_spec_orig_main``, ``param_norm``, ``path_norm``,
@@ -34,7 +34,7 @@ class ComplexityMeasures(InitialWeights, SharpnessCallback):
     Args:
         name: Instance name (default ``"complexity"``; the keys do not contain it).
         batch_size: Batch size of the subset's batches (default 256).
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options (schedule, subset, network).
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options (schedule, subset, network).
     """
 
     def __init__(self, name: str = "complexity", batch_size: int = 256, **kwargs: Any) -> None:
@@ -44,11 +44,13 @@ class ComplexityMeasures(InitialWeights, SharpnessCallback):
         """The network's BatchNorm must fold, its inputs be tensors and its targets class labels."""
         measures.norm_measures(network, [batch])
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
-        suffix = self.metric_name[len(self.name):]
-        values = measures.norm_measures(network, self.all_batches(trainer, trainer.lightning_module),
-                                        initial=self.initial)
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
+        suffix = self.metric_name[len(self.name) :]
+        values = measures.norm_measures(
+            network, self.all_batches(trainer, trainer.lightning_module), initial=self.initial
+        )
         return {f"complexity/{key}{suffix}": value for key, value in values.items()}
 
 
@@ -56,7 +58,7 @@ class FisherRaoNorm(SharpnessCallback):
     """The squared Fisher–Rao norm (1/n) Σ_i ⟨w, ∇_w ℓ_i⟩² (Liang et al. 2019) on the fixed subset.
 
     Over all trainable parameters, from one forward-mode pass per batch
-    (:func:`callbacks.measures.fisher_rao_norm`); ``loss_fn`` must be a mean over the examples.
+    (:func:`flatminima.callbacks.measures.fisher_rao_norm`); ``loss_fn`` must be a mean over the examples.
 
     Logs:
         ``complexity/<name>``: the squared norm.
@@ -64,13 +66,17 @@ class FisherRaoNorm(SharpnessCallback):
     Args:
         name: Metric name (default ``"fisher_rao"``).
         batch_size: Batch size of the subset's batches (default 256).
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options (schedule, subset, loss, network).
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options (schedule, subset, loss, network).
     """
 
     def __init__(self, name: str = "fisher_rao", batch_size: int = 256, **kwargs: Any) -> None:
         super().__init__(name, batch_size=batch_size, sampling="subset", **kwargs)
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
-        return {f"complexity/{self.metric_name}": measures.fisher_rao_norm(network, batches, loss_fn=self.loss_fn,
-                                                                           reduce=reduce)}
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
+        return {
+            f"complexity/{self.metric_name}": measures.fisher_rao_norm(
+                network, batches, loss_fn=self.loss_fn, reduce=reduce
+            )
+        }

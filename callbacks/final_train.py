@@ -17,7 +17,7 @@ class FinalTrainEvaluation(SharpnessCallback):
     The epoch means ``train/loss`` and ``train/acc`` average over the weights of a whole epoch, in training
     mode (dropout on, BatchNorm on batch statistics) and on augmented inputs; generalization gaps of the final
     weights (Jiang et al. 2020) need the training set evaluated like the test set. At the end of fit (and at
-    the other times the :class:`~callbacks.base.SharpnessCallback` options ask for) this callback evaluates
+    the other times the :class:`~flatminima.callbacks.base.SharpnessCallback` options ask for) this callback evaluates
     the network in eval mode on the training examples, read through the data module's
     ``train_eval_dataloader()`` when it has one (the project's data modules: the training set with the
     evaluation transforms, no augmentation, training labels included) and otherwise from the training
@@ -34,7 +34,7 @@ class FinalTrainEvaluation(SharpnessCallback):
         batch_size: Batch size of the evaluation (default 256).
         at_end: Evaluate at the end of fit (default True).
         on_checkpoint: Also evaluate at every LossThresholdCheckpoint save (default False).
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options (loss, network, ...).
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options (loss, network, ...).
     """
 
     def __init__(
@@ -46,8 +46,15 @@ class FinalTrainEvaluation(SharpnessCallback):
         on_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(name, num_samples=num_samples, batch_size=batch_size, at_end=at_end,
-                         on_checkpoint=on_checkpoint, sampling="subset", **kwargs)
+        super().__init__(
+            name,
+            num_samples=num_samples,
+            batch_size=batch_size,
+            at_end=at_end,
+            on_checkpoint=on_checkpoint,
+            sampling="subset",
+            **kwargs,
+        )
 
     def source_loader(self, trainer: pl.Trainer) -> Any:
         """The data module's ``train_eval_dataloader()`` when it has one, else the training loader."""
@@ -62,8 +69,9 @@ class FinalTrainEvaluation(SharpnessCallback):
         finally:
             self._batches = None
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
         loss, acc = measures.loss_and_accuracy(network, batches, self.loss_fn, reduce)
         out = {f"{self.metric_name}/loss": loss}
         if acc is not None:

@@ -53,7 +53,7 @@ def fisher_rao_norm(
         for inputs, targets in prepared(batches, fm.device, fm.dtype):
             with warnings.catch_warnings():  # torch's first forward-mode call loads decompositions via torch.jit
                 warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
-                outputs, along = jvp(lambda flat: fm(flat, inputs), (fm.w0,), (fm.w0,))
+                outputs, along = jvp(lambda flat, inputs=inputs: fm(flat, inputs), (fm.w0,), (fm.w0,))
             leaf = outputs.detach().requires_grad_(True)
             loss = loss_fn(leaf, targets)
             if not isinstance(loss, torch.Tensor) or loss.ndim != 0:

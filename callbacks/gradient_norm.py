@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_modules import compat
-from lightning_modules.validation import check_float, check_p
+from flatminima.lightning_modules import compat
+from flatminima.lightning_modules.validation import check_float, check_p
 
 from . import measures
 from .base import SharpnessCallback, Values
@@ -34,7 +34,7 @@ class GradientNormSharpness(SharpnessCallback):
     micro-batch with ``accumulate_ascent="micro"``).
 
     With ``on_checkpoint``/``every_n_epochs`` it also measures ρ‖∇L_B ⊙ c‖_q on the fixed subset
-    (:func:`callbacks.measures.gradient_norm_sharpness`, one extra forward/backward per subset batch).
+    (:func:`flatminima.callbacks.measures.gradient_norm_sharpness`, one extra forward/backward per subset batch).
 
     Logs:
         ``sharpness/<name>``: the epoch mean of the per-batch training values.
@@ -49,7 +49,7 @@ class GradientNormSharpness(SharpnessCallback):
         name: Metric name (default ``"gradient_norm"``).
         on_checkpoint: Measure on the fixed subset when a LossThresholdCheckpoint saves (default off:
             the training-time values cost nothing, the subset one does).
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options.
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options.
     """
 
     identity_args = ("rho", "p", "adaptive") + SharpnessCallback.identity_args
@@ -85,9 +85,11 @@ class GradientNormSharpness(SharpnessCallback):
         trainer = self._trainer_ref()
         rank = 0 if trainer is None else trainer.global_rank
         if count and trainer is not None and trainer.world_size > 1:
-            rank_zero_warn(f"{type(self).__name__}({self.name!r}): resumed within an epoch under DDP; only rank 0's "
-                           "values before the checkpoint are in the checkpoint, so that epoch's mean omits the "
-                           "other ranks' values before it")
+            rank_zero_warn(
+                f"{type(self).__name__}({self.name!r}): resumed within an epoch under DDP; only rank 0's "
+                "values before the checkpoint are in the checkpoint, so that epoch's mean omits the "
+                "other ranks' values before it"
+            )
         self._count = count if rank == 0 else 0
         self._sum = torch.tensor(float(state_dict.get("epoch_sum", 0.0)), dtype=torch.float64) if self._count else None
 
@@ -106,8 +108,9 @@ class GradientNormSharpness(SharpnessCallback):
             return  # pass 2 of the SAM step holds the perturbed gradient
         self._record(trainer, pl_module, unscale=True)
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                                 optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         if getattr(pl_module, "pass_index", None) is None and pl_module.automatic_optimization:
             self._record(trainer, pl_module, unscale=False)
 
@@ -115,8 +118,7 @@ class GradientNormSharpness(SharpnessCallback):
         params = [p for p in (self._params or pl_module.parameters()) if p.grad is not None]
         if not params:
             return
-        value = measures.gradient_norm([p.grad for p in params], params, rho=self.rho, p=self.p,
-                                       adaptive=self.adaptive)
+        value = measures.gradient_norm([p.grad for p in params], params, rho=self.rho, p=self.p, adaptive=self.adaptive)
         scale = compat.loss_scale(trainer) if unscale else None
         if scale is not None:
             value = value / scale
@@ -126,8 +128,9 @@ class GradientNormSharpness(SharpnessCallback):
         self._sum = value if self._sum is None else self._sum.to(value.device) + value
         self._count += 1
 
-    def epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, step: int, *,
-                  via_logger: bool = False) -> None:
+    def epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, step: int, *, via_logger: bool = False
+    ) -> None:
         """Log the epoch's mean of the per-batch values (over all ranks), then measure the subset if due."""
         mean = self._epoch_mean(trainer, pl_module)
         if mean is not None:
@@ -149,8 +152,10 @@ class GradientNormSharpness(SharpnessCallback):
         self._sum, self._count = None, 0
         return (packed[0] / packed[1]).float() if float(packed[1]) > 0 else None
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
-        value = measures.gradient_norm_sharpness(network, batches, self.rho, p=self.p, adaptive=self.adaptive,
-                                                 loss_fn=self.loss_fn, reduce=reduce)
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
+        value = measures.gradient_norm_sharpness(
+            network, batches, self.rho, p=self.p, adaptive=self.adaptive, loss_fn=self.loss_fn, reduce=reduce
+        )
         return {f"sharpness/{self.metric_name}_subset": value}

@@ -41,8 +41,14 @@ class HessianOperator:
     first backward (less memory).
     """
 
-    def __init__(self, fm: FlatModel, batches: Sequence[tuple[Any, Any]], loss_fn: LossFn,
-                 reduce: Reduce | None = None, cache_graphs: bool = True) -> None:
+    def __init__(
+        self,
+        fm: FlatModel,
+        batches: Sequence[tuple[Any, Any]],
+        loss_fn: LossFn,
+        reduce: Reduce | None = None,
+        cache_graphs: bool = True,
+    ) -> None:
         self.fm = fm
         self.batches = list(batches)
         self.loss_fn = loss_fn

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.validation import check_choice, check_float, check_int
+from flatminima.lightning_modules.validation import check_choice, check_float, check_int
 
 from . import measures
 from .base import SharpnessCallback, Values
@@ -18,8 +18,8 @@ class HessianSpectrum(SharpnessCallback):
     """Top Hessian eigenvalues (Lanczos) and the Hessian trace (Hutchinson or exact) at checkpoints.
 
     On exact Hessian-vector products (double backward on the unwrapped network), H the Hessian of the
-    mean batch loss on the fixed subset (:func:`callbacks.measures.hessian_eigenvalues`,
-    :func:`callbacks.measures.hutchinson_trace`, :func:`callbacks.measures.hessian_trace`).
+    mean batch loss on the fixed subset (:func:`flatminima.callbacks.measures.hessian_eigenvalues`,
+    :func:`flatminima.callbacks.measures.hutchinson_trace`, :func:`flatminima.callbacks.measures.hessian_trace`).
 
     Logs:
         ``sharpness/<name>_eig<i>`` for i = 1..k: the i-th largest eigenvalue.
@@ -35,7 +35,7 @@ class HessianSpectrum(SharpnessCallback):
         cache_graphs: Keep the batches' gradient graphs between products (faster, more memory).
         name: Metric prefix (default ``"hessian"``).
         batch_size: Batch size of the subset's batches (default 256).
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options.
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options.
     """
 
     identity_args = ("k", "tol", "max_iter", "trace", "n_probes") + SharpnessCallback.identity_args
@@ -64,17 +64,33 @@ class HessianSpectrum(SharpnessCallback):
         if trace == "exact" and self.loss_fn is not F.cross_entropy:
             raise ValueError("Invalid trace: 'exact' applies to the cross-entropy loss only; use 'hutchinson'")
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
         out: Values = {}
         if self.k:
-            values = measures.hessian_eigenvalues(network, batches, self.k, loss_fn=self.loss_fn, tol=self.tol,
-                                                  max_iter=self.max_iter, seed=self.seed,
-                                                  cache_graphs=self.cache_graphs, reduce=reduce)
+            values = measures.hessian_eigenvalues(
+                network,
+                batches,
+                self.k,
+                loss_fn=self.loss_fn,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                seed=self.seed,
+                cache_graphs=self.cache_graphs,
+                reduce=reduce,
+            )
             out.update({f"sharpness/{self.metric_name}_eig{i + 1}": v for i, v in enumerate(values)})
         if self.trace == "hutchinson":
-            estimate = measures.hutchinson_trace(network, batches, n_probes=self.n_probes, loss_fn=self.loss_fn,
-                                                 seed=self.seed, cache_graphs=self.cache_graphs, reduce=reduce)
+            estimate = measures.hutchinson_trace(
+                network,
+                batches,
+                n_probes=self.n_probes,
+                loss_fn=self.loss_fn,
+                seed=self.seed,
+                cache_graphs=self.cache_graphs,
+                reduce=reduce,
+            )
             out[f"sharpness/{self.metric_name}_trace"] = estimate.value
             out[f"sharpness/{self.metric_name}_trace_stderr"] = estimate.stderr
         elif self.trace == "exact":

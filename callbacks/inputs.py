@@ -2,11 +2,11 @@
 
 Usable from YAML by import path, e.g. for Hammoud et al. 2023's GAT on Cora::
 
-    - class_path: callbacks.AdaptiveSharpness
+    - class_path: flatminima.callbacks.AdaptiveSharpness
       init_args:
         rho: 0.02
-        batch_to_inputs: callbacks.inputs.node_inputs
-        loss_fn: callbacks.inputs.masked_cross_entropy
+        batch_to_inputs: flatminima.callbacks.inputs.node_inputs
+        loss_fn: flatminima.callbacks.inputs.masked_cross_entropy
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def mse_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     return F.mse_loss(outputs, targets.to(outputs.dtype))
 
 
-def node_subgraph_inputs(data: Any, mask: str = "train_mask", num_hops: int = 2) -> tuple[tuple[Tensor, Tensor],
-                                                                                         tuple[Tensor, Tensor]]:
+def node_subgraph_inputs(
+    data: Any, mask: str = "train_mask", num_hops: int = 2
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """:func:`node_inputs` restricted to the ``num_hops``-hop neighbourhood of the mask's nodes: same loss, less work.
 
     A network of ``num_hops`` message-passing layers (the two-layer GAT) computes a node's output from
@@ -59,8 +60,9 @@ def node_subgraph_inputs(data: Any, mask: str = "train_mask", num_hops: int = 2)
 
     (x, edge_index), (y, node_mask) = node_inputs(data, mask)
     nodes = node_mask.nonzero().flatten()
-    subset, sub_edges, mapping, _ = k_hop_subgraph(nodes, num_hops, edge_index, relabel_nodes=True,
-                                                   num_nodes=x.shape[0])
+    subset, sub_edges, mapping, _ = k_hop_subgraph(
+        nodes, num_hops, edge_index, relabel_nodes=True, num_nodes=x.shape[0]
+    )
     sub_mask = torch.zeros(subset.numel(), dtype=torch.bool, device=node_mask.device)
     sub_mask[mapping] = True
     return (x[subset], sub_edges), (y[subset], sub_mask)

@@ -53,10 +53,9 @@ from ._core import (
     prepared,
     unwrap,
 )
+from .accuracy import loss_and_accuracy
 from .adaptive import Ascents, Box, Method, Select, apgd_checkpoints, check_selection, worst_case_ascents
 from .alpha_scaling import Solver, minimize_scaled_trace, scaled_trace
-from .per_layer_traces import LayerTraces, UnsupportedNetworkError, feed_forward_layers, layer_traces
-from .accuracy import loss_and_accuracy
 from .average_case import MonteCarloEstimate, average_sharpness
 from .batchnorm_folding import fold_batchnorm
 from .fisher_rao import fisher_rao_norm
@@ -64,6 +63,7 @@ from .hessian import HessianOperator, TraceEstimate, hutchinson, lanczos_top
 from .noise_search import RadiusSearch, bisect_radius
 from .norms import norm_measures
 from .pac_bayes_bounds import pac_bayes, pac_bayes_sigma
+from .per_layer_traces import LayerTraces, UnsupportedNetworkError, feed_forward_layers, layer_traces
 from .sharpness_radius import sharpness_alpha
 
 __all__ = [
@@ -160,14 +160,24 @@ def minimum_sharpness(
     """
     check_choice("solver", solver, ("exact", "sgd"))
     traces = layer_traces(model, batches, reduce=reduce)
-    return minimize_scaled_trace(traces.weight, traces.bias, solver=solver, lr=lr, steps=steps, decay=decay,
-                                 retries=retries)
+    return minimize_scaled_trace(
+        traces.weight, traces.bias, solver=solver, lr=lr, steps=steps, decay=decay, retries=retries
+    )
 
 
 # ---------------------------------------------------------------------------------------- adaptive sharpness
-def _check_worst_case(rho: float, p: float, n_iters: int, method: str, step_size: float | None, box: str = "abs",
-                      adaptive: bool = True, scored: bool = False, select: str = "best_iterate",
-                      passes: int = 1) -> tuple[float, float]:
+def _check_worst_case(
+    rho: float,
+    p: float,
+    n_iters: int,
+    method: str,
+    step_size: float | None,
+    box: str = "abs",
+    adaptive: bool = True,
+    scored: bool = False,
+    select: str = "best_iterate",
+    passes: int = 1,
+) -> tuple[float, float]:
     rho = check_float("rho", rho)
     p = check_p(p, allowed=(2.0, math.inf))
     check_int("n_iters", n_iters, 1)
@@ -184,16 +194,20 @@ def _check_worst_case(rho: float, p: float, n_iters: int, method: str, step_size
     return rho, p
 
 
-def check_pga_options(method: str, p: float, adaptive: bool, box: str, scored: bool,
-                      what: str = "score_batches") -> None:
+def check_pga_options(
+    method: str, p: float, adaptive: bool, box: str, scored: bool, what: str = "score_batches"
+) -> None:
     """Refuse ``box="signed"`` outside pga with p = ∞ and c = |w|, and a score set outside pga (``ValueError``)."""
     check_choice("box", box, ("abs", "signed"))
     if box == "signed" and not (method == "pga" and math.isinf(p) and adaptive):
-        raise ValueError(f"Invalid box: 'signed' with method={method!r}, p={p}, adaptive={adaptive}; it applies to "
-                         "method='pga' with p=inf and adaptive=True")
+        raise ValueError(
+            f"Invalid box: 'signed' with method={method!r}, p={p}, adaptive={adaptive}; it applies to "
+            "method='pga' with p=inf and adaptive=True"
+        )
     if scored and method != "pga":
-        raise ValueError(f"Invalid {what}: a score set with method={method!r}; scoring by another set applies to "
-                         "method='pga'")
+        raise ValueError(
+            f"Invalid {what}: a score set with method={method!r}; scoring by another set applies to method='pga'"
+        )
 
 
 @contextlib.contextmanager
@@ -221,20 +235,44 @@ def _score(fm: FlatModel, batches: Iterable[Any] | None, loss_fn: LossFn) -> Cal
     return score
 
 
-def _worst_case(model: nn.Module, batches: Iterable[Any], rho: float, p: float, adaptive: bool, n_iters: int,
-                method: Method, step_size: float | None, loss_fn: LossFn, score_batches: Iterable[Any] | None,
-                box: Box, train_mode: bool, select: Select = "best_iterate", passes: int = 1) -> Ascents:
+def _worst_case(
+    model: nn.Module,
+    batches: Iterable[Any],
+    rho: float,
+    p: float,
+    adaptive: bool,
+    n_iters: int,
+    method: Method,
+    step_size: float | None,
+    loss_fn: LossFn,
+    score_batches: Iterable[Any] | None,
+    box: Box,
+    train_mode: bool,
+    select: Select = "best_iterate",
+    passes: int = 1,
+) -> Ascents:
     """The ascents of this process's batches (per batch, in the model's compute dtype)."""
-    rho, p = _check_worst_case(rho, p, n_iters, method, step_size, box, adaptive, score_batches is not None,
-                               select, passes)
+    rho, p = _check_worst_case(
+        rho, p, n_iters, method, step_size, box, adaptive, score_batches is not None, select, passes
+    )
     model = unwrap(model)
     with evaluating(model):
         fm = FlatModel(model)
         with _mode(model, fm, train_mode):
             return worst_case_ascents(
-                fm, prepared(batches, fm.device, fm.dtype), rho, p=p, adaptive=adaptive, n_iters=n_iters,
-                method=method, step_size=2.0 * rho if step_size is None else step_size, loss_fn=loss_fn,
-                score=_score(fm, score_batches, loss_fn), box=box, select=select, passes=passes,
+                fm,
+                prepared(batches, fm.device, fm.dtype),
+                rho,
+                p=p,
+                adaptive=adaptive,
+                n_iters=n_iters,
+                method=method,
+                step_size=2.0 * rho if step_size is None else step_size,
+                loss_fn=loss_fn,
+                score=_score(fm, score_batches, loss_fn),
+                box=box,
+                select=select,
+                passes=passes,
             )
 
 
@@ -256,8 +294,22 @@ def adaptive_sharpness_per_batch(
     passes: int = 1,
 ) -> list[float]:
     """Per-batch worst-case sharpness values of :func:`adaptive_sharpness` (this process's batches only)."""
-    values = _worst_case(model, batches, rho, p, adaptive, n_iters, method, step_size, loss_fn, score_batches, box,
-                         train_mode, select, passes).values
+    values = _worst_case(
+        model,
+        batches,
+        rho,
+        p,
+        adaptive,
+        n_iters,
+        method,
+        step_size,
+        loss_fn,
+        score_batches,
+        box,
+        train_mode,
+        select,
+        passes,
+    ).values
     return [float(v) for v in values.cpu()]
 
 
@@ -290,7 +342,7 @@ def adaptive_sharpness(
     authors' APGD estimator as their code runs it (initial step 2ρ or ``step_size``, momentum 0.75/0.25,
     step halving at :func:`apgd_checkpoints` with the next gradient taken at the best point, value = best
     loss over all iterates, never negative); ``method="apgd_reset"`` restarts the iterate itself from the
-    best point at a halving (this project's earlier variant, see :mod:`callbacks.adaptive`); ``method="pga"`` is
+    best point at a halving (this project's earlier variant, see :mod:`flatminima.callbacks.adaptive`); ``method="pga"`` is
     Hammoud et al. (2023)'s projected gradient ascent δ ← Π(δ + η·∇L) with η = ``step_size`` (the training
     learning rate; they use ``n_iters=5``, p = ∞, adaptive, 50 batches of m = 64), which can be negative.
 
@@ -298,7 +350,7 @@ def adaptive_sharpness(
     ``score_batches`` scores every iterate by the mean loss over these batches (their notebooks: the whole
     training set) instead of the ascent batch's loss, S = mean_B max_k L_score(w + δ_k) − L_score(w), with
     L_score(w) computed once; ``box="signed"`` projects with the bounds ±ρ·w as their FCNN notebook's
-    ``torch.clamp`` does (negative weights pinned at w − ρ|w|, see :func:`callbacks.adaptive.project_signed`);
+    ``torch.clamp`` does (negative weights pinned at w − ρ|w|, see :func:`flatminima.callbacks.adaptive.project_signed`);
     ``train_mode=True`` runs the network in training mode (dropout drawn from the global RNG, which is
     restored afterwards; BatchNorm on batch statistics, its running statistics untouched), as their GAT
     and LeNet-5 notebooks do; ``select="best_pass_end"`` takes, instead of the best iterate, the iterate
@@ -327,8 +379,22 @@ def adaptive_sharpness(
     Returns:
         The mean over all batches of the per-batch sharpness.
     """
-    values = _worst_case(model, batches, rho, p, adaptive, n_iters, method, step_size, loss_fn, score_batches, box,
-                         train_mode, select, passes).values
+    values = _worst_case(
+        model,
+        batches,
+        rho,
+        p,
+        adaptive,
+        n_iters,
+        method,
+        step_size,
+        loss_fn,
+        score_batches,
+        box,
+        train_mode,
+        select,
+        passes,
+    ).values
     return float(mean_of(values.sum(), values.numel(), reduce, "adaptive sharpness"))
 
 
@@ -345,8 +411,15 @@ class AdaptiveParts(NamedTuple):
     """The fraction of ascent steps that ended below the previous iterate's loss (0 for a monotone ascent)."""
 
 
-def adaptive_sharpness_parts(model: nn.Module, batches: Iterable[Any], rho: float, *, n_iters: int = 20,
-                             reduce: Reduce | None = None, **kwargs: Any) -> AdaptiveParts:
+def adaptive_sharpness_parts(
+    model: nn.Module,
+    batches: Iterable[Any],
+    rho: float,
+    *,
+    n_iters: int = 20,
+    reduce: Reduce | None = None,
+    **kwargs: Any,
+) -> AdaptiveParts:
     """:func:`adaptive_sharpness` (the same arguments) with A, L and the fraction of falling steps; one reduce.
 
     A − L is the sharpness: A the mean over batches of the selected iterate's loss, L the mean clean loss
@@ -360,12 +433,39 @@ def adaptive_sharpness_parts(model: nn.Module, batches: Iterable[Any], rho: floa
     return AdaptiveParts(value, ascent, clean, falls)
 
 
-def _worst_case_kw(model: nn.Module, batches: Iterable[Any], rho: float, *, p: float = math.inf,
-                   adaptive: bool = True, n_iters: int = 20, method: Method = "apgd", step_size: float | None = None,
-                   loss_fn: LossFn = F.cross_entropy, score_batches: Iterable[Any] | None = None, box: Box = "abs",
-                   train_mode: bool = False, select: Select = "best_iterate", passes: int = 1) -> Ascents:
-    return _worst_case(model, batches, rho, p, adaptive, n_iters, method, step_size, loss_fn, score_batches, box,
-                       train_mode, select, passes)
+def _worst_case_kw(
+    model: nn.Module,
+    batches: Iterable[Any],
+    rho: float,
+    *,
+    p: float = math.inf,
+    adaptive: bool = True,
+    n_iters: int = 20,
+    method: Method = "apgd",
+    step_size: float | None = None,
+    loss_fn: LossFn = F.cross_entropy,
+    score_batches: Iterable[Any] | None = None,
+    box: Box = "abs",
+    train_mode: bool = False,
+    select: Select = "best_iterate",
+    passes: int = 1,
+) -> Ascents:
+    return _worst_case(
+        model,
+        batches,
+        rho,
+        p,
+        adaptive,
+        n_iters,
+        method,
+        step_size,
+        loss_fn,
+        score_batches,
+        box,
+        train_mode,
+        select,
+        passes,
+    )
 
 
 # ---------------------------------------------------------------------------------------- gradient norm
@@ -398,8 +498,12 @@ def gradient_norm(
         if params is None or len(params) != len(grads):
             raise ValueError("Invalid params: adaptive=True needs the parameters matching grads (same length)")
         grads = torch._foreach_mul(grads, torch._foreach_abs([w.detach() for w in params]))
-    norms = torch.stack([n.to(torch.float32 if n.dtype in (torch.float16, torch.bfloat16) else n.dtype)
-                         for n in torch._foreach_norm(grads, q)])
+    norms = torch.stack(
+        [
+            n.to(torch.float32 if n.dtype in (torch.float16, torch.bfloat16) else n.dtype)
+            for n in torch._foreach_norm(grads, q)
+        ]
+    )
     return rho * torch.linalg.vector_norm(norms, q)
 
 
@@ -418,7 +522,7 @@ def gradient_norm_sharpness(
     Khalid, Ponraj & Mukherjee, "Study on loss landscape geometry for improving generalization in
     adaptive optimization methods" (Proposition 1, Algorithm 1): the first-order solution of the SAM
     inner problem, max_{‖ε‖_p ≤ ρ} L_B(w + ε) − L_B(w) ≈ ρ‖∇L_B(w)‖_q (q the dual of p; c = |w| when ``adaptive``),
-    one value per batch, averaged over batches. During training, :class:`callbacks.GradientNormSharpness`
+    one value per batch, averaged over batches. During training, :class:`flatminima.callbacks.GradientNormSharpness`
     reads the gradient the training step already computed instead.
 
     Args:
@@ -445,8 +549,9 @@ def gradient_norm_sharpness(
 
 
 # ---------------------------------------------------------------------------------------- Hessian
-def _operator(model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, reduce: Reduce | None,
-              cache_graphs: bool) -> HessianOperator:
+def _operator(
+    model: nn.Module, batches: Iterable[Any], loss_fn: LossFn, reduce: Reduce | None, cache_graphs: bool
+) -> HessianOperator:
     fm = FlatModel(model)
     return HessianOperator(fm, list(prepared(batches, fm.device, fm.dtype)), loss_fn, reduce, cache_graphs)
 
@@ -486,8 +591,9 @@ def hessian_eigenvalues(
     check_int("max_iter", max_iter, k)
     model = unwrap(model)
     with evaluating(model):
-        return lanczos_top(_operator(model, batches, loss_fn, reduce, cache_graphs), k, tol=tol, max_iter=max_iter,
-                           seed=seed)
+        return lanczos_top(
+            _operator(model, batches, loss_fn, reduce, cache_graphs), k, tol=tol, max_iter=max_iter, seed=seed
+        )
 
 
 def hutchinson_trace(
@@ -538,5 +644,6 @@ def hessian_trace(
                 "cross-entropy (torch.nn.functional.cross_entropy) only; use method='hutchinson'"
             )
         return layer_traces(model, batches, reduce=reduce).total
-    return hutchinson_trace(model, batches, n_probes=n_probes, loss_fn=loss_fn, seed=seed, cache_graphs=cache_graphs,
-                            reduce=reduce).value
+    return hutchinson_trace(
+        model, batches, n_probes=n_probes, loss_fn=loss_fn, seed=seed, cache_graphs=cache_graphs, reduce=reduce
+    ).value

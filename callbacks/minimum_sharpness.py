@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.validation import check_choice, check_float, check_int
+from flatminima.lightning_modules.validation import check_choice, check_float, check_int
 
 from . import measures
 from .base import SharpnessCallback, Values
@@ -18,7 +18,7 @@ class MinimumSharpness(SharpnessCallback):
     """Minimum sharpness (Ibayashi et al. 2021) of the network at checkpoints.
 
     MS = min over α-scale transformations of Tr H of the mean cross-entropy on the fixed subset, from the
-    exact per-layer traces (:func:`callbacks.measures.minimum_sharpness`). The network must be a
+    exact per-layer traces (:func:`flatminima.callbacks.measures.minimum_sharpness`). The network must be a
     feed-forward ReLU chain (BatchNorm after a layer is folded); others raise ``ValueError``. The loss is
     the cross-entropy (no ``loss_fn``) and the subset is drawn without replacement (no ``sampling``).
 
@@ -41,7 +41,7 @@ class MinimumSharpness(SharpnessCallback):
         retries: Restarts of the ``"sgd"`` solver.
         name: Metric name (default ``"minimum"``).
         batch_size: Batch size of the subset's batches (default 256).
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options (schedule, subset, network).
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options (schedule, subset, network).
     """
 
     identity_args = ("solver", "lr", "steps", "decay", "retries") + SharpnessCallback.identity_args
@@ -69,9 +69,17 @@ class MinimumSharpness(SharpnessCallback):
         measures.feed_forward_layers(network)
         measures.check_batch(network, batch, None)
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
         traces = measures.layer_traces(network, batches, reduce=reduce)
-        value = measures.minimize_scaled_trace(traces.weight, traces.bias, solver=self.solver, lr=self.lr,
-                                               steps=self.steps, decay=self.decay, retries=self.retries)
+        value = measures.minimize_scaled_trace(
+            traces.weight,
+            traces.bias,
+            solver=self.solver,
+            lr=self.lr,
+            steps=self.steps,
+            decay=self.decay,
+            retries=self.retries,
+        )
         return {f"sharpness/{self.metric_name}": value, f"sharpness/{self.metric_name}_trace": traces.total}

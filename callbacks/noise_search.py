@@ -74,9 +74,12 @@ class RadiusSearch:
             why = f"every probe dropped the accuracy by more than the target, down to {self.radius:.3g}"
         else:
             why = f"no probe dropped the accuracy by more than the target, up to {self.radius:.3g}"
-        warnings.warn(f"{what}: the search reached the {self.saturated} end of its bracket [{first[0]:g}, "
-                      f"{first[1]:g}] ({why}); the value is a bound, not a measurement: widen lower/upper",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{what}: the search reached the {self.saturated} end of its bracket [{first[0]:g}, "
+            f"{first[1]:g}] ({why}); the value is a bound, not a measurement: widen lower/upper",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def sample_seeds(seed: int, samples: int) -> list[int]:
@@ -85,8 +88,9 @@ def sample_seeds(seed: int, samples: int) -> list[int]:
     return torch.randint(0, 2**62, (check_int("samples", samples, 1),), generator=generator).tolist()
 
 
-def standard_noise(seed: int, numel: int, distribution: Distribution, *, device: torch.device,
-                   dtype: torch.dtype) -> Tensor:
+def standard_noise(
+    seed: int, numel: int, distribution: Distribution, *, device: torch.device, dtype: torch.dtype
+) -> Tensor:
     """``numel`` i.i.d. draws from N(0, 1) (``"gaussian"``) or U[−1, 1] (``"uniform"``), from a CPU generator.
 
     Drawn on the CPU from ``seed`` (so every process and device gets the same numbers), then moved.
@@ -99,8 +103,16 @@ def standard_noise(seed: int, numel: int, distribution: Distribution, *, device:
     return z.to(device)
 
 
-def check_search(target: float, depth: int, samples: int, lower: float, upper: float, tol: float,
-                 samples_name: str = "samples", scale: Scale = "linear") -> None:
+def check_search(
+    target: float,
+    depth: int,
+    samples: int,
+    lower: float,
+    upper: float,
+    tol: float,
+    samples_name: str = "samples",
+    scale: Scale = "linear",
+) -> None:
     """Refuse search arguments out of range (``ValueError`` naming the argument)."""
     check_float("target", target, strict=True)
     check_int("depth", depth, 1)

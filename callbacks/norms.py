@@ -2,7 +2,7 @@
 
 Jiang, Neyshabur, Mobahi, Krishnan & Bengio (2020), "Fantastic generalization measures and where to find
 them" (ICLR; arXiv:1912.02178), appendix C, as the reference code ``nitarshan/robust-generalization-measures``
-computes them: BatchNorm is folded into the layer before it first (:func:`callbacks.batchnorm_folding.fold_batchnorm`),
+computes them: BatchNorm is folded into the layer before it first (:func:`flatminima.callbacks.batchnorm_folding.fold_batchnorm`),
 then W_1..W_d are the weights of the d Linear/Conv layers (biases excluded), a convolution kernel read as the
 matrix (out channels) × (in channels · kernel), ‖·‖_F its Frobenius and ‖·‖_2 its spectral norm (largest
 singular value of that matrix, their code's approximation of the convolution's operator norm), and γ the
@@ -52,8 +52,10 @@ __all__ = ["norm_measures", "margin_percentile", "path_norm", "layer_norms"]
 def _matrices(model: nn.Module, dtype: torch.dtype) -> list[Tensor]:
     layers = weight_layers(model)
     if not layers:
-        raise ValueError(f"Invalid model: {type(model).__name__} has no Linear/Conv layer with trainable weights "
-                         "(the norm-based measures read their weights)")
+        raise ValueError(
+            f"Invalid model: {type(model).__name__} has no Linear/Conv layer with trainable weights "
+            "(the norm-based measures read their weights)"
+        )
     return [m.weight.detach().to(dtype).reshape(m.weight.shape[0], -1) for _, m in layers]
 
 
@@ -138,8 +140,9 @@ def norm_measures(
     if initial is not None:
         start = copy.deepcopy(model)
         start.load_state_dict(dict(initial))
-        dist_fro, dist_spec = layer_norms([w - w0 for w, w0 in zip(_matrices(folded, torch.float64),
-                                                                     _matrices(fold_batchnorm(start), torch.float64))])
+        dist_fro, dist_spec = layer_norms(
+            [w - w0 for w, w0 in zip(_matrices(folded, torch.float64), _matrices(fold_batchnorm(start), torch.float64))]
+        )
         out["fro_dist"] = float(dist_fro.sum())
         out["dist_spec_init"] = float(dist_spec.sum())
         out["log_spec_init_main"] = out["log_prod_spec_over_margin"] + math.log(float((dist_fro / spec).sum()))

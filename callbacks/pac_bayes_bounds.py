@@ -12,7 +12,7 @@ trainable parameters drop the training accuracy by at most a target (0.1) in exp
 The noise is drawn with these *standard deviations*, σ′ and √(σ′² w_i² + ε²). (The reference code passes
 the variances σ′² and σ′² w_i² + ε² to ``torch.normal``, whose second argument is a standard deviation: its
 σ′ is the square root of the one defined here. We follow the paper.) σ′ is found by the seeded bisection of
-:mod:`callbacks.noise_search` (their [0, 2], depth 15, 10 Monte-Carlo samples, tolerance 1e-2), the same
+:mod:`flatminima.callbacks.noise_search` (their [0, 2], depth 15, 10 Monte-Carlo samples, tolerance 1e-2), the same
 noise draws at every probe; the drop is the clean accuracy minus the mean perturbed accuracy on the batches.
 """
 
@@ -41,8 +41,16 @@ Variant = Literal["both", "plain", "magnitude"]
 MAGNITUDE_EPS = 1e-3
 """ε of the magnitude-aware measures (Jiang et al. 2020)."""
 
-__all__ = ["pac_bayes_sigma", "pac_bayes", "pac_bayes_bound", "pac_bayes_mag_bound", "size_adjusted",
-           "flat_initial", "examples_measured", "MAGNITUDE_EPS"]
+__all__ = [
+    "pac_bayes_sigma",
+    "pac_bayes",
+    "pac_bayes_bound",
+    "pac_bayes_mag_bound",
+    "size_adjusted",
+    "flat_initial",
+    "examples_measured",
+    "MAGNITUDE_EPS",
+]
 
 
 def pac_bayes_sigma(
@@ -66,15 +74,15 @@ def pac_bayes_sigma(
     Jiang et al. (2020), appendix C, eq. (53) (and (61) with ``magnitude_eps``): noise u ~ N(0, σ² I), or
     u_i ~ N(0, σ² w_i² + ε²) with ε = ``magnitude_eps``, on every trainable parameter, the network in eval
     mode; drop(σ) = acc(w) − mean_k acc(w + u_k) over ``samples`` draws, the same draws (seeded by ``seed``)
-    at every probe of the bisection (:func:`callbacks.noise_search.bisect_radius`, combine = mean). At
+    at every probe of the bisection (:func:`flatminima.callbacks.noise_search.bisect_radius`, combine = mean). At
     most ``depth × samples`` perturbed evaluations (plus one clean one).
 
     ``distribution="uniform"`` draws u uniformly in the box |u_i| ≤ σ (or σ|w_i| + ε with ``magnitude_eps``)
-    from the same seeds as :func:`callbacks.sharpness_radius.sharpness_alpha`'s random starts: the
+    from the same seeds as :func:`flatminima.callbacks.sharpness_radius.sharpness_alpha`'s random starts: the
     average-case radius of that box, never below the worst-case α′ of the same seeds.
 
     Args:
-        model: A classifier: ``(N, K)`` logits or one logit per example (see :mod:`callbacks.accuracy`).
+        model: A classifier: ``(N, K)`` logits or one logit per example (see :mod:`flatminima.callbacks.accuracy`).
         batches: Iterable of ``(inputs, targets)`` with integer class targets.
         target: The allowed accuracy drop (Jiang et al.: 0.1).
         magnitude_eps: ε of the magnitude-aware noise (None: the plain noise N(0, σ² I)).
@@ -110,8 +118,9 @@ def pac_bayes_sigma(
                 size = w_abs * sigma + magnitude_eps
             return clean - accuracy_at(fm, fm.w0 + size * z, data, reduce, "PAC-Bayes flatness")
 
-        found = bisect_radius(drop, target, samples=samples, depth=depth, lower=lower, upper=upper, tol=tol,
-                              scale=scale)
+        found = bisect_radius(
+            drop, target, samples=samples, depth=depth, lower=lower, upper=upper, tol=tol, scale=scale
+        )
     noise = "sigma" if magnitude_eps is None else f"sqrt(sigma^2 w^2 + {magnitude_eps:g}^2)"
     found.warn_if_saturated(f"PAC-Bayes sigma' (noise std {noise}, {distribution})", (lower, upper))
     return found
@@ -155,8 +164,10 @@ def flat_initial(fm: FlatModel, initial: Mapping[str, Tensor]) -> Tensor:
     """The initial values of ``fm``'s trainable parameters (a state dict of the network) as one flat vector."""
     missing = [n for n in fm.names if n not in initial]
     if missing:
-        raise ValueError(f"Invalid initial: the initial state has no {missing[0]!r} (a state_dict of the measured "
-                         "network at initialization is expected)")
+        raise ValueError(
+            f"Invalid initial: the initial state has no {missing[0]!r} (a state_dict of the measured "
+            "network at initialization is expected)"
+        )
     parts = []
     for name, shape in zip(fm.names, fm.shapes):
         t = initial[name]
@@ -223,8 +234,17 @@ def pac_bayes(
     if m is None:
         m = examples_measured(list(prepared(batches, fm.device, fm.dtype)), fm.device, reduce)
     m = check_int("m", m, 1)
-    search = dict(target=target, depth=depth, samples=samples, lower=lower, upper=upper, tol=tol, seed=seed,
-                  scale=scale, reduce=reduce)
+    search = dict(
+        target=target,
+        depth=depth,
+        samples=samples,
+        lower=lower,
+        upper=upper,
+        tol=tol,
+        seed=seed,
+        scale=scale,
+        reduce=reduce,
+    )
     out: dict[str, float] = {}
     if variant in ("both", "plain"):
         sigma = pac_bayes_sigma(model, batches, **search).radius
@@ -235,8 +255,9 @@ def pac_bayes(
     if variant in ("both", "magnitude"):
         sigma = pac_bayes_sigma(model, batches, magnitude_eps=magnitude_eps, **search).radius
         out["pac_bayes_mag_flatness"] = 1.0 / sigma**2
-        out["pac_bayes_mag_orig"] = size_adjusted(pac_bayes_mag_bound(w, torch.zeros_like(w), sigma, magnitude_eps,
-                                                                      m), m)
+        out["pac_bayes_mag_orig"] = size_adjusted(
+            pac_bayes_mag_bound(w, torch.zeros_like(w), sigma, magnitude_eps, m), m
+        )
         if w_init is not None:
             out["pac_bayes_mag_init"] = size_adjusted(pac_bayes_mag_bound(w, w_init, sigma, magnitude_eps, m), m)
     return out

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_modules.validation import check_choice, check_float, check_int
+from flatminima.lightning_modules.validation import check_choice, check_float, check_int
 
 from . import measures
 from ._initial import InitialWeights
@@ -31,9 +31,9 @@ class PacBayesFlatness(InitialWeights, SharpnessCallback):
 
     σ′ is the largest noise scale whose Gaussian perturbations of the weights drop the training accuracy on
     the fixed subset by at most ``target`` in expectation, by a seeded bisection over ``samples`` Monte-Carlo
-    draws (:func:`callbacks.measures.pac_bayes_sigma`); the magnitude-aware noise has variance σ′² w_i² + ε².
+    draws (:func:`flatminima.callbacks.measures.pac_bayes_sigma`); the magnitude-aware noise has variance σ′² w_i² + ε².
     The bounds use the training-set size m and the initial weights, which the callback keeps from the start of
-    fit (in its checkpoint state). Formulas: :func:`callbacks.measures.pac_bayes`. The loss is not used (the
+    fit (in its checkpoint state). Formulas: :func:`flatminima.callbacks.measures.pac_bayes`. The loss is not used (the
     accuracy is); the network must be a classifier with integer targets.
 
     Logs (``variant`` "both"; "plain" or "magnitude" log their half):
@@ -52,11 +52,20 @@ class PacBayesFlatness(InitialWeights, SharpnessCallback):
         variant: ``"both"``, ``"plain"`` (noise N(0, σ² I)) or ``"magnitude"``.
         name: Metric prefix (default ``"pac_bayes"``).
         batch_size: Batch size of the subset's batches (default 256).
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options (schedule, subset, network).
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options (schedule, subset, network).
     """
 
-    identity_args = ("target", "depth", "samples", "lower", "upper", "tol", "scale", "magnitude_eps",
-                     "variant") + SharpnessCallback.identity_args
+    identity_args = (
+        "target",
+        "depth",
+        "samples",
+        "lower",
+        "upper",
+        "tol",
+        "scale",
+        "magnitude_eps",
+        "variant",
+    ) + SharpnessCallback.identity_args
 
     def __init__(
         self,
@@ -87,11 +96,24 @@ class PacBayesFlatness(InitialWeights, SharpnessCallback):
             warnings.simplefilter("ignore", UserWarning)
             measures.pac_bayes_sigma(network, [batch], depth=1, samples=1)
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
         values = measures.pac_bayes(
-            network, batches, initial=self.initial, m=training_set_size(trainer), variant=self.variant,
-            target=self.target, magnitude_eps=self.magnitude_eps, depth=self.depth, samples=self.samples,
-            lower=self.lower, upper=self.upper, tol=self.tol, seed=self.seed, scale=self.scale, reduce=reduce,
+            network,
+            batches,
+            initial=self.initial,
+            m=training_set_size(trainer),
+            variant=self.variant,
+            target=self.target,
+            magnitude_eps=self.magnitude_eps,
+            depth=self.depth,
+            samples=self.samples,
+            lower=self.lower,
+            upper=self.upper,
+            tol=self.tol,
+            seed=self.seed,
+            scale=self.scale,
+            reduce=reduce,
         )
-        return {f"sharpness/{self.metric_name}{key[len('pac_bayes'):]}": value for key, value in values.items()}
+        return {f"sharpness/{self.metric_name}{key[len('pac_bayes') :]}": value for key, value in values.items()}

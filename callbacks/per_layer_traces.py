@@ -37,24 +37,62 @@ from ._core import Reduce, all_sum, compute_dtype, evaluating, model_device, pre
 _LAYERS = (nn.Linear, nn.Conv2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _HOMOGENEOUS = (
-    nn.ReLU, nn.LeakyReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
 )
 _PASSTHROUGH = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 _SMOOTH = (
-    nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.Softmax,
-    nn.LogSoftmax, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.PReLU, nn.RReLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Hardtanh,
+    nn.ReLU6,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.PReLU,
+    nn.RReLU,
 )
 _FUNCTIONS = {
-    F.relu: "homogeneous", torch.relu: "homogeneous", F.leaky_relu: "homogeneous",
-    F.max_pool1d: "homogeneous", F.max_pool2d: "homogeneous", F.avg_pool1d: "homogeneous",
-    F.avg_pool2d: "homogeneous", F.adaptive_avg_pool1d: "homogeneous", F.adaptive_avg_pool2d: "homogeneous",
-    F.adaptive_max_pool1d: "homogeneous", F.adaptive_max_pool2d: "homogeneous",
-    torch.flatten: "passthrough", F.dropout: "passthrough", torch.reshape: "passthrough",
+    F.relu: "homogeneous",
+    torch.relu: "homogeneous",
+    F.leaky_relu: "homogeneous",
+    F.max_pool1d: "homogeneous",
+    F.max_pool2d: "homogeneous",
+    F.avg_pool1d: "homogeneous",
+    F.avg_pool2d: "homogeneous",
+    F.adaptive_avg_pool1d: "homogeneous",
+    F.adaptive_avg_pool2d: "homogeneous",
+    F.adaptive_max_pool1d: "homogeneous",
+    F.adaptive_max_pool2d: "homogeneous",
+    torch.flatten: "passthrough",
+    F.dropout: "passthrough",
+    torch.reshape: "passthrough",
 }
 _METHODS = {
-    "relu": "homogeneous", "relu_": "homogeneous", "flatten": "passthrough", "view": "passthrough",
-    "reshape": "passthrough", "contiguous": "passthrough", "squeeze": "passthrough", "unsqueeze": "passthrough",
+    "relu": "homogeneous",
+    "relu_": "homogeneous",
+    "flatten": "passthrough",
+    "view": "passthrough",
+    "reshape": "passthrough",
+    "contiguous": "passthrough",
+    "squeeze": "passthrough",
+    "unsqueeze": "passthrough",
 }
 _ELEMENTS = 1 << 24  # working-set budget (elements) of one chunk of per-example products
 
@@ -117,19 +155,30 @@ def _module_kind(name: str, m: nn.Module) -> str:
         return "layer"
     if isinstance(m, _NORMS):
         if not m.track_running_stats or m.running_mean is None or m.running_var is None:
-            raise _refuse(name, m, "has no running statistics, so in eval mode it normalizes with batch "
-                                   "statistics and is not an affine map that can be folded")
+            raise _refuse(
+                name,
+                m,
+                "has no running statistics, so in eval mode it normalizes with batch "
+                "statistics and is not an affine map that can be folded",
+            )
         return "norm"
     if isinstance(m, _HOMOGENEOUS):
         return "homogeneous"
     if isinstance(m, _PASSTHROUGH):
         return "passthrough"
     if isinstance(m, _SMOOTH):
-        raise _refuse(name, m, "is not positively homogeneous (f(αx) ≠ αf(x)), so per-layer α-scaling changes "
-                               "the network's function")
+        raise _refuse(
+            name,
+            m,
+            "is not positively homogeneous (f(αx) ≠ αf(x)), so per-layer α-scaling changes the network's function",
+        )
     if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)):
-        raise _refuse(name, m, "normalizes with per-example statistics, which makes the preceding layers' "
-                               "scale irrelevant and is not an affine map that can be folded")
+        raise _refuse(
+            name,
+            m,
+            "normalizes with per-example statistics, which makes the preceding layers' "
+            "scale irrelevant and is not an affine map that can be folded",
+        )
     raise _refuse(name, m, "is not a supported layer of a feed-forward ReLU chain")
 
 
@@ -165,8 +214,12 @@ def _fx_ops(model: nn.Module) -> list[tuple[str, Any]]:
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as error:  # noqa: BLE001 - any tracing failure means we cannot verify the chain
-        raise _refuse("", model, f"could not be traced by torch.fx to verify it is a feed-forward chain "
-                                 f"({type(error).__name__}: {error}); wrap the layers in an nn.Sequential") from error
+        raise _refuse(
+            "",
+            model,
+            f"could not be traced by torch.fx to verify it is a feed-forward chain "
+            f"({type(error).__name__}: {error}); wrap the layers in an nn.Sequential",
+        ) from error
     ops: list[tuple[str, Any]] = []
     prev = None
     for node in graph.nodes:
@@ -184,8 +237,12 @@ def _fx_ops(model: nn.Module) -> list[tuple[str, Any]]:
             break
         users = [u for u in prev.users if not _is_shape_query(u)]
         if inputs != [prev] or len(users) != 1:
-            raise _refuse(node.name, str(node.target), "combines tensors or reuses an intermediate output "
-                                                       "(residual/skip connection): not a feed-forward chain")
+            raise _refuse(
+                node.name,
+                str(node.target),
+                "combines tensors or reuses an intermediate output "
+                "(residual/skip connection): not a feed-forward chain",
+            )
         if node.op == "call_module":
             ops.append((str(node.target), model.get_submodule(str(node.target))))
         elif node.op == "call_function" and node.target in _FUNCTIONS:
@@ -193,8 +250,11 @@ def _fx_ops(model: nn.Module) -> list[tuple[str, Any]]:
         elif node.op == "call_method" and node.target in _METHODS:
             ops.append((node.name, _METHODS[node.target]))
         else:
-            raise _refuse(node.name, str(getattr(node.target, "__name__", node.target)),
-                          "is an operation that is not positively homogeneous or not supported")
+            raise _refuse(
+                node.name,
+                str(getattr(node.target, "__name__", node.target)),
+                "is an operation that is not positively homogeneous or not supported",
+            )
         prev = node
     return ops
 
@@ -224,8 +284,12 @@ def feed_forward_layers(model: nn.Module) -> list[Layer]:
             layers.append(Layer(name, op))
         elif kind == "norm":
             if last != "layer":
-                raise _refuse(name, op, "does not directly follow a Linear/Conv2d layer; only a BatchNorm right "
-                                        "after a layer is affine in that layer and can be folded into it")
+                raise _refuse(
+                    name,
+                    op,
+                    "does not directly follow a Linear/Conv2d layer; only a BatchNorm right "
+                    "after a layer is affine in that layer and can be folded into it",
+                )
             layers[-1] = Layer(layers[-1].name, layers[-1].module, op)
         if kind != "passthrough":
             last = kind
@@ -388,20 +452,22 @@ def layer_traces(model: nn.Module, batches: Iterable[Any], *, reduce: Reduce | N
     return LayerTraces(
         names=tuple(layer.name for layer in layers),
         weight=packed[:depth] / total,
-        bias=packed[depth:2 * depth] / total,
+        bias=packed[depth : 2 * depth] / total,
         has_bias=tuple(layer.has_bias for layer in layers),
         count=int(total),
     )
 
 
-def _batch_traces(model: nn.Module, layers: list[Layer], params: dict[str, Tensor],
-                  inputs: Tensor) -> tuple[Tensor, Tensor, int]:
+def _batch_traces(
+    model: nn.Module, layers: list[Layer], params: dict[str, Tensor], inputs: Tensor
+) -> tuple[Tensor, Tensor, int]:
     acts: list[Tensor | None] = [None] * len(layers)
     outs: list[Tensor | None] = [None] * len(layers)
 
     def capture_input(i: int):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
             acts[i] = args[0].detach()
+
         return hook
 
     def capture_output(i: int):
@@ -410,6 +476,7 @@ def _batch_traces(model: nn.Module, layers: list[Layer], params: dict[str, Tenso
                 output = output.detach().requires_grad_(True)
             outs[i] = output
             return output.clone()  # downstream in-place ops (ReLU(inplace=True)) must not touch it
+
         return hook
 
     handles = []

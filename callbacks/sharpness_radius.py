@@ -14,7 +14,7 @@ u⁰ ~ U[−r, r], each followed by a few steps of projected sign-gradient ascen
 cross-entropy of all the batches, u ← clip(u + η r ⊙ sign ∇L(w + u), −r, r), with
 η = ``step_size`` (default 2.5/steps, Madry et al. 2018's heuristic); the drop of a start is the clean
 accuracy minus the lowest accuracy seen along its path (the start included). α′ comes from the seeded
-bisection of :mod:`callbacks.noise_search` with the worst start (combine = max); the starts are the same at
+bisection of :mod:`flatminima.callbacks.noise_search` with the worst start (combine = max); the starts are the same at
 every probe, and drawn from the same seeds as the uniform noise of an average-case search, so a worst-case
 α′ never exceeds the average-case one.
 """
@@ -35,8 +35,9 @@ from .noise_search import RadiusSearch, Scale, bisect_radius, check_search, samp
 __all__ = ["sharpness_alpha", "ascent_step_totals"]
 
 
-def ascent_step_totals(fm: FlatModel, flat: Tensor, batches: Sequence[tuple[Any, Any]], loss_fn: LossFn,
-                       reduce: Reduce | None) -> tuple[Tensor, float]:
+def ascent_step_totals(
+    fm: FlatModel, flat: Tensor, batches: Sequence[tuple[Any, Any]], loss_fn: LossFn, reduce: Reduce | None
+) -> tuple[Tensor, float]:
     """The gradient of Σ_B L_B at ``flat`` and the accuracy there, summed over all processes (one forward-backward)."""
     leaf = flat.detach().requires_grad_(True)
     grad = torch.zeros_like(flat)
@@ -49,8 +50,9 @@ def ascent_step_totals(fm: FlatModel, flat: Tensor, batches: Sequence[tuple[Any,
         grad += g
         correct = correct + correct_count(outputs.detach(), targets)
         count += targets.numel()
-    packed = all_sum(torch.cat([grad.to(torch.float64), torch.stack([correct, correct.new_tensor(float(count))])]),
-                     reduce)
+    packed = all_sum(
+        torch.cat([grad.to(torch.float64), torch.stack([correct, correct.new_tensor(float(count))])]), reduce
+    )
     return packed[:-2].to(flat.dtype), float(packed[-2] / packed[-1])
 
 
@@ -80,7 +82,7 @@ def sharpness_alpha(
     ``depth × restarts`` evaluated starts and ``depth × restarts × (steps + 1)`` passes, plus one clean pass.
 
     Args:
-        model: A classifier (see :mod:`callbacks.accuracy`).
+        model: A classifier (see :mod:`flatminima.callbacks.accuracy`).
         batches: Iterable of ``(inputs, targets)`` with integer class targets; the ascent climbs the sum of
             their losses.
         target: The allowed accuracy drop (Jiang et al.: 0.1).
@@ -124,8 +126,9 @@ def sharpness_alpha(
             worst = min(worst, accuracy_at(fm, fm.w0 + u, data, reduce, "worst-case sharpness"))
             return clean - worst
 
-        found = bisect_radius(drop, target, samples=restarts, depth=depth, lower=lower, upper=upper, tol=tol,
-                              combine="max", scale=scale)
+        found = bisect_radius(
+            drop, target, samples=restarts, depth=depth, lower=lower, upper=upper, tol=tol, combine="max", scale=scale
+        )
     box = "alpha" if magnitude_eps is None else f"alpha |w| + {magnitude_eps:g}"
     found.warn_if_saturated(f"worst-case sharpness alpha' (box |u| <= {box})", (lower, upper))
     return found

@@ -11,8 +11,8 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules import compat
-from lightning_modules.validation import check_choice, check_int, invalid, is_real
+from flatminima.lightning_modules import compat
+from flatminima.lightning_modules.validation import check_choice, check_int, invalid, is_real
 
 from ._monitor import check_monitor_name
 
@@ -50,7 +50,7 @@ class RelativeLossStopping(EarlyStopping):
 
     The decision is taken in ``on_train_epoch_end`` after the LightningModule logged its epoch values
     (Lightning runs ``EarlyStopping`` subclasses there), so a
-    :class:`~callbacks.checkpoint.LossThresholdCheckpoint` with ``save_at_end`` sees the stop and
+    :class:`~flatminima.callbacks.checkpoint.LossThresholdCheckpoint` with ``save_at_end`` sees the stop and
     saves (and measures) that epoch. The decision is reduced over DDP ranks; the previous epoch value
     and the stop are callback state (a resumed run decides as the uninterrupted one). Nothing is
     logged: ``relative_changes`` holds ``(epoch, r)`` pairs and ``stopped_epoch`` the number of
@@ -86,12 +86,16 @@ class RelativeLossStopping(EarlyStopping):
 
     @property
     def state_key(self) -> str:
-        return compat.state_key(self, monitor=self.monitor, threshold=self.threshold, min_epochs=self.min_epochs,
-                                mode=self.change_mode)
+        return compat.state_key(
+            self, monitor=self.monitor, threshold=self.threshold, min_epochs=self.min_epochs, mode=self.change_mode
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"previous": self.previous, "stopped_epoch": self.stopped_epoch,
-                "relative_changes": [list(c) for c in self.relative_changes]}
+        return {
+            "previous": self.previous,
+            "stopped_epoch": self.stopped_epoch,
+            "relative_changes": [list(c) for c in self.relative_changes],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.previous = state_dict.get("previous")
@@ -126,5 +130,7 @@ class RelativeLossStopping(EarlyStopping):
             trainer.should_stop = True
             self.stopped_epoch = epoch
             if self.verbose:
-                rank_zero_info(f"RelativeLossStopping: {self.monitor} changed by {r:.4g} < {self.threshold} "
-                               f"(relative) after epoch {epoch}; stopping.")
+                rank_zero_info(
+                    f"RelativeLossStopping: {self.monitor} changed by {r:.4g} < {self.threshold} "
+                    f"(relative) after epoch {epoch}; stopping."
+                )

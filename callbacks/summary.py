@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerStatus
 
-from formats.summary import Status, Summary, write_json
+from flatminima.formats.summary import Status, Summary, write_json
 
 FinishAfter = Literal["fit", "test"]
 HIGHER_IS_BETTER = ("acc", "accuracy", "f1", "auroc", "precision", "recall")
@@ -21,7 +21,7 @@ class RunSummary(Callback):
     """Write ``summary.json``: status, final metrics, generalization gaps and every ``sharpness/*`` value.
 
     The file is the interface between training and the study analysis (``python cli.py study analyze``);
-    its format is :mod:`formats.summary` (the :class:`~formats.summary.Summary` dictionary),
+    its format is :mod:`flatminima.formats.summary` (the :class:`~flatminima.formats.summary.Summary` dictionary),
     and it is written atomically (temporary file, fsync, ``os.replace``) and only on global rank 0. It needs
     nothing from this project: the values are taken from what the run's loggers receive (so they equal
     what TensorBoard shows), or from ``trainer.callback_metrics`` when the trainer has no logger.
@@ -39,9 +39,9 @@ class RunSummary(Callback):
     ``train/<m>`` and ``test/<m>`` (``train − test`` for accuracy-like names — acc, f1, auroc, precision,
     recall — and ``test − train`` for losses and errors, so a larger gap always means worse
     generalization; the train side is ``train_final/<m>``, the final weights re-evaluated on the training
-    set, when ``callbacks.FinalTrainEvaluation`` logged it, else the last epoch's mean), and ``<key>@threshold``, the value of each per-epoch key at ``threshold_epoch``.
+    set, when ``flatminima.callbacks.FinalTrainEvaluation`` logged it, else the last epoch's mean), and ``<key>@threshold``, the value of each per-epoch key at ``threshold_epoch``.
     Non-finite values are kept: a diverged loss is ``inf``, written as the string ``"inf"`` (``"-inf"``,
-    ``"nan"``), since JSON has no infinity; :func:`formats.summary.read_summary` reads them back as
+    ``"nan"``), since JSON has no infinity; :func:`flatminima.formats.summary.read_summary` reads them back as
     floats.
 
     Example::
@@ -179,8 +179,12 @@ class RunSummary(Callback):
             "global_step": getattr(self, "_global_step", trainer.global_step),
             "threshold_epoch": self._threshold_epoch,
             "metrics": metrics,
-            "sharpness": [{"key": k, "value": v, "epoch": e, "step": s}
-                          for k, rows in history.items() if k.startswith("sharpness/") for e, s, v in rows],
+            "sharpness": [
+                {"key": k, "value": v, "epoch": e, "step": s}
+                for k, rows in history.items()
+                if k.startswith("sharpness/")
+                for e, s, v in rows
+            ],
             "history": history,
         }
 
@@ -209,7 +213,7 @@ def gaps(metrics: dict[str, float | None]) -> dict[str, float | None]:
 
     Positive means worse on the test set: ``train − test`` for accuracy-like names (acc, accuracy, f1, auroc,
     precision, recall), ``test − train`` for the others (losses, errors). When the final weights were
-    re-evaluated on the training set (``train_final/<m>``, ``callbacks.FinalTrainEvaluation``), that value is
+    re-evaluated on the training set (``train_final/<m>``, ``flatminima.callbacks.FinalTrainEvaluation``), that value is
     the train side; otherwise the last epoch's mean ``train/<m>``. Non-finite values give what the arithmetic
     gives (∞ − 1 = ∞, ∞ − ∞ = NaN).
     """

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from torch import nn
 
-from lightning_modules.validation import check_choice, check_float, check_int
+from flatminima.lightning_modules.validation import check_choice, check_float, check_int
 
 from . import measures
 from .base import SharpnessCallback, Values
@@ -21,7 +21,7 @@ class WorstCaseSharpness(SharpnessCallback):
     α′ is the largest box radius within which projected sign-gradient ascent on the subset's loss, from
     ``restarts`` random starts, cannot drop the training accuracy by more than ``target``: the box |u_i| ≤ α
     (plain) or |u_i| ≤ α|w_i| + ε (magnitude-aware), found by the seeded bisection
-    (:func:`callbacks.measures.sharpness_alpha`).
+    (:func:`flatminima.callbacks.measures.sharpness_alpha`).
 
     Logs (``variant`` "both"; "plain" or "magnitude" log one):
         ``sharpness/<name>_flatness``: 1/α′² (Jiang et al.'s sharpness-flatness).
@@ -41,11 +41,22 @@ class WorstCaseSharpness(SharpnessCallback):
         variant: ``"both"``, ``"plain"`` or ``"magnitude"``.
         name: Metric prefix (default ``"sharpness"``, Jiang et al.'s name of the family).
         batch_size: Batch size of the subset's batches (default 256).
-        **kwargs: The other :class:`~callbacks.base.SharpnessCallback` options (schedule, subset, loss, network).
+        **kwargs: The other :class:`~flatminima.callbacks.base.SharpnessCallback` options (schedule, subset, loss, network).
     """
 
-    identity_args = ("target", "depth", "restarts", "steps", "step_size", "lower", "upper", "tol", "scale",
-                     "magnitude_eps", "variant") + SharpnessCallback.identity_args
+    identity_args = (
+        "target",
+        "depth",
+        "restarts",
+        "steps",
+        "step_size",
+        "lower",
+        "upper",
+        "tol",
+        "scale",
+        "magnitude_eps",
+        "variant",
+    ) + SharpnessCallback.identity_args
 
     def __init__(
         self,
@@ -80,11 +91,23 @@ class WorstCaseSharpness(SharpnessCallback):
             warnings.simplefilter("ignore", UserWarning)
             measures.sharpness_alpha(network, [batch], depth=1, restarts=1, steps=1, loss_fn=self.loss_fn)
 
-    def compute(self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None,
-                trainer: pl.Trainer) -> Values:
-        search = dict(target=self.target, depth=self.depth, restarts=self.restarts, steps=self.steps,
-                      step_size=self.step_size, lower=self.lower, upper=self.upper, tol=self.tol, seed=self.seed,
-                      scale=self.scale, loss_fn=self.loss_fn, reduce=reduce)
+    def compute(
+        self, network: nn.Module, batches: list[Any], reduce: measures.Reduce | None, trainer: pl.Trainer
+    ) -> Values:
+        search = dict(
+            target=self.target,
+            depth=self.depth,
+            restarts=self.restarts,
+            steps=self.steps,
+            step_size=self.step_size,
+            lower=self.lower,
+            upper=self.upper,
+            tol=self.tol,
+            seed=self.seed,
+            scale=self.scale,
+            loss_fn=self.loss_fn,
+            reduce=reduce,
+        )
         out: Values = {}
         if self.variant in ("both", "plain"):
             alpha = measures.sharpness_alpha(network, batches, **search).radius

@@ -2,8 +2,8 @@
 
 ``cli.py`` is the thin entry point (its docstring describes the behaviour: composition, run folders,
 errors, output); this module holds the CLI class and the run entry so that every caller imports it from
-here: ``cli.py``, and a study worker running one run (:mod:`studies.runner`), which thereby never imports
-``cli.py`` (no import cycle: ``cli.py`` hands ``python cli.py study ...`` to :mod:`studies.cli`).
+here: ``cli.py``, and a study worker running one run (:mod:`flatminima.studies.runner`), which thereby never imports
+``cli.py`` (no import cycle: ``cli.py`` hands ``python cli.py study ...`` to :mod:`flatminima.studies.cli`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from callbacks.progress import EpochLines
-from cli_support import claims, compose, errors
-from cli_support.help import DESCRIPTION, HelpFormatter, presets_epilog
-from cli_support.hparams import HParamsWriter, readable_hparams
-from cli_support.quiet import HeldRecords, quiet_noise
-from cli_support.report import StepCounter, final_metrics, run_folder, table
-from lightning_modules import TwoPassModule, compat
+from flatminima.callbacks.progress import EpochLines
+from flatminima.cli_support import claims, compose, errors
+from flatminima.cli_support.help import DESCRIPTION, HelpFormatter, presets_epilog
+from flatminima.cli_support.hparams import HParamsWriter, readable_hparams
+from flatminima.cli_support.quiet import HeldRecords, quiet_noise
+from flatminima.cli_support.report import StepCounter, final_metrics, run_folder, table
+from flatminima.lightning_modules import TwoPassModule, compat
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root (its ``configs/`` are listed by ``--help``)."""
@@ -39,7 +39,7 @@ TRAINER_DEFAULTS = {
 
 
 class FlatMinimaParser(LightningArgumentParser):
-    """LightningCLI's parser whose errors are one line (:func:`cli_support.errors.summarize`), exit code 2."""
+    """LightningCLI's parser whose errors are one line (:func:`flatminima.cli_support.errors.summarize`), exit code 2."""
 
     plan: compose.Plan | None = None
 
@@ -69,15 +69,14 @@ def _has_subcommands(parser) -> bool:
 
 
 class FlatMinimaCLI(LightningCLI):
-    """LightningCLI whose model is a :class:`~lightning_modules.TwoPassModule` task (behaviour: ``cli.py``'s docstring).
+    """LightningCLI whose model is a :class:`~flatminima.lightning_modules.TwoPassModule` task (behaviour: ``cli.py``'s docstring).
 
     A value that a class refuses (``ValueError``/``TypeError`` from its ``__init__``) ends the run
     before training with one line naming the config key, e.g.
-    ``error: model.init_args.minimizer (lightning_modules.minimizers.SAM): Invalid rho: -0.1; ...``.
+    ``error: model.init_args.minimizer (flatminima.lightning_modules.minimizers.SAM): Invalid rho: -0.1; ...``.
     """
 
-    def __init__(self, *args, plan: compose.Plan | None = None, seed_line: HeldRecords | None = None,
-                 **kwargs) -> None:
+    def __init__(self, *args, plan: compose.Plan | None = None, seed_line: HeldRecords | None = None, **kwargs) -> None:
         self.plan = plan or compose.Plan([])
         self._seed_line = seed_line
         self._steps = StepCounter()
@@ -98,13 +97,17 @@ class FlatMinimaCLI(LightningCLI):
         # image_size, in_features or dim disagrees with the data, naming the key to set.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.add_argument(
-            "--test_after_fit", type=bool, default=True,
+            "--test_after_fit",
+            type=bool,
+            default=True,
             help="After fit, run the test loop on the final weights (when the data module has a test set).",
         )
         parser.add_argument(
-            "--name", type=str | None, default=None,
+            "--name",
+            type=str | None,
+            default=None,
             help="Run name: logs go to logs/<name>/version_<n>/ (default: the experiment + the presets that "
-                 "changed it, e.g. moons_gsam+adam+sam).",
+            "changed it, e.g. moons_gsam+adam+sam).",
         )
 
     def _section(self):
@@ -114,9 +117,12 @@ class FlatMinimaCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand in EVALUATIONS and not self.config[subcommand].get("ckpt_path"):
-            parser.exit(2, f"error: ckpt_path: `{subcommand}` evaluates the weights of a checkpoint and none was "
-                           "given (the config alone holds untrained weights); pass --ckpt_path "
-                           "<run>/checkpoints/<file>.ckpt (fit --trainer.max_epochs 0 reports untrained weights)\n")
+            parser.exit(
+                2,
+                f"error: ckpt_path: `{subcommand}` evaluates the weights of a checkpoint and none was "
+                "given (the config alone holds untrained weights); pass --ckpt_path "
+                "<run>/checkpoints/<file>.ckpt (fit --trainer.max_epochs 0 reports untrained weights)\n",
+            )
 
     def before_instantiate_classes(self) -> None:
         config = self._section()
@@ -170,8 +176,9 @@ class FlatMinimaCLI(LightningCLI):
             extra.append(HParamsWriter(readable_hparams(self._section().as_dict())))
             if not trainer.progress_bar_callback:
                 extra.append(EpochLines())
-        first_checkpoint = next((i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)),
-                                len(trainer.callbacks))
+        first_checkpoint = next(
+            (i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)), len(trainer.callbacks)
+        )
         trainer.callbacks[first_checkpoint:first_checkpoint] = extra
         return trainer
 
@@ -179,8 +186,11 @@ class FlatMinimaCLI(LightningCLI):
         trainer = self.trainer
         if not trainer.is_global_zero:
             return
-        limits = {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
-                  "limit_train_batches": trainer.limit_train_batches}
+        limits = {
+            "max_epochs": trainer.max_epochs,
+            "max_steps": trainer.max_steps,
+            "limit_train_batches": trainer.limit_train_batches,
+        }
         zero = [f"trainer.{k}={v}" for k, v in limits.items() if v == 0]
         if zero:
             _warn(f"{zero[0]}: nothing will be trained; the metrics reported are those of the untrained weights")
@@ -192,9 +202,15 @@ class FlatMinimaCLI(LightningCLI):
         config = self._section()
         metrics = final_metrics(self.trainer)  # the test loop resets the trainer's metrics
         datamodule = self.datamodule
-        testable = datamodule is not None and type(datamodule).test_dataloader is not pl.LightningDataModule.test_dataloader
-        if config.get("test_after_fit", False) and testable and not self.trainer.fast_dev_run \
-                and not self.trainer.interrupted:
+        testable = (
+            datamodule is not None and type(datamodule).test_dataloader is not pl.LightningDataModule.test_dataloader
+        )
+        if (
+            config.get("test_after_fit", False)
+            and testable
+            and not self.trainer.fast_dev_run
+            and not self.trainer.interrupted
+        ):
             self.trainer.test(self.model, datamodule=datamodule, verbose=False)
             metrics.update(final_metrics(self.trainer))
         if self.trainer.is_global_zero:
@@ -203,8 +219,10 @@ class FlatMinimaCLI(LightningCLI):
     def _final_table(self, config, metrics: dict[str, float]) -> str:
         trainer = self.trainer
         if self._steps.batches:
-            title = (f"Final metrics (seed {config.get('seed_everything')}, epoch {trainer.current_epoch}, "
-                     f"step {trainer.global_step}):")
+            title = (
+                f"Final metrics (seed {config.get('seed_everything')}, epoch {trainer.current_epoch}, "
+                f"step {trainer.global_step}):"
+            )
         else:
             source = f"loaded from {config.get('ckpt_path')}" if config.get("ckpt_path") else "untrained (initial)"
             title = f"Final metrics of weights {source}: no training step ran in this fit"
@@ -212,7 +230,8 @@ class FlatMinimaCLI(LightningCLI):
         if (folder := run_folder(trainer)) is not None:
             notes.append(f"run folder: {folder}")
         ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or getattr(
-            trainer.checkpoint_callback, "last_model_path", "")
+            trainer.checkpoint_callback, "last_model_path", ""
+        )
         if ckpt:
             notes.append(f"evaluate again: python cli.py test --ckpt_path {ckpt}")
         return table(metrics, title=title, notes=tuple(notes))
@@ -251,8 +270,11 @@ def main(args: list[str] | None = None, run: bool = True) -> FlatMinimaCLI:
             save_config_callback=SaveConfigCallback if plan.subcommand in (None, "fit") else None,
             save_config_kwargs={"overwrite": True},
             parser_class=FlatMinimaParser,
-            parser_kwargs={"description": DESCRIPTION, "formatter_class": HelpFormatter,
-                           "epilog": presets_epilog(ROOT / "configs") if wants_help else None},
+            parser_kwargs={
+                "description": DESCRIPTION,
+                "formatter_class": HelpFormatter,
+                "epilog": presets_epilog(ROOT / "configs") if wants_help else None,
+            },
             args=None if from_command_line else plan.args,
             run=run,
             plan=plan,
@@ -264,7 +286,7 @@ def entry(args: list[str] | None = None) -> int:
     """The command line: :func:`main`, with an error raised during the run printed as one line (exit code 1).
 
     With ``FLATMINIMA_CLAIM=<path>`` set (the commands ``study run --dry-run`` prints), a ``fit`` claims
-    ``<path>`` while it trains (:mod:`cli_support.claims`; the first process of a multi-process launch
+    ``<path>`` while it trains (:mod:`flatminima.cli_support.claims`; the first process of a multi-process launch
     only): a run that a live process already claimed (``study run``, or the same command started twice)
     is left to it, with one line and exit code 0; a dead owner's claim is taken over.
     """
@@ -290,4 +312,3 @@ def _entry(args: list[str] | None, raw: list[str]) -> int:
         sys.stderr.write(f"{start}error: {errors.runtime_line(err)} (--verbose_errors shows the traceback)\n")
         return 1
     return 0
-

@@ -67,8 +67,9 @@ class Owner:
     def this_process(cls, what: str) -> Owner:
         """This process, with a new token."""
         pid = os.getpid()
-        return cls(processes.host(), pid, processes.start_time(pid), processes.boot_id(), uuid.uuid4().hex, what,
-                   time.time())
+        return cls(
+            processes.host(), pid, processes.start_time(pid), processes.boot_id(), uuid.uuid4().hex, what, time.time()
+        )
 
     def describe(self) -> str:
         """``host:pid (what, since HH:MM:SS)``."""
@@ -104,8 +105,11 @@ def _read(path: Path) -> tuple[bytes, float] | None:
 def _parse(raw: bytes) -> Owner | None:
     try:
         data = json.loads(raw.decode("utf-8"))
-        return Owner(**{k: data[k] for k in ("host", "pid", "start", "boot", "token")},
-                     what=data.get("what", ""), since=float(data.get("since", 0.0)))
+        return Owner(
+            **{k: data[k] for k in ("host", "pid", "start", "boot", "token")},
+            what=data.get("what", ""),
+            since=float(data.get("since", 0.0)),
+        )
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -323,4 +327,3 @@ def held(path: str | os.PathLike, what: str) -> Iterator[Outcome]:
     with Heartbeat(owner) as heartbeat:
         heartbeat.track(path)
         yield outcome
-

@@ -1,6 +1,6 @@
 """How ``--config`` files compose, which base a run sits on, and the run's name (no Lightning import).
 
-The rule (also in ``cli.py``'s docstring and the README):
+The rule, as the code implements it (``docs/cli.md`` explains it to users):
 
 1. A config that defines a whole run (it sets both ``model`` and ``data`` classes: every
    ``configs/experiments/*.yaml``, a run's saved ``config.yaml``) is the base, and the embedded default
@@ -74,8 +74,9 @@ class Plan:
 def verbose_requested(args: list[str]) -> bool:
     """``--verbose_errors`` among ``args`` or ``FLATMINIMA_DEBUG`` set to a true value."""
     truthy = ("1", "true", "yes")
-    flag = any(a == VERBOSE_FLAG or (a.startswith(VERBOSE_FLAG + "=") and a.split("=", 1)[1].lower() in truthy)
-               for a in args)
+    flag = any(
+        a == VERBOSE_FLAG or (a.startswith(VERBOSE_FLAG + "=") and a.split("=", 1)[1].lower() in truthy) for a in args
+    )
     return flag or os.environ.get(DEBUG_ENV, "").lower() in truthy
 
 
@@ -97,11 +98,11 @@ def plan(args: list[str], default: Path = DEFAULT_CONFIG) -> Plan:
     whole = next((i for i, (_, content) in enumerate(given) if defines_run(content)), None)
     if whole is not None:
         label, content = given[whole]
-        name = _name_of(label, content) + _variant_suffix(content, given[whole + 1:], replace=True)
-        for _, later in given[:whole] + given[whole + 1:]:
+        name = _name_of(label, content) + _variant_suffix(content, given[whole + 1 :], replace=True)
+        for _, later in given[:whole] + given[whole + 1 :]:
             explicit |= explicit_in_file(later)
         pruned = content
-        for _, later in given[whole + 1:]:
+        for _, later in given[whole + 1 :]:
             pruned = prune(pruned, later)
         if pruned != content:
             args = _replace_config(args, start, whole, yaml.safe_dump(pruned, sort_keys=False))
@@ -213,11 +214,14 @@ def load_config(value: str) -> Any:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"--config {label}: cannot read the file ({err})") from None
     if content is None:
-        raise ConfigError(f"--config {label}: the file is empty; expected a YAML mapping such as "
-                          "'trainer: {max_epochs: 5}'")
+        raise ConfigError(
+            f"--config {label}: the file is empty; expected a YAML mapping such as 'trainer: {{max_epochs: 5}}'"
+        )
     if not isinstance(content, dict):
-        raise ConfigError(f"--config {label}: expected a YAML mapping of keys (trainer, model, data, ...), "
-                          f"got a {type(content).__name__}: {str(content)[:60]!r}")
+        raise ConfigError(
+            f"--config {label}: expected a YAML mapping of keys (trainer, model, data, ...), "
+            f"got a {type(content).__name__}: {str(content)[:60]!r}"
+        )
     return content
 
 
@@ -309,6 +313,9 @@ def _run_config(ckpt_path: str | None) -> Path | None:
 
 def next_version(folder: Path) -> str:
     """``version_<n>`` with n one past the largest existing ``version_*`` in ``folder`` (0 if none)."""
-    numbers = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else ())
-               if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    numbers = [
+        int(m.group(1))
+        for p in (folder.iterdir() if folder.is_dir() else ())
+        if (m := re.fullmatch(r"version_(\d+)", p.name))
+    ]
     return f"version_{max(numbers) + 1 if numbers else 0}"

@@ -19,8 +19,11 @@ _KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)$')
 _CLASS = re.compile(r"^Problem with given class_path '([^']+)':\s*$")
 _GIVEN = re.compile(r"^Given value: (.*)$")
 _STRUCTURE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:")
-_NOISE = (re.compile(r"^Expected a <class 'NoneType'>$"), re.compile(r"^Expected a path but .* either not accessible"),
-          re.compile(r"^Expected a dot import path string"))
+_NOISE = (
+    re.compile(r"^Expected a <class 'NoneType'>$"),
+    re.compile(r"^Expected a path but .* either not accessible"),
+    re.compile(r"^Expected a dot import path string"),
+)
 _OPTION = re.compile(r"^Option '([^']+)' is not accepted")
 _EXPECTED = re.compile(r"^Expected a (.+?)(?:\. Got value: (.*))?$", re.S)
 _NO_ATTR = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
@@ -88,8 +91,14 @@ def _class(stack: list[tuple[int, str, str]]) -> str | None:
     return next((value for _, kind, value in reversed(stack) if kind == "class"), None)
 
 
-def summarize(message: str, *, options: list[str] = (), keys: list[str] = (), configs: list[tuple[str, Any]] = (),
-              subcommands: list[str] = ()) -> str:
+def summarize(
+    message: str,
+    *,
+    options: list[str] = (),
+    keys: list[str] = (),
+    configs: list[tuple[str, Any]] = (),
+    subcommands: list[str] = (),
+) -> str:
     """One line for a parser error ``message`` (no ``error:`` prefix).
 
     Args:
@@ -122,12 +131,12 @@ def _top_level(text: str, options, keys, configs, subcommands) -> str | None:
     if m := re.match(r"unrecognized arguments: (.*)$", first):
         return _unrecognized(m.group(1).split(), options)
     if m := re.match(r"argument subcommand: invalid choice: '([^']*)'", first):
-        return f"unknown subcommand {m.group(1)!r}; expected one of {choices}" + _did_you_mean(
-            m.group(1), subcommands)
+        return f"unknown subcommand {m.group(1)!r}; expected one of {choices}" + _did_you_mean(m.group(1), subcommands)
     if first.startswith('expected "subcommand"'):
         return f"no subcommand given; expected one of {choices} (python cli.py --help)"
     if m := re.match(r"Subcommand '\w+' does not accept option '([^']+)'", first) or re.match(
-            r"(?:Key|Option) '([^']+)' is not (?:accepted|expected)", first):
+        r"(?:Key|Option) '([^']+)' is not (?:accepted|expected)", first
+    ):
         return _unknown_key(m.group(1), keys, configs)
     if first.startswith("Unexpected config"):
         return "a --config file is empty or not a mapping; expected YAML keys such as 'trainer: {max_epochs: 5}'"
@@ -141,10 +150,16 @@ def _top_level(text: str, options, keys, configs, subcommands) -> str | None:
 def _unrecognized(tokens: list[str], options) -> str:
     flags = [t.split("=", 1)[0] for t in tokens if t.startswith("-")]
     if flags:
-        return f"unknown option {flags[0]}" + _did_you_mean(flags[0], options) + (
-            f" (also unknown: {' '.join(flags[1:])})" if len(flags) > 1 else "")
-    return (f"unexpected argument {tokens[0]!r}; options take the form --key value or --key=value"
-            if tokens else "unrecognized arguments")
+        return (
+            f"unknown option {flags[0]}"
+            + _did_you_mean(flags[0], options)
+            + (f" (also unknown: {' '.join(flags[1:])})" if len(flags) > 1 else "")
+        )
+    return (
+        f"unexpected argument {tokens[0]!r}; options take the form --key value or --key=value"
+        if tokens
+        else "unrecognized arguments"
+    )
 
 
 def _unknown_key(key: str, keys, configs) -> str:
@@ -160,11 +175,13 @@ def _leaf_line(leaf: Leaf, siblings: list[Leaf], given: dict, configs) -> str | 
         owner = (leaf.class_path or "").rpartition(".")[2] or "it"
         listed = f"; accepted: {', '.join(accepted)}" if accepted else ""
         return f"{full}: Option {m.group(1)!r} is not accepted by {owner}{_where(full, configs)}{listed}" + (
-            _did_you_mean(m.group(1), accepted))
+            _did_you_mean(m.group(1), accepted)
+        )
     if m := _NO_ATTR.search(leaf.text):
         module, name = m.group(1), m.group(2)
         return f"{_object_key(leaf)}: no class {module}.{name}{_where(_object_key(leaf), configs)}" + _did_you_mean(
-            name, _public_names(module), prefix=module + ".")
+            name, _public_names(module), prefix=module + "."
+        )
     if m := _NO_MODULE.search(leaf.text):
         return f"{_object_key(leaf)}: no module {m.group(1)}{_where(_object_key(leaf), configs)}; check the class path"
     if m := _REQUIRED.search(leaf.text):
@@ -201,8 +218,13 @@ def _expected_line(key: str, leaves: list[Leaf], value: str | None, configs) -> 
 
 
 def _type_phrase(text: str) -> str:
-    simple = {"<class 'int'>": "an int", "<class 'float'>": "a float", "<class 'bool'>": "true or false",
-              "<class 'str'>": "a string", "<class 'NoneType'>": "null"}
+    simple = {
+        "<class 'int'>": "an int",
+        "<class 'float'>": "a float",
+        "<class 'bool'>": "true or false",
+        "<class 'str'>": "a string",
+        "<class 'NoneType'>": "null",
+    }
     if text in simple:
         return simple[text]
     values = _literal_values(text)
@@ -261,8 +283,13 @@ def _accepted_args(class_path: str | None) -> list[str]:
             params = inspect.signature(klass.__init__).parameters.values()
         except (TypeError, ValueError):
             break
-        names += [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-                  and p.name not in ("self", "params") and p.name not in names]
+        names += [
+            p.name
+            for p in params
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p.name not in ("self", "params")
+            and p.name not in names
+        ]
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             break
     return names

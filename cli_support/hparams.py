@@ -16,11 +16,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_modules import compat
+from flatminima.lightning_modules import compat
 
 #: Arguments that are implementation switches or paths, not hyperparameters.
-SKIPPED = frozenset({"foreach", "fused", "differentiable", "capturable", "maximize", "data_dir", "download",
-                     "num_workers", "eps"})
+SKIPPED = frozenset(
+    {"foreach", "fused", "differentiable", "capturable", "maximize", "data_dir", "download", "num_workers", "eps"}
+)
 #: The task's objects and the names they take in the table.
 OBJECTS = (("net", "net"), ("optimizer", "optimizer"), ("minimizer", "rule"), ("lr_scheduler", "lr_scheduler"))
 

@@ -35,7 +35,7 @@ def _stat(pid: int) -> list[str] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return text[text.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
+    return text[text.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
 
 
 def start_time(pid: int) -> int | None:

@@ -30,8 +30,11 @@ NOISE: tuple[tuple[str, type[Warning]], ...] = (
 
 #: Lightning's INFO records dropped: adverts for other products.
 DROPPED = ("💡 Tip:",)
-LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                     "lightning.fabric.utilities.seed")
+LIGHTNING_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.seed",
+)
 SEED_LOGGER = "lightning.fabric.utilities.seed"
 
 

@@ -35,6 +35,7 @@ def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
 
 def table(metrics: dict[str, float], *, title: str, notes: tuple[str, ...] = ()) -> str:
     """``title``, then one ``key  value`` line per metric (train, val, test, sharpness, others), then ``notes``."""
+
     def rank(key: str) -> tuple[int, str]:
         return next((i for i, p in enumerate(ORDER) if key.startswith(p)), len(ORDER)), key
 
@@ -70,6 +71,7 @@ class StepCounter(pl.Callback):
     def __init__(self) -> None:
         self.batches = 0
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.batches += 1

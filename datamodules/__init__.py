@@ -14,7 +14,7 @@ checked by the MD5 of their decompressed bytes.
 
 ``CoraDataModule`` is the former name of :class:`PlanetoidDataModule` (it serves Cora, CiteSeer and
 PubMed); it still resolves, with a ``FutureWarning``, so the ``config.yaml`` files saved by earlier
-runs (``class_path: datamodules.CoraDataModule``) keep working.
+runs (``class_path: flatminima.datamodules.CoraDataModule``) keep working.
 """
 
 import warnings
@@ -45,8 +45,8 @@ def __getattr__(name: str) -> object:
     """The deprecated name ``CoraDataModule`` (a ``FutureWarning``); any other unknown name is an AttributeError."""
     if name == "CoraDataModule":
         warnings.warn(
-            "datamodules.CoraDataModule is now datamodules.PlanetoidDataModule (same arguments; it also serves "
-            "CiteSeer and PubMed through name=); set class_path: datamodules.PlanetoidDataModule",
+            "flatminima.datamodules.CoraDataModule is now flatminima.datamodules.PlanetoidDataModule (same arguments; it also serves "
+            "CiteSeer and PubMed through name=); set class_path: flatminima.datamodules.PlanetoidDataModule",
             FutureWarning,
             stacklevel=2,
         )

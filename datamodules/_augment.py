@@ -2,7 +2,7 @@
 
 The augmentations the studies use, as torchvision applies them to one raw image at a time —
 ``RandomCrop(size, padding=p)`` (zero padding), ``RandomHorizontalFlip()``, then ``ToTensor``,
-``Normalize(mean, std)`` and :class:`~datamodules._transforms.Cutout` — here on a ``(B, C, H, W)`` batch of
+``Normalize(mean, std)`` and :class:`~flatminima.datamodules._transforms.Cutout` — here on a ``(B, C, H, W)`` batch of
 images that were normalised once: the padding pixels take the value a raw 0 has after normalisation,
 ``(0 − mean) / std`` per channel, so the result equals torchvision's pipeline pixel for pixel.
 

@@ -1,6 +1,6 @@
 """What the data modules share: the net check, the missing-data error and the split loaders.
 
-The argument checks are :mod:`lightning_modules.validation` (one set for the whole project).
+The argument checks are :mod:`flatminima.lightning_modules.validation` (one set for the whole project).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_modules.validation import check_int, is_integer
+from flatminima.lightning_modules.validation import check_int, is_integer
 
 from ._loaders import EpochShuffleSampler, make_loader
 from ._memory import InMemoryImages, InMemoryLoader
@@ -26,8 +26,11 @@ class DataNotFoundError(FileNotFoundError):
 
 def check_loader_args(batch_size: object, eval_batch_size: object, num_workers: object) -> tuple[int, int, int]:
     """Check the loader arguments every data module takes: batch sizes >= 1, worker processes >= 0."""
-    return (check_int("batch_size", batch_size, 1), check_int("eval_batch_size", eval_batch_size, 1),
-            check_int("num_workers", num_workers, 0))
+    return (
+        check_int("batch_size", batch_size, 1),
+        check_int("eval_batch_size", eval_batch_size, 1),
+        check_int("num_workers", num_workers, 0),
+    )
 
 
 def missing_files(folder: Path, files: Sequence[str]) -> list[Path]:
@@ -68,9 +71,9 @@ class SplitDataModule(pl.LightningDataModule):
     """Base of the data modules with ``train_set``/``val_set``/``test_set`` datasets built in ``setup``.
 
     Provides the loaders: the training loader shuffles with a per-epoch permutation seeded by
-    ``data_seed`` (see :class:`~datamodules._loaders.EpochShuffleSampler`); the evaluation loaders
-    keep the order. A data set held as :class:`~datamodules._memory.InMemoryImages` gets an
-    :class:`~datamodules._memory.InMemoryLoader` (batches by indexing, resumable mid-epoch; training
+    ``data_seed`` (see :class:`~flatminima.datamodules._loaders.EpochShuffleSampler`); the evaluation loaders
+    keep the order. A data set held as :class:`~flatminima.datamodules._memory.InMemoryImages` gets an
+    :class:`~flatminima.datamodules._memory.InMemoryLoader` (batches by indexing, resumable mid-epoch; training
     batches carry the sample indices when the ``with_indices`` hyperparameter is true); any other a
     ``DataLoader``. Subclasses save ``batch_size``, ``eval_batch_size``, ``num_workers`` and
     ``data_seed`` as hyperparameters.
@@ -88,8 +91,9 @@ class SplitDataModule(pl.LightningDataModule):
             sampler = EpochShuffleSampler(dataset, self.hparams.data_seed) if shuffle else None
             with_indices = stage == "train" and bool(self.hparams.get("with_indices", False))
             return InMemoryLoader(dataset, batch_size, sampler=sampler, with_indices=with_indices)
-        return make_loader(dataset, batch_size, shuffle=shuffle, seed=self.hparams.data_seed,
-                           num_workers=self.hparams.num_workers)
+        return make_loader(
+            dataset, batch_size, shuffle=shuffle, seed=self.hparams.data_seed, num_workers=self.hparams.num_workers
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, "train", self.hparams.batch_size, shuffle=True)
@@ -100,7 +104,7 @@ class SplitDataModule(pl.LightningDataModule):
     def train_eval_dataloader(self) -> DataLoader:
         """The training examples (and labels) as the test set is read: evaluation transforms, fixed order.
 
-        For evaluating the final weights on the training set (``callbacks.FinalTrainEvaluation``).
+        For evaluating the final weights on the training set (``flatminima.callbacks.FinalTrainEvaluation``).
         """
         dataset = self.train_eval_set if self.train_eval_set is not None else self.train_set
         return self._loader(dataset, "train_eval", self.hparams.eval_batch_size, shuffle=False)

@@ -26,8 +26,10 @@ class IdxFormatError(ValueError):
 def parse_idx(data: bytes) -> np.ndarray:
     """The array stored in the idx bytes ``data`` (native byte order, read-only view of ``data``)."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_TYPES:
-        raise IdxFormatError(f"magic number {data[:4].hex() or 'missing'} is not an idx header "
-                             "(00 00 <type 08/09/0b/0c/0d/0e> <dimensions>)")
+        raise IdxFormatError(
+            f"magic number {data[:4].hex() or 'missing'} is not an idx header "
+            "(00 00 <type 08/09/0b/0c/0d/0e> <dimensions>)"
+        )
     ndim = data[3]
     header = 4 + 4 * ndim
     if len(data) < header:

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_modules.validation import check_choice, check_fraction
+from flatminima.lightning_modules.validation import check_choice, check_fraction
 
 LabelNoiseMode = Literal["shuffle", "uniform"]
 LABEL_NOISE_MODES = ("shuffle", "uniform")

@@ -1,7 +1,7 @@
 """Image data sets held in memory as tensors: batches by indexing, augmentation on whole batches, resumable.
 
 :class:`InMemoryImages` holds the decoded, normalised images ``(N, C, H, W)`` and labels ``(N,)``; a batch
-is ``images[index]``, ``labels[index]`` and, for a training set, :class:`~datamodules._augment.BatchAugment`
+is ``images[index]``, ``labels[index]`` and, for a training set, :class:`~flatminima.datamodules._augment.BatchAugment`
 on the whole batch. :class:`InMemoryLoader` is a ``DataLoader`` (so Lightning still swaps its sampler for a
 ``DistributedSampler`` under DDP) whose iterator indexes the data set directly, batch by batch, in the
 sampler's order, and which Lightning's fit loop checkpoints and restores mid-epoch through
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from lightning_modules.validation import check_choice, invalid
+from flatminima.lightning_modules.validation import check_choice, invalid
 
 from ._augment import AugmentDraws, BatchAugment
 
@@ -140,11 +140,16 @@ class InMemoryLoader(DataLoader):
     ``tests/test_image_data.py`` pins it with a mid-epoch resume through a Trainer.
     """
 
-    def __init__(self, dataset: InMemoryImages, batch_size: int | None = 1, with_indices: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: InMemoryImages, batch_size: int | None = 1, with_indices: bool = False, **kwargs: Any
+    ) -> None:
         if kwargs.get("num_workers", 0):
-            raise invalid("num_workers", kwargs["num_workers"], "0 with the in-memory data (batches are index "
-                          "operations in the main process; set in_memory: false to use worker processes)")
+            raise invalid(
+                "num_workers",
+                kwargs["num_workers"],
+                "0 with the in-memory data (batches are index "
+                "operations in the main process; set in_memory: false to use worker processes)",
+            )
         kwargs.setdefault("collate_fn", collate_images)
         super().__init__(dataset, batch_size=batch_size, **kwargs)
         self.with_indices = with_indices
@@ -178,8 +183,12 @@ class InMemoryLoader(DataLoader):
         """The epoch, the batches handed out in it, and what they mean (batch size, batches per epoch)."""
         if self._resume is not None:  # restored but not iterated yet: keep the restored position
             return dict(self._resume)
-        return {"epoch": self._epoch, "batches": self._handed_out, "batch_size": self.batch_size or 0,
-                "num_batches": len(self)}
+        return {
+            "epoch": self._epoch,
+            "batches": self._handed_out,
+            "batch_size": self.batch_size or 0,
+            "num_batches": len(self),
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume after the ``batches`` first batches of ``epoch`` (at the next iterator of that epoch).
@@ -203,11 +212,18 @@ def check_memory_args(in_memory: object, device: object, with_indices: object, n
     check_choice("device", device, DATA_DEVICES)
     check_choice("with_indices", with_indices, BOOLS)
     if in_memory and num_workers:
-        raise invalid("num_workers", num_workers, "0 with in_memory: true (batches are index operations in the "
-                      "main process; set in_memory: false to use worker processes)")
+        raise invalid(
+            "num_workers",
+            num_workers,
+            "0 with in_memory: true (batches are index operations in the "
+            "main process; set in_memory: false to use worker processes)",
+        )
     if with_indices and not in_memory:
-        raise invalid("with_indices", with_indices, "false with in_memory: false (the sample indices come with "
-                      "the in-memory loader)")
+        raise invalid(
+            "with_indices",
+            with_indices,
+            "false with in_memory: false (the sample indices come with the in-memory loader)",
+        )
 
 
 def data_device(datamodule: object, device: DataDevice) -> torch.device:

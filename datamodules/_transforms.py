@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.validation import check_float, check_int, invalid
+from flatminima.lightning_modules.validation import check_float, check_int, invalid
 
 
 class Cutout(nn.Module):

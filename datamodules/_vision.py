@@ -14,7 +14,7 @@ from torchvision import transforms as T
 from torchvision.datasets import VisionDataset
 from torchvision.datasets.vision import StandardTransform
 
-from lightning_modules.validation import check_choice, check_float, check_fraction, check_int, invalid
+from flatminima.lightning_modules.validation import check_choice, check_float, check_fraction, check_int, invalid
 
 from ._augment import BatchAugment
 from ._base import DataNotFoundError, SplitDataModule, check_loader_args, check_net, data_not_found, missing_files
@@ -22,11 +22,12 @@ from ._labels import LABEL_NOISE_MODES, LabelNoiseMode, corrupt_labels
 from ._memory import DataDevice, InMemoryImages, check_memory_args, data_device
 from ._transforms import Cutout
 
+
 class VisionDataModule(SplitDataModule):
     """Base of the image data modules (CIFAR-10, FashionMNIST, MNIST); the data sets differ by class attributes.
 
     ``prepare_data`` downloads through torchvision when ``download`` is true and the files are missing;
-    otherwise (and after a failed download) missing files raise :class:`~datamodules.DataNotFoundError`
+    otherwise (and after a failed download) missing files raise :class:`~flatminima.datamodules.DataNotFoundError`
     naming the exact path expected and how to get the data. ``setup`` reads the files, holds out a seeded
     validation subset of ``val_size`` training images (``randperm(n)`` seeded by ``data_seed``; without
     augmentation and without label noise) and corrupts a seeded fraction ``label_noise`` of the remaining
@@ -38,9 +39,9 @@ class VisionDataModule(SplitDataModule):
     float32 tensors (bit for bit what torchvision's ``ToTensor`` + ``Normalize`` give; the data sets here
     all need under 1 GiB that way: MNIST/FashionMNIST 220 MB, CIFAR-10 740 MB), a batch is a couple of
     index operations, and the training augmentation runs on the whole batch
-    (:class:`~datamodules._augment.BatchAugment`) with per-sample draws that are a function of
+    (:class:`~flatminima.datamodules._augment.BatchAugment`) with per-sample draws that are a function of
     ``(data_seed, epoch, sample)`` only. The training loader is resumable mid-epoch (see
-    :class:`~datamodules._memory.InMemoryLoader`). ``in_memory: false`` is torchvision's per-sample path
+    :class:`~flatminima.datamodules._memory.InMemoryLoader`). ``in_memory: false`` is torchvision's per-sample path
     (PIL images, ``transforms``; augmentation draws from torch's global generator, so its draws differ
     from the in-memory ones; without augmentation both give the same batches).
 
@@ -140,7 +141,7 @@ class VisionDataModule(SplitDataModule):
             try:
                 for train in (True, False):
                     self.dataset_cls(str(self.data_dir), train=train, download=True)
-            except Exception as err:  # URLError, HTTPError, OSError, RuntimeError from the mirrors...
+            except Exception as err:  # noqa: BLE001 - URLError, HTTPError, OSError, RuntimeError from the mirrors...
                 raise self._missing_error(f"The download failed ({type(err).__name__}: {err}).") from None
         if self.missing():
             raise self._missing_error()
@@ -161,8 +162,12 @@ class VisionDataModule(SplitDataModule):
     def read_arrays(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(train images, train labels, test images, test labels)``: uint8 ``(N, C, H, W)`` and long ``(N,)``."""
         train, test = self.torchvision_sets()
-        return (as_nchw(train.data), torch.as_tensor(train.targets, dtype=torch.long),
-                as_nchw(test.data), torch.as_tensor(test.targets, dtype=torch.long))
+        return (
+            as_nchw(train.data),
+            torch.as_tensor(train.targets, dtype=torch.long),
+            as_nchw(test.data),
+            torch.as_tensor(test.targets, dtype=torch.long),
+        )
 
     # ------------------------------------------------------------------ transforms
     def train_transform(self) -> T.Compose:
@@ -185,8 +190,11 @@ class VisionDataModule(SplitDataModule):
         """The training augmentation of the in-memory path (the same as :meth:`train_transform`'s)."""
         h = self.hparams
         return BatchAugment(
-            fill=tuple(normalize(torch.zeros(1, len(self.mean), 1, 1, dtype=torch.uint8), self.mean, self.std)
-                       .flatten().tolist()),
+            fill=tuple(
+                normalize(torch.zeros(1, len(self.mean), 1, 1, dtype=torch.uint8), self.mean, self.std)
+                .flatten()
+                .tolist()
+            ),
             padding=self.crop_padding if h.augment else 0,
             flip=bool(self.horizontal_flip and h.augment),
             cutout=h.cutout,
@@ -216,8 +224,9 @@ class VisionDataModule(SplitDataModule):
         val_idx, train_idx = order[: h.val_size].sort().values, order[h.val_size :].sort().values
         labels = targets[train_idx]
         if h.label_noise > 0:
-            labels, self.noisy_indices = corrupt_labels(labels, h.label_noise, self.num_classes, h.data_seed,
-                                                        h.label_noise_mode)
+            labels, self.noisy_indices = corrupt_labels(
+                labels, h.label_noise, self.num_classes, h.data_seed, h.label_noise_mode
+            )
         self.split_indices = {"train": train_idx, "val": val_idx}
         return train_idx, val_idx, labels
 

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.validation import check_choice, check_fraction, check_int, invalid
+from flatminima.lightning_modules.validation import check_choice, check_fraction, check_int, invalid
 
 from ._base import SplitDataModule, check_loader_args, check_net, data_not_found
 from ._loaders import FullBatch, first, make_loader
@@ -172,7 +172,7 @@ class AbaloneDataModule(SplitDataModule):
 
             try:
                 download_url(self.url, str(self.path.parent), self.path.name, md5=self.md5)
-            except Exception as err:  # URLError, HTTPError, OSError, RuntimeError (MD5 mismatch)
+            except Exception as err:  # noqa: BLE001 - URLError, HTTPError, OSError, RuntimeError (MD5 mismatch)
                 raise self._missing_error(f"The download failed ({type(err).__name__}: {err}).") from None
         if not self.path.is_file():
             raise self._missing_error()
@@ -220,5 +220,10 @@ class AbaloneDataModule(SplitDataModule):
         if not self.hparams.full_batch or self.train_set is None:
             return super().train_dataloader()
         steps = -(-len(self.train_set) // self.hparams.batch_size)
-        return make_loader(FullBatch(self.train_set.tensors, steps), 1, shuffle=False,
-                           num_workers=self.hparams.num_workers, collate_fn=first)
+        return make_loader(
+            FullBatch(self.train_set.tensors, steps),
+            1,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+            collate_fn=first,
+        )

@@ -19,16 +19,14 @@ class CIFAR10DataModule(VisionDataModule):
     Files: torchvision's ``<data_dir>/cifar-10-batches-py/`` (``data_batch_1`` … ``data_batch_5``,
     ``test_batch``, ``batches.meta``; torchvision reads them and checks their MD5 sums). Held in memory by
     default (740 MB as float32), the crop, flip and Cutout then applied to whole batches. See
-    :class:`~datamodules._vision.VisionDataModule` for the arguments.
+    :class:`~flatminima.datamodules._vision.VisionDataModule` for the arguments.
     """
 
     dataset_cls = CIFAR10
     title = "CIFAR-10"
     folder = "cifar-10-batches-py"
     files = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
-    how_to_get = (
-        f"Download {CIFAR10.url} and extract it into data_dir (it unpacks to cifar-10-batches-py/)."
-    )
+    how_to_get = f"Download {CIFAR10.url} and extract it into data_dir (it unpacks to cifar-10-batches-py/)."
     num_classes = 10
     in_channels = 3
     image_size = 32

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from lightning_modules.validation import check_choice, check_fraction, check_int, invalid
+
+from flatminima.lightning_modules.validation import check_choice, check_fraction, check_int, invalid
 
 from ._base import SplitDataModule, check_loader_args, check_net
 from ._labels import LABEL_NOISE_MODES, LabelNoiseMode, corrupt_labels
@@ -35,7 +36,7 @@ class DigitsDataModule(SplitDataModule):
     (default, as in the studies, which report test curves) the validation loader serves the test split,
     as for the torchvision image modules. A seeded fraction ``label_noise`` of the remaining training
     labels is corrupted (``noisy_indices``: their positions in ``train_set``). No augmentation.
-    The sets are :class:`~datamodules._memory.InMemoryImages` served by the in-memory loader (batches by
+    The sets are :class:`~flatminima.datamodules._memory.InMemoryImages` served by the in-memory loader (batches by
     indexing, the same batches as a ``TensorDataset`` would give, resumable mid-epoch).
 
     Args:
@@ -85,8 +86,11 @@ class DigitsDataModule(SplitDataModule):
         check_choice("device", device, DATA_DEVICES)
         check_choice("with_indices", with_indices, BOOLS)
         if num_workers:
-            raise invalid("num_workers", num_workers, "0 (the digits are held in memory: batches are index "
-                          "operations in the main process)")
+            raise invalid(
+                "num_workers",
+                num_workers,
+                "0 (the digits are held in memory: batches are index operations in the main process)",
+            )
         self.save_hyperparameters()
         self.pixel_mean: float | None = None
         self.pixel_std: float | None = None
@@ -104,16 +108,18 @@ class DigitsDataModule(SplitDataModule):
         n_train = n - int(np.ceil(h.test_fraction * n))
         if h.val_size >= n_train:
             raise ValueError(f"Invalid val_size: {h.val_size}; expected val_size < {n_train} (the training images)")
-        train_idx, val_idx, test_idx = sklearn_split(n, h.test_fraction, h.val_size, seed=h.data_seed,
-                                                     stratify=y.numpy() if h.stratify else None)
+        train_idx, val_idx, test_idx = sklearn_split(
+            n, h.test_fraction, h.val_size, seed=h.data_seed, stratify=y.numpy() if h.stratify else None
+        )
         if h.normalize:
             mean, std = x[train_idx].mean(), x[train_idx].std(unbiased=False)
             x = (x - mean) / std
             self.pixel_mean, self.pixel_std = float(mean), float(std)
         y_train = y[train_idx]
         if h.label_noise > 0:  # training labels only; validation and test stay clean
-            y_train, self.noisy_indices = corrupt_labels(y_train, h.label_noise, self.num_classes, h.data_seed,
-                                                         h.label_noise_mode)
+            y_train, self.noisy_indices = corrupt_labels(
+                y_train, h.label_noise, self.num_classes, h.data_seed, h.label_noise_mode
+            )
         self.train_set = InMemoryImages(x[train_idx], y_train)
         self.test_set = InMemoryImages(x[test_idx], y[test_idx])
         self.val_set = InMemoryImages(x[val_idx], y[val_idx]) if h.val_size else self.test_set

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch.utils.data import TensorDataset
 
-from lightning_modules.validation import check_choice, check_int, invalid
+from flatminima.lightning_modules.validation import check_choice, check_int, invalid
 
 from ._base import SplitDataModule, check_loader_args, check_net
 
@@ -22,7 +22,7 @@ class MatrixSensingDataModule(SplitDataModule):
     scaled to unit norm (so ``‖U*‖₂ ≈ 1``); the sensing matrices ``A_i ∈ R^{d×d}`` have i.i.d. N(0, 1)
     entries; ``b_i = ⟨A_i, X*⟩ = Σ_jk A_ijk X*_jk``. Their setting is d = 100, r = 5, m = 5·d·r = 2500
     measurements, trained full batch (``batch_size=None``). Use it with ``Regressor`` and
-    :class:`~lightning_modules.networks.MatrixFactorization`: the training loss is
+    :class:`~flatminima.lightning_modules.networks.MatrixFactorization`: the training loss is
     ``loss_scale · (1/m) Σ_i (⟨A_i, U Uᵀ⟩ − b_i)²`` (``loss_scale: 0.5`` is their ``1/(2m)``).
     Validation and test use fresh sensing matrices of the same law, so their MSE estimates
     ``‖U Uᵀ − X*‖²_F`` (``E⟨A, Δ⟩² = ‖Δ‖²_F``).

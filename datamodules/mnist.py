@@ -30,6 +30,7 @@ _IDX_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 
+
 def _download_how(cls: type[MNIST], folder: str) -> str:
     return (
         f"download the four .gz files of {cls.__name__} from {cls.mirrors[0]} "
@@ -75,7 +76,8 @@ class _IdxDataModule(VisionDataModule):
             raise DataNotFoundError(
                 f"{where} is not the published {name}: the MD5 of its {packed}bytes is {found}, expected "
                 f"{self.md5[name]}. It is probably incomplete or corrupted: delete it and get it again. "
-                f"{self.how_to_get}")
+                f"{self.how_to_get}"
+            )
         try:
             array = _idx.parse_idx(data)
         except _idx.IdxFormatError as err:
@@ -97,20 +99,29 @@ class _IdxDataModule(VisionDataModule):
 
     def _check_arrays(self, split: str, images: Tensor, labels: Tensor, found: dict[str, Path]) -> None:
         size = self.image_size
-        ok = (images.dtype == torch.uint8 and images.ndim == 3 and tuple(images.shape[1:]) == (size, size)
-              and labels.dtype == torch.uint8 and labels.ndim == 1 and len(labels) == len(images)
-              and (len(labels) == 0 or int(labels.max()) < self.num_classes))
+        ok = (
+            images.dtype == torch.uint8
+            and images.ndim == 3
+            and tuple(images.shape[1:]) == (size, size)
+            and labels.dtype == torch.uint8
+            and labels.ndim == 1
+            and len(labels) == len(images)
+            and (len(labels) == 0 or int(labels.max()) < self.num_classes)
+        )
         if not ok:
             raise DataNotFoundError(
                 f"{self.title} files {found[f'{split}-images-idx3-ubyte']} and {found[f'{split}-labels-idx1-ubyte']} "
                 f"do not hold uint8 images (n, {size}, {size}) with n uint8 labels < {self.num_classes}: images "
-                f"{images.dtype} {tuple(images.shape)}, labels {labels.dtype} {tuple(labels.shape)}")
+                f"{images.dtype} {tuple(images.shape)}, labels {labels.dtype} {tuple(labels.shape)}"
+            )
 
     def torchvision_sets(self) -> tuple[VisionDataset, VisionDataset]:
         """torchvision's dataset class over the files read here (its per-sample PIL ``__getitem__``)."""
         train_x, train_y, test_x, test_y = self.read_arrays()
-        return (_torchvision_dataset(self.dataset_cls, self.data_dir, train_x[:, 0], train_y, train=True),
-                _torchvision_dataset(self.dataset_cls, self.data_dir, test_x[:, 0], test_y, train=False))
+        return (
+            _torchvision_dataset(self.dataset_cls, self.data_dir, train_x[:, 0], train_y, train=True),
+            _torchvision_dataset(self.dataset_cls, self.data_dir, test_x[:, 0], test_y, train=False),
+        )
 
 
 def _torchvision_dataset(cls: type[MNIST], root: Path, images: Tensor, labels: Tensor, train: bool) -> MNIST:
@@ -130,7 +141,7 @@ class FashionMNISTDataModule(_IdxDataModule):
     standard deviation 0.3530. Files: the four idx files, plain or ``.gz``, from
     ``<data_dir>/FashionMNIST/raw/`` or else from ``/usr/share/datasets/fashion-mnist/`` (Debian's
     ``apt-get install dataset-fashion-mnist``); their decompressed bytes are checked by MD5. Held in memory
-    by default. See :class:`~datamodules._vision.VisionDataModule` for the arguments.
+    by default. See :class:`~flatminima.datamodules._vision.VisionDataModule` for the arguments.
     """
 
     dataset_cls = FashionMNIST
@@ -159,7 +170,7 @@ class MNISTDataModule(_IdxDataModule):
     layers, 25 epochs, batch 32. No augmentation; normalisation with mean 0.1307 and standard
     deviation 0.3081. Files: the four idx files, plain or ``.gz``, from ``<data_dir>/MNIST/raw/``; their
     decompressed bytes are checked by MD5. Held in memory by default. See
-    :class:`~datamodules._vision.VisionDataModule` for the arguments.
+    :class:`~flatminima.datamodules._vision.VisionDataModule` for the arguments.
     """
 
     dataset_cls = MNIST

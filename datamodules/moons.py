@@ -7,7 +7,7 @@ import torch
 from sklearn.datasets import make_moons
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.validation import check_choice, check_float, check_fraction, check_int, invalid
+from flatminima.lightning_modules.validation import check_choice, check_float, check_fraction, check_int, invalid
 
 from ._base import check_loader_args, check_net
 from ._labels import LABEL_NOISE_MODES, LabelNoiseMode, corrupt_labels
@@ -104,8 +104,9 @@ class MoonsDataModule(pl.LightningDataModule):
         if not len(val):
             self.val_set = self.test_set
         if h.label_noise > 0:  # training labels only; validation and test stay clean
-            noisy, self.noisy_indices = corrupt_labels(y[train], h.label_noise, self.num_classes, h.data_seed,
-                                                       h.label_noise_mode)
+            noisy, self.noisy_indices = corrupt_labels(
+                y[train], h.label_noise, self.num_classes, h.data_seed, h.label_noise_mode
+            )
             self.train_set = TensorDataset(x[train], noisy)
 
     def _split(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,16 +120,23 @@ class MoonsDataModule(pl.LightningDataModule):
         return torch.split(order, [h.num_samples - n_val - n_test, n_val, n_test])
 
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, self.hparams.batch_size, shuffle=True, seed=self.hparams.data_seed,
-                           num_workers=self.hparams.num_workers)
+        return make_loader(
+            self.train_set,
+            self.hparams.batch_size,
+            shuffle=True,
+            seed=self.hparams.data_seed,
+            num_workers=self.hparams.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self.val_set, self.hparams.eval_batch_size, shuffle=False,
-                           num_workers=self.hparams.num_workers)
+        return make_loader(
+            self.val_set, self.hparams.eval_batch_size, shuffle=False, num_workers=self.hparams.num_workers
+        )
 
     def test_dataloader(self) -> DataLoader:
-        return make_loader(self.test_set, self.hparams.eval_batch_size, shuffle=False,
-                           num_workers=self.hparams.num_workers)
+        return make_loader(
+            self.test_set, self.hparams.eval_batch_size, shuffle=False, num_workers=self.hparams.num_workers
+        )
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_modules.validation import check_choice, check_int
+from flatminima.lightning_modules.validation import check_choice, check_int
 
 from ._base import check_net, data_not_found, missing_files
 from ._loaders import first, make_loader
@@ -160,7 +160,7 @@ class PlanetoidDataModule(pl.LightningDataModule):
                 raise self._missing_error()
             try:
                 self._dataset()
-            except Exception as err:  # URLError, HTTPError, OSError from the download
+            except Exception as err:  # noqa: BLE001 - URLError, HTTPError, OSError from the download
                 raise self._missing_error(f"The download failed ({type(err).__name__}: {err}).") from None
         self._dataset()  # writes processed/ on rank 0 before setup() reads it on every rank
 
@@ -183,8 +183,9 @@ class PlanetoidDataModule(pl.LightningDataModule):
     def _loader(self) -> DataLoader:
         if self.data is None:
             raise RuntimeError(f"{type(self).__name__} loaders called before setup()")
-        return make_loader(FullGraph(self.data), 1, shuffle=False, num_workers=self.hparams.num_workers,
-                           collate_fn=first)
+        return make_loader(
+            FullGraph(self.data), 1, shuffle=False, num_workers=self.hparams.num_workers, collate_fn=first
+        )
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
@@ -192,8 +193,14 @@ class PlanetoidDataModule(pl.LightningDataModule):
             return self._loader()
         if self.data is None:
             raise RuntimeError(f"{type(self).__name__} loaders called before setup()")
-        return make_loader(TrainNodes(self.data), h.train_batch_nodes, shuffle=True, seed=h.data_seed,
-                           num_workers=h.num_workers, collate_fn=NodeBatch(self.data))
+        return make_loader(
+            TrainNodes(self.data),
+            h.train_batch_nodes,
+            shuffle=True,
+            seed=h.data_seed,
+            num_workers=h.num_workers,
+            collate_fn=NodeBatch(self.data),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader()

@@ -1,6 +1,6 @@
 """The run summary's file format (``summary.json``) and its atomic JSON writing; the standard library only.
 
-The :class:`~callbacks.summary.RunSummary` callback writes the format and the study tool (:mod:`studies`)
+The :class:`~flatminima.callbacks.summary.RunSummary` callback writes the format and the study tool (:mod:`studies`)
 reads it, both through this module, so the two agree by construction, and ``study analyze`` of a pool
 trained elsewhere needs neither torch nor Lightning (this package sits below both, outside ``callbacks``,
 whose ``__init__`` imports torch and Lightning).
@@ -41,7 +41,7 @@ class SharpnessValue(TypedDict):
 
 
 class Summary(TypedDict, total=False):
-    """``summary.json``, as :class:`~callbacks.summary.RunSummary` writes it (a pool from elsewhere may lack keys).
+    """``summary.json``, as :class:`~flatminima.callbacks.summary.RunSummary` writes it (a pool from elsewhere may lack keys).
 
     ``metrics`` maps each key to its final value (None only in summaries written before non-finite values
     were kept); ``history`` maps each per-epoch key to ``[epoch, step, value]`` rows.
@@ -94,12 +94,16 @@ def decode(summary: Any) -> Any:
     if isinstance(out.get("metrics"), dict):
         out["metrics"] = {k: _decoded(v) for k, v in out["metrics"].items()}
     if isinstance(out.get("history"), dict):
-        out["history"] = {k: [[*row[:2], _decoded(row[2])] if isinstance(row, list) and len(row) == 3 else row
-                              for row in rows] if isinstance(rows, list) else rows
-                          for k, rows in out["history"].items()}
+        out["history"] = {
+            k: [[*row[:2], _decoded(row[2])] if isinstance(row, list) and len(row) == 3 else row for row in rows]
+            if isinstance(rows, list)
+            else rows
+            for k, rows in out["history"].items()
+        }
     if isinstance(out.get("sharpness"), list):
-        out["sharpness"] = [{**m, "value": _decoded(m.get("value"))} if isinstance(m, dict) else m
-                            for m in out["sharpness"]]
+        out["sharpness"] = [
+            {**m, "value": _decoded(m.get("value"))} if isinstance(m, dict) else m for m in out["sharpness"]
+        ]
     return out
 
 
@@ -108,8 +112,10 @@ def _decoded(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- files
-_NUMBERS = re.compile(r'\[\s*((?:-?[0-9][0-9.eE+-]*|null|"-?inf"|"nan")'
-                      r'(?:,\s*(?:-?[0-9][0-9.eE+-]*|null|"-?inf"|"nan"))*)\s*\]')
+_NUMBERS = re.compile(
+    r'\[\s*((?:-?[0-9][0-9.eE+-]*|null|"-?inf"|"nan")'
+    r'(?:,\s*(?:-?[0-9][0-9.eE+-]*|null|"-?inf"|"nan"))*)\s*\]'
+)
 
 
 def dumps(data: Any) -> str:

@@ -1,10 +1,10 @@
 """LightningModules for sharpness-aware training, the SAM-family rules and the base optimizers.
 
 ``TwoPassModule`` holds the two-pass step once; ``Classifier``, ``BinaryClassifier``, ``Regressor``
-and ``NodeClassifier`` are the tasks. The rules live in :mod:`lightning_modules.minimizers` (pure
-torch), the extra base optimizers in :mod:`lightning_modules.optim`, the networks in
-:mod:`lightning_modules.networks`, the argument checks in :mod:`lightning_modules.validation` and the
-private Lightning/torch APIs in :mod:`lightning_modules.compat`.
+and ``NodeClassifier`` are the tasks. The rules live in :mod:`flatminima.lightning_modules.minimizers` (pure
+torch), the extra base optimizers in :mod:`flatminima.lightning_modules.optim`, the networks in
+:mod:`flatminima.lightning_modules.networks`, the argument checks in :mod:`flatminima.lightning_modules.validation` and the
+private Lightning/torch APIs in :mod:`flatminima.lightning_modules.compat`.
 
 Plain imports, guarded: Python runs this file before any submodule, so the Lightning-dependent ones
 (the module and the tasks) are imported only when Lightning is importable. The pure modules
@@ -45,6 +45,6 @@ def __getattr__(name: str) -> object:
     if name in _NEEDS_LIGHTNING and _LIGHTNING_ERROR is not None:
         raise ImportError(
             f"lightning_modules.{name} needs Lightning (pip install lightning); without it only "
-            "lightning_modules.minimizers, .validation and .compat can be used"
+            "flatminima.lightning_modules.minimizers, .validation and .compat can be used"
         ) from _LIGHTNING_ERROR
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

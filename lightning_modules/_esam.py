@@ -55,8 +55,9 @@ class ESAM(Minimizer):
     __module__ = PUBLIC_MODULE
     plain_two_pass = False
 
-    def __init__(self, rho: float = 0.05, beta: float = 0.6, gamma: float = 0.5, seed: int = 0,
-                 eps: float = DEFAULT_EPS) -> None:
+    def __init__(
+        self, rho: float = 0.05, beta: float = 0.6, gamma: float = 0.5, seed: int = 0, eps: float = DEFAULT_EPS
+    ) -> None:
         super().__init__(rho, eps)
         self.beta = _check_open_unit("beta", beta)
         self.gamma = _check_open_unit("gamma", gamma)
@@ -74,11 +75,15 @@ class ESAM(Minimizer):
 
     def setup(self, info: RuleSetup) -> None:
         if self.selects_data and not info.sample_losses:
-            raise ValueError(f"Invalid ESAM gamma: {self.gamma}; selecting samples by their loss needs per-sample "
-                             f"losses, which {info.task or 'this task'} does not provide; use gamma=1.0")
+            raise ValueError(
+                f"Invalid ESAM gamma: {self.gamma}; selecting samples by their loss needs per-sample "
+                f"losses, which {info.task or 'this task'} does not provide; use gamma=1.0"
+            )
         if self.beta < 1.0 and info.ascent == "global" and info.world_size > 1:
-            raise ValueError(f"Invalid ascent: 'global' with ESAM(beta={self.beta}); its pass 1 is per replica (use "
-                             "ascent='replica', the default, or beta=1.0)")
+            raise ValueError(
+                f"Invalid ascent: 'global' with ESAM(beta={self.beta}); its pass 1 is per replica (use "
+                "ascent='replica', the default, or beta=1.0)"
+            )
 
     def frozen_in_pass_one(self, params: Sequence[Tensor], ctx: StepContext) -> list[bool] | None:
         """m_j = 0 (frozen) with probability 1 − β per tensor, from (seed, step); never every tensor."""

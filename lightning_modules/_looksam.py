@@ -67,8 +67,9 @@ class LookSAM(Minimizer):
     def perturbation(self, params, grads, *, names=None, grad_norm=None, lr=None, lr_max=None):
         return list(torch._foreach_mul(grads, safe_scale(self.rho, self._grad_norm(grads, grad_norm), self.eps)))
 
-    def after_second_pass(self, params: Sequence[Tensor], grads: Sequence[Tensor], perturbed_grads: Sequence[Tensor],
-                          ctx: StepContext) -> None:
+    def after_second_pass(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], perturbed_grads: Sequence[Tensor], ctx: StepContext
+    ) -> None:
         """Keep g_v = g_s − (⟨g, g_s⟩/‖g‖²)·g (averaged over the replicas under DDP)."""
         with torch.no_grad():
             g_sq = global_norm(grads) ** 2
@@ -108,8 +109,10 @@ class LookSAM(Minimizer):
     def setup(self, info: RuleSetup) -> None:
         if self._g_v is not None and info.params:
             if len(self._g_v) != len(info.params):
-                raise ValueError(f"Invalid LookSAM state: g_v of {len(self._g_v)} tensors for {len(info.params)} "
-                                 "parameters (a checkpoint of another network)")
+                raise ValueError(
+                    f"Invalid LookSAM state: g_v of {len(self._g_v)} tensors for {len(info.params)} "
+                    "parameters (a checkpoint of another network)"
+                )
             self._g_v = [g.to(p.device, p.dtype) for g, p in zip(self._g_v, info.params)]
             self._g_v_norm = global_norm(self._g_v)
 

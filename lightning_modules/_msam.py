@@ -55,8 +55,9 @@ class MomentumSAM(Minimizer):
     __module__ = PUBLIC_MODULE
     plain_two_pass = False
 
-    def __init__(self, rho: float = 3.0, clean_loss: bool = True, momentum_key: str | None = None,
-                 eps: float = DEFAULT_EPS) -> None:
+    def __init__(
+        self, rho: float = 3.0, clean_loss: bool = True, momentum_key: str | None = None, eps: float = DEFAULT_EPS
+    ) -> None:
         super().__init__(rho, eps)
         if not isinstance(clean_loss, bool):
             raise ValueError(f"Invalid clean_loss: {clean_loss!r}; expected True or False")
@@ -82,14 +83,18 @@ class MomentumSAM(Minimizer):
         groups = opt.param_groups
         if isinstance(opt, torch.optim.SGD):
             if any(float(g.get("momentum", 0.0)) <= 0.0 for g in groups):
-                raise ValueError("Invalid optimizer for MomentumSAM: SGD without momentum has no momentum buffer; "
-                                 "set optimizer.init_args.momentum > 0 (0.9 in Becker et al.)")
+                raise ValueError(
+                    "Invalid optimizer for MomentumSAM: SGD without momentum has no momentum buffer; "
+                    "set optimizer.init_args.momentum > 0 (0.9 in Becker et al.)"
+                )
             self._key = "momentum_buffer"
         elif all("betas" in g for g in groups):
             self._key = "exp_avg"
         else:
-            raise ValueError(f"Invalid optimizer for MomentumSAM: {type(opt).__name__} has no momentum buffer; use "
-                             "SGD with momentum or an Adam-type optimizer, or name the state entry (momentum_key)")
+            raise ValueError(
+                f"Invalid optimizer for MomentumSAM: {type(opt).__name__} has no momentum buffer; use "
+                "SGD with momentum or an Adam-type optimizer, or name the state entry (momentum_key)"
+            )
 
     def evaluation_offset(self, params: Sequence[Tensor], ctx: StepContext) -> list[Tensor] | None:
         """ε = −ρ·v/(‖v‖ + eps) over ``params`` (zero where a parameter has no momentum yet)."""

@@ -1,6 +1,6 @@
 """The rule interface of the training step (pure torch, no Lightning): the base class and its helpers.
 
-A rule (:class:`Minimizer`) answers the questions :class:`lightning_modules.TwoPassModule` asks it at each
+A rule (:class:`Minimizer`) answers the questions :class:`flatminima.lightning_modules.TwoPassModule` asks it at each
 step (docs/design.md, "The two-pass step" and "Update rules"). The two-pass rules of the SAM family
 (``minimizers.py``) answer only the first two; the cheaper variants (LookSAM, the schedules, Momentum-SAM,
 ESAM, SAF, MESA) answer the others, whose defaults give the two-pass step::
@@ -50,7 +50,7 @@ DEFAULT_EPS = 1e-12
 #: What a step does: two passes, one pass, or pass 1 and then :meth:`Minimizer.second_pass` decides.
 Plan = Literal["two", "one", "decide"]
 
-PUBLIC_MODULE = "lightning_modules.minimizers"  # where every rule is imported from (and configs name it)
+PUBLIC_MODULE = "flatminima.lightning_modules.minimizers"  # where every rule is imported from (and configs name it)
 
 
 def _norm_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
@@ -251,16 +251,18 @@ class Minimizer:
         """A one-pass step's direction d from its gradient, in place over ``grads`` (default: d = g)."""
         return grads
 
-    def after_second_pass(self, params: Sequence[Tensor], grads: Sequence[Tensor], perturbed_grads: Sequence[Tensor],
-                          ctx: StepContext) -> None:
+    def after_second_pass(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], perturbed_grads: Sequence[Tensor], ctx: StepContext
+    ) -> None:
         """See g and g_p of a two-pass step before :meth:`descent_` (needs ``uses_clean_grad``); default: nothing."""
 
     def extra_loss_active(self, ctx: StepContext) -> bool:
         """Whether :meth:`extra_loss` adds a term in this step (its gradient is then not the clean one)."""
         return False
 
-    def extra_loss(self, outputs: Tensor, ids: Tensor | None, inputs: tuple[Any, ...],
-                   ctx: StepContext) -> Tensor | None:
+    def extra_loss(
+        self, outputs: Tensor, ids: Tensor | None, inputs: tuple[Any, ...], ctx: StepContext
+    ) -> Tensor | None:
         """A term added to the training loss of a one-pass step (``uses_outputs`` rules); None: no term.
 
         Args:

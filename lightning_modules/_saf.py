@@ -59,12 +59,16 @@ class _Trajectory(Minimizer):
 
     def setup(self, info: RuleSetup) -> None:
         if not info.softmax_outputs:
-            raise ValueError(f"Invalid minimizer for {info.task or 'this task'}: {type(self).__name__} compares class "
-                             "probabilities (softmax of the logits) and needs a Classifier")
+            raise ValueError(
+                f"Invalid minimizer for {info.task or 'this task'}: {type(self).__name__} compares class "
+                "probabilities (softmax of the logits) and needs a Classifier"
+            )
 
     def _repr_common(self) -> str:
-        return (f"lam={self.lam}, temperature={self.temperature}, start_epoch={self.start_epoch}, "
-                f"end_epoch={self.end_epoch}")
+        return (
+            f"lam={self.lam}, temperature={self.temperature}, start_epoch={self.start_epoch}, "
+            f"end_epoch={self.end_epoch}"
+        )
 
 
 class SAF(_Trajectory):
@@ -104,13 +108,23 @@ class SAF(_Trajectory):
 
     __module__ = PUBLIC_MODULE
 
-    def __init__(self, lam: float = 0.3, temperature: float = 5.0, minus_epochs: int = 3, start_epoch: int = 5,
-                 end_epoch: int | None = None) -> None:
+    def __init__(
+        self,
+        lam: float = 0.3,
+        temperature: float = 5.0,
+        minus_epochs: int = 3,
+        start_epoch: int = 5,
+        end_epoch: int | None = None,
+    ) -> None:
         super().__init__(lam, temperature, start_epoch, end_epoch)
         self.minus_epochs = check_int("minus_epochs", minus_epochs, 1)
         if self.start_epoch < self.minus_epochs - 1:
-            raise invalid("start_epoch", start_epoch, f"start_epoch >= minus_epochs - 1 = {self.minus_epochs - 1} "
-                          "(the first KL epoch reads the outputs of minus_epochs earlier)")
+            raise invalid(
+                "start_epoch",
+                start_epoch,
+                f"start_epoch >= minus_epochs - 1 = {self.minus_epochs - 1} "
+                "(the first KL epoch reads the outputs of minus_epochs earlier)",
+            )
         self.reset()
 
     def reset(self) -> None:
@@ -121,19 +135,26 @@ class SAF(_Trajectory):
     def setup(self, info: RuleSetup) -> None:
         super().setup(info)
         if info.dataset_size is None:
-            raise ValueError("Invalid training data for SAF: its store needs the training set's size, and the "
-                             "training loader's dataset has no len()")
+            raise ValueError(
+                "Invalid training data for SAF: its store needs the training set's size, and the "
+                "training loader's dataset has no len()"
+            )
         if self._store is not None and self._store.shape[0] != info.dataset_size:
-            raise ValueError(f"Invalid checkpoint for SAF: its store holds {self._store.shape[0]} samples, the "
-                             f"training set has {info.dataset_size}")
+            raise ValueError(
+                f"Invalid checkpoint for SAF: its store holds {self._store.shape[0]} samples, the "
+                f"training set has {info.dataset_size}"
+            )
         self._size = int(info.dataset_size)
         self._checked = False
 
-    def extra_loss(self, outputs: Tensor, ids: Tensor | None, inputs: tuple[Any, ...],
-                   ctx: StepContext) -> Tensor | None:
+    def extra_loss(
+        self, outputs: Tensor, ids: Tensor | None, inputs: tuple[Any, ...], ctx: StepContext
+    ) -> Tensor | None:
         if ids is None:
-            raise ValueError("Invalid batch for SAF: each training batch must be (x, y, idx) with idx the samples' "
-                             "dataset indices; set data.init_args.with_indices: true")
+            raise ValueError(
+                "Invalid batch for SAF: each training batch must be (x, y, idx) with idx the samples' "
+                "dataset indices; set data.init_args.with_indices: true"
+            )
         logits = outputs.detach()
         store = self._store_for(logits, ids)
         slots = self.minus_epochs + 1
@@ -151,15 +172,20 @@ class SAF(_Trajectory):
         if not self._checked:  # one host sync, at the first step of a run
             self._checked = True
             if ids.dtype not in (torch.int64, torch.int32) or ids.ndim != 1 or ids.shape[0] != logits.shape[0]:
-                raise ValueError(f"Invalid batch for SAF: idx must be a LongTensor of one index per sample; got "
-                                 f"{ids.dtype} of shape {tuple(ids.shape)} for {logits.shape[0]} samples")
+                raise ValueError(
+                    f"Invalid batch for SAF: idx must be a LongTensor of one index per sample; got "
+                    f"{ids.dtype} of shape {tuple(ids.shape)} for {logits.shape[0]} samples"
+                )
             if int(ids.max()) >= self._size or int(ids.min()) < 0:
-                raise ValueError(f"Invalid sample index for SAF: {int(ids.max())}; expected 0 <= idx < {self._size} "
-                                 "(the training set's size)")
+                raise ValueError(
+                    f"Invalid sample index for SAF: {int(ids.max())}; expected 0 <= idx < {self._size} "
+                    "(the training set's size)"
+                )
         if self._store is None:
             dtype = torch.promote_types(logits.dtype, torch.float32)
-            self._store = torch.zeros(self._size, self.minus_epochs + 1, logits.shape[1], dtype=dtype,
-                                      device=logits.device)
+            self._store = torch.zeros(
+                self._size, self.minus_epochs + 1, logits.shape[1], dtype=dtype, device=logits.device
+            )
         elif self._store.device != logits.device:
             self._store = self._store.to(logits.device)
         return self._store
@@ -207,8 +233,14 @@ class MESA(_Trajectory):
 
     __module__ = PUBLIC_MODULE
 
-    def __init__(self, lam: float = 0.8, temperature: float = 5.0, decay: float = 0.9998, start_epoch: int = 5,
-                 end_epoch: int | None = None) -> None:
+    def __init__(
+        self,
+        lam: float = 0.8,
+        temperature: float = 5.0,
+        decay: float = 0.9998,
+        start_epoch: int = 5,
+        end_epoch: int | None = None,
+    ) -> None:
         super().__init__(lam, temperature, start_epoch, end_epoch)
         self.decay = check_fraction("decay", decay)
         self.reset()
@@ -231,8 +263,9 @@ class MESA(_Trajectory):
             self.teacher.load_state_dict(self._pending)
             self._pending = None
 
-    def extra_loss(self, outputs: Tensor, ids: Tensor | None, inputs: tuple[Any, ...],
-                   ctx: StepContext) -> Tensor | None:
+    def extra_loss(
+        self, outputs: Tensor, ids: Tensor | None, inputs: tuple[Any, ...], ctx: StepContext
+    ) -> Tensor | None:
         if not self.extra_loss_active(ctx):
             return None
         assert self.teacher is not None, "MESA.setup() was not called"
@@ -257,8 +290,12 @@ class MESA(_Trajectory):
         net = list(self._net.parameters()) + list(self._net.buffers())
         floating = [i for i, t in enumerate(teacher) if t.is_floating_point()]
         others = [i for i, t in enumerate(teacher) if not t.is_floating_point()]
-        self._pairs = ([teacher[i] for i in floating], [net[i] for i in floating],
-                       [teacher[i] for i in others], [net[i] for i in others])
+        self._pairs = (
+            [teacher[i] for i in floating],
+            [net[i] for i in floating],
+            [teacher[i] for i in others],
+            [net[i] for i in others],
+        )
         return self._pairs
 
     def state_dict(self) -> dict[str, Any]:

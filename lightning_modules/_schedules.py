@@ -27,11 +27,14 @@ class _Schedule(Minimizer):
 
     def __init__(self, rule: Minimizer) -> None:
         if not isinstance(rule, Minimizer):
-            raise TypeError(f"Invalid rule: {type(rule).__name__}; expected a two-pass rule (SAM, USAM, ASAM, GSAM, "
-                            "AdaptiveGSAM)")
+            raise TypeError(
+                f"Invalid rule: {type(rule).__name__}; expected a two-pass rule (SAM, USAM, ASAM, GSAM, AdaptiveGSAM)"
+            )
         if not rule.plain_two_pass:
-            raise ValueError(f"Invalid rule: {rule!r}; a schedule wraps a two-pass rule (SAM, USAM, ASAM, GSAM, "
-                             f"AdaptiveGSAM), not a rule that changes the step itself")
+            raise ValueError(
+                f"Invalid rule: {rule!r}; a schedule wraps a two-pass rule (SAM, USAM, ASAM, GSAM, "
+                f"AdaptiveGSAM), not a rule that changes the step itself"
+            )
         self.rule = rule
         self.rho, self.eps = rule.rho, rule.eps
         # the rule's needs, seen by the module through the schedule (instance attributes over the class defaults)
@@ -96,7 +99,7 @@ class RandomSteps(_Schedule):
     SS-SAM (Zhao, Zhang & Hu, 2022, "SS-SAM: Stochastic Scheduled Sharpness-Aware Minimization for
     Efficiently Training Deep Neural Networks", https://arxiv.org/abs/2203.09962) with a constant
     probability. Step t takes two passes when u_t < p, with u_t drawn from (seed, t) alone
-    (:func:`~lightning_modules._rule.step_uniforms`): no running RNG, so every DDP rank draws the same u_t and
+    (:func:`~flatminima.lightning_modules._rule.step_uniforms`): no running RNG, so every DDP rank draws the same u_t and
     a resumed run draws what the uninterrupted one did. Cost: 1 + p passes per step on average.
 
     Default p = 0.5 (half of SAM's extra cost; SS-SAM's constant schedules range over p ∈ [0.1, 0.9]).
@@ -154,8 +157,14 @@ class AdaptiveSteps(_Schedule):
 
     __module__ = PUBLIC_MODULE
 
-    def __init__(self, rule: Minimizer, delta: float = 0.9, c_start: float = 1.0, c_end: float = -1.0,
-                 total_steps: int | None = None) -> None:
+    def __init__(
+        self,
+        rule: Minimizer,
+        delta: float = 0.9,
+        c_start: float = 1.0,
+        c_end: float = -1.0,
+        total_steps: int | None = None,
+    ) -> None:
         super().__init__(rule)
         self.delta = check_fraction("delta", delta)
         self.c_start = check_float("c_start", c_start, minimum=-math.inf)
@@ -173,8 +182,10 @@ class AdaptiveSteps(_Schedule):
         super().setup(info)
         if self.total_steps is None:
             if info.total_steps is None:
-                raise ValueError("Invalid total_steps: None, and the run's number of steps is not known (max_epochs=-1 "
-                                 "and max_steps=-1); set AdaptiveSteps(total_steps=...)")
+                raise ValueError(
+                    "Invalid total_steps: None, and the run's number of steps is not known (max_epochs=-1 "
+                    "and max_steps=-1); set AdaptiveSteps(total_steps=...)"
+                )
             self._steps = int(info.total_steps)
 
     def plan(self, ctx: StepContext) -> str:
@@ -204,5 +215,7 @@ class AdaptiveSteps(_Schedule):
         self.mu, self.var = float(state["mu"]), float(state["var"])
 
     def extra_repr(self) -> str:
-        return (f"rule={self.rule!r}, delta={self.delta}, c_start={self.c_start}, c_end={self.c_end}, "
-                f"total_steps={self.total_steps}")
+        return (
+            f"rule={self.rule!r}, delta={self.delta}, c_start={self.c_start}, c_end={self.c_end}, "
+            f"total_steps={self.total_steps}"
+        )

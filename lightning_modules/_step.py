@@ -38,8 +38,14 @@ class PerturbedWeights:
         buffers_backup: Where they are kept.
     """
 
-    def __init__(self, params: Sequence[Tensor], eps: Sequence[Tensor], backup: Sequence[Tensor],
-                 buffers: Sequence[Tensor] = (), buffers_backup: Sequence[Tensor] = ()) -> None:
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        eps: Sequence[Tensor],
+        backup: Sequence[Tensor],
+        buffers: Sequence[Tensor] = (),
+        buffers_backup: Sequence[Tensor] = (),
+    ) -> None:
         self.params = list(params)
         self.backup = list(backup)
         self.buffers = list(buffers)

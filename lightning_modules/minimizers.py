@@ -2,7 +2,7 @@
 
 A two-pass rule answers the two questions of the two-pass step (docs/design.md, "The two-pass step"); the
 mechanics (the two forward-backward passes, the exact restore of the weights, BatchNorm protection,
-DDP, AMP, the one ``optimizer.step()``) live once in :class:`lightning_modules.TwoPassModule`::
+DDP, AMP, the one ``optimizer.step()``) live once in :class:`flatminima.lightning_modules.TwoPassModule`::
 
     pass 1: g   = ∇L_B(w)
             ε   = rule.perturbation(w, g)        where to climb
@@ -63,6 +63,7 @@ __all__ = [
     "global_norm",
     "foreach_dot",
 ]
+
 
 class SAM(Minimizer):
     """Sharpness-Aware Minimization on the L2 or the L∞ ball (Foret et al., 2021).
@@ -188,7 +189,7 @@ class GSAM(SAM):
         ρ_t = ρ_min + (ρ − ρ_min) · (clamp(lr_t, lr_min, lr_max) − lr_min) / (lr_max − lr_min)
 
     from the lr of the step being taken, so ρ_min ≤ ρ_t ≤ ρ under every schedule. ``lr_max`` is the
-    peak of the schedule: given here, or else passed by the caller (:class:`~lightning_modules.TwoPassModule`
+    peak of the schedule: given here, or else passed by the caller (:class:`~flatminima.lightning_modules.TwoPassModule`
     passes the first param group's peak: ``max_lr`` of OneCycleLR and CyclicLR, the initial lr for
     other schedulers). An lr outside [lr_min, lr_max] (a warmup that starts below ``lr_min``, a
     LambdaLR whose factor exceeds 1, ...) is clamped, with one warning per rule. With per-group
@@ -235,14 +236,18 @@ class GSAM(SAM):
             return self.rho
         top = self.lr_max if self.lr_max is not None else lr_max
         if top is None or top <= self.lr_min:
-            self._warn_once(f"GSAM cannot follow the lr: lr_max={top!r} is not above lr_min={self.lr_min}; "
-                            f"using rho={self.rho} (set GSAM(lr_max=...))")
+            self._warn_once(
+                f"GSAM cannot follow the lr: lr_max={top!r} is not above lr_min={self.lr_min}; "
+                f"using rho={self.rho} (set GSAM(lr_max=...))"
+            )
             return self.rho
         lr = float(lr)
         if not self.lr_min <= lr <= top:
-            self._warn_once(f"GSAM: lr {lr:.6g} is outside [lr_min, lr_max] = [{self.lr_min:.6g}, {top:.6g}]; "
-                            f"rho_t is clamped to [rho_min, rho] = [{self.rho_min}, {self.rho}] (set "
-                            "GSAM(lr_min=..., lr_max=...) to the schedule's range)")
+            self._warn_once(
+                f"GSAM: lr {lr:.6g} is outside [lr_min, lr_max] = [{self.lr_min:.6g}, {top:.6g}]; "
+                f"rho_t is clamped to [rho_min, rho] = [{self.rho_min}, {self.rho}] (set "
+                "GSAM(lr_min=..., lr_max=...) to the schedule's range)"
+            )
             lr = min(max(lr, self.lr_min), top)
         return self.rho_min + (self.rho - self.rho_min) * (lr - self.lr_min) / (top - self.lr_min)
 

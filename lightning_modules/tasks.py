@@ -65,8 +65,9 @@ class Classifier(TwoPassModule):
             )
         self.num_classes = num_classes
         self.label_smoothing = check_fraction("label_smoothing", label_smoothing)
-        self.train_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro",
-                                                                         validate_args=False)
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(
+            num_classes, average="micro", validate_args=False
+        )
         self.val_acc = self.train_acc.clone()
         self.test_acc = self.train_acc.clone()
 
@@ -322,8 +323,9 @@ def _k_hop(x: Tensor, edge_index: Tensor, y: Tensor, mask: Tensor, hops: int) ->
     """The subgraph induced by the ``hops``-hop neighbourhood of the masked nodes (relabelled), and its mask."""
     from torch_geometric.utils import k_hop_subgraph
 
-    subset, sub_edges, mapping, _ = k_hop_subgraph(mask.nonzero().flatten(), hops, edge_index, relabel_nodes=True,
-                                                   num_nodes=x.shape[0])
+    subset, sub_edges, mapping, _ = k_hop_subgraph(
+        mask.nonzero().flatten(), hops, edge_index, relabel_nodes=True, num_nodes=x.shape[0]
+    )
     sub_mask = torch.zeros(subset.numel(), dtype=torch.bool, device=mask.device)
     sub_mask[mapping] = True
     return x[subset], sub_edges, y[subset], sub_mask

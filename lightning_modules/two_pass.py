@@ -126,9 +126,17 @@ class TwoPassModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         accumulate, clip = _check_arguments(  # (new names: save_hyperparameters reads the arguments as given)
-            net, optimizer, minimizer, accumulate_grad_batches, gradient_clip_val,
-            lr_scheduler_interval=lr_scheduler_interval, ascent=ascent, gradient_clip_algorithm=gradient_clip_algorithm,
-            on_nonfinite=on_nonfinite, accumulate_ascent=accumulate_ascent, train_metrics_at=train_metrics_at,
+            net,
+            optimizer,
+            minimizer,
+            accumulate_grad_batches,
+            gradient_clip_val,
+            lr_scheduler_interval=lr_scheduler_interval,
+            ascent=ascent,
+            gradient_clip_algorithm=gradient_clip_algorithm,
+            on_nonfinite=on_nonfinite,
+            accumulate_ascent=accumulate_ascent,
+            train_metrics_at=train_metrics_at,
         )
         # Under LightningCLI the hparams are the parsed config (net and optimizer as class paths), so
         # load_from_checkpoint rebuilds everything. Python-built objects would make checkpoints
@@ -166,8 +174,11 @@ class TwoPassModule(pl.LightningModule):
         self._total_steps: int | None = None
         # Outside the module tree (a plain dict), so the model summary and the state_dict are as without them.
         # A mean is logged when updated: loss_perturbed with a rule only (which may be set between steps).
-        self._means = {"train": EpochMeans(("loss", "grad_norm", "loss_perturbed")), "val": EpochMeans(("loss",)),
-                       "test": EpochMeans(("loss",))}
+        self._means = {
+            "train": EpochMeans(("loss", "grad_norm", "loss_perturbed")),
+            "val": EpochMeans(("loss",)),
+            "test": EpochMeans(("loss",)),
+        }
 
     # ------------------------------------------------------------------ task interface
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
@@ -234,11 +245,16 @@ class TwoPassModule(pl.LightningModule):
         """Build the base optimizer (and the lr scheduler, which this module steps itself)."""
         optimizer = self.optimizer_factory(self.parameters())
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"Invalid optimizer: the factory returned {type(optimizer).__name__}, not a torch Optimizer")
+            raise TypeError(
+                f"Invalid optimizer: the factory returned {type(optimizer).__name__}, not a torch Optimizer"
+            )
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)  # stepped by this module, ReduceLROnPlateau included
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval},
+        }
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Refuse the Trainer options that manual optimization cannot honour, naming this module's own.
@@ -275,8 +291,10 @@ class TwoPassModule(pl.LightningModule):
         rule = self.minimizer
         if stage == "fit" and rule is not None:
             if self.accumulate_ascent == "micro" and self.accumulate_grad_batches > 1 and not rule.plain_two_pass:
-                raise ValueError(f"Invalid accumulate_ascent: 'micro' with {rule!r}; the per-micro-batch ascent "
-                                 "combines with the two-pass rules only; use accumulate_ascent='accumulated'")
+                raise ValueError(
+                    f"Invalid accumulate_ascent: 'micro' with {rule!r}; the per-micro-batch ascent "
+                    "combines with the two-pass rules only; use accumulate_ascent='accumulated'"
+                )
             rule.reset()  # a fresh fit; a resume then restores the rule's state (on_load_checkpoint)
             self._bound_rule = None
 
@@ -295,11 +313,20 @@ class TwoPassModule(pl.LightningModule):
             size = None
         total = trainer.estimated_stepping_batches
         self._total_steps = int(total) if isinstance(total, (int, float)) and math.isfinite(total) else None
-        self.minimizer.setup(RuleSetup(
-            net=self.net, optimizer=trainer.optimizers[0], params=self._params, dataset_size=size,
-            total_steps=self._total_steps, task=type(self).__name__, sample_losses=self.supports_sample_losses,
-            softmax_outputs=self.softmax_outputs, ascent=self.ascent, world_size=self._world_size(),
-        ))
+        self.minimizer.setup(
+            RuleSetup(
+                net=self.net,
+                optimizer=trainer.optimizers[0],
+                params=self._params,
+                dataset_size=size,
+                total_steps=self._total_steps,
+                task=type(self).__name__,
+                sample_losses=self.supports_sample_losses,
+                softmax_outputs=self.softmax_outputs,
+                ascent=self.ascent,
+                world_size=self._world_size(),
+            )
+        )
         self._bound_rule = self.minimizer
 
     def _step_context(self, opt: Any) -> StepContext | None:
@@ -311,9 +338,14 @@ class TwoPassModule(pl.LightningModule):
             self._bind_rule()
         per_replica = self._world_size() > 1 and self.ascent == "replica"
         return StepContext(
-            step=self.global_step, epoch=self.current_epoch, total_steps=self._total_steps,
-            lr=float(opt.optimizer.param_groups[0]["lr"]), lr_max=self._schedule_peak(), optimizer=opt.optimizer,
-            params=self._params, reduce_mean=all_reduce_mean if per_replica else StepContext.reduce_mean,
+            step=self.global_step,
+            epoch=self.current_epoch,
+            total_steps=self._total_steps,
+            lr=float(opt.optimizer.param_groups[0]["lr"]),
+            lr_max=self._schedule_peak(),
+            optimizer=opt.optimizer,
+            params=self._params,
+            reduce_mean=all_reduce_mean if per_replica else StepContext.reduce_mean,
             gather=self._gather if self._world_size() > 1 else StepContext.gather,
         )
 
@@ -381,8 +413,9 @@ class TwoPassModule(pl.LightningModule):
         for logger in self.loggers:
             logger.log_metrics(metrics, step=step)
 
-    def _step_direction(self, opt: Any, parts: list[tuple[Any, float]], ctx: StepContext | None, *,
-                        micro: bool = False) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
+    def _step_direction(
+        self, opt: Any, parts: list[tuple[Any, float]], ctx: StepContext | None, *, micro: bool = False
+    ) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
         """The step's passes over ``parts`` as the rule plans them: ``(logs, params, d, batch size)``.
 
         ``parts`` is the batch, or its micro-batches whose gradients accumulate (weighted by size) into
@@ -400,9 +433,14 @@ class TwoPassModule(pl.LightningModule):
         frozen = rule.frozen_in_pass_one(self._params, ctx) if rule is not None else None
         metrics = deferred if deferred is not None else not self._metrics_at_w_eps()
         with FrozenParameters(self._params, frozen):
-            loss, batch_size = self._accumulated_pass(parts, 1 if frozen is None else 3,
-                                                      rule is not None and self.ascent == "replica", rngs,
-                                                      metrics=metrics, losses=clean_losses)
+            loss, batch_size = self._accumulated_pass(
+                parts,
+                1 if frozen is None else 3,
+                rule is not None and self.ascent == "replica",
+                rngs,
+                metrics=metrics,
+                losses=clean_losses,
+            )
         params, grads, names = self._with_grads()
         scale = self._loss_scale()
         grad_norm = global_norm(grads)
@@ -420,8 +458,9 @@ class TwoPassModule(pl.LightningModule):
         with perturbed:  # w + ε; w and the BatchNorm statistics restored on exit, also when pass 2 raises
             if clean_losses is not None:
                 parts = self._selected_parts(parts, clean_losses)
-            logs["loss_perturbed"], _ = self._accumulated_pass(parts, 2, micro or average, rngs,
-                                                               metrics=self._metrics_at_w_eps())
+            logs["loss_perturbed"], _ = self._accumulated_pass(
+                parts, 2, micro or average, rngs, metrics=self._metrics_at_w_eps()
+            )
         if frozen is not None:  # every parameter has its pass-2 gradient, the frozen ones included
             params = self._with_grads()[0]
         direction = self._write_descent_direction(params, clean, ctx)
@@ -431,9 +470,16 @@ class TwoPassModule(pl.LightningModule):
                 all_reduce_mean(direction)
         return logs, params, direction, batch_size
 
-    def _first_pass_only(self, logs: dict[str, Tensor], params: list[Tensor], grads: list[Tensor], batch_size: int,
-                         ctx: StepContext, deferred: list[tuple[Tensor, Tensor]] | None,
-                         micro: bool) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
+    def _first_pass_only(
+        self,
+        logs: dict[str, Tensor],
+        params: list[Tensor],
+        grads: list[Tensor],
+        batch_size: int,
+        ctx: StepContext,
+        deferred: list[tuple[Tensor, Tensor]] | None,
+        micro: bool,
+    ) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
         """The rule decided against pass 2 after pass 1 (AE-SAM): d from g alone (all-reduced if pass 1 was not)."""
         for output, target in deferred or ():
             self.update_metrics("train", output, target)
@@ -443,8 +489,9 @@ class TwoPassModule(pl.LightningModule):
             direction = self.minimizer.one_pass_descent_(params, grads, ctx)
         return logs, params, direction, batch_size
 
-    def _one_pass_direction(self, parts: list[tuple[Any, float]], ctx: StepContext,
-                            micro: bool) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
+    def _one_pass_direction(
+        self, parts: list[tuple[Any, float]], ctx: StepContext, micro: bool
+    ) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
         """A one-pass step: the gradient at w (plus the rule's extra loss) or at w + offset (Momentum-SAM)."""
         rule = self.minimizer
         with torch.no_grad():
@@ -452,8 +499,9 @@ class TwoPassModule(pl.LightningModule):
         if offset is not None:
             return self._offset_direction(parts, ctx, micro, offset)
         active = rule.extra_loss_active(ctx)
-        loss, batch_size = self._accumulated_pass(parts, 3 if active else 1, micro, None, metrics=True,
-                                                  extra=rule if rule.uses_outputs else None, ctx=ctx)
+        loss, batch_size = self._accumulated_pass(
+            parts, 3 if active else 1, micro, None, metrics=True, extra=rule if rule.uses_outputs else None, ctx=ctx
+        )
         params, grads, _ = self._with_grads()
         logs = {"loss": loss}
         if not active:
@@ -463,8 +511,9 @@ class TwoPassModule(pl.LightningModule):
             direction = rule.one_pass_descent_(params, grads, ctx)
         return logs, params, direction, batch_size
 
-    def _offset_direction(self, parts: list[tuple[Any, float]], ctx: StepContext, micro: bool,
-                          offset: list[Tensor]) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
+    def _offset_direction(
+        self, parts: list[tuple[Any, float]], ctx: StepContext, micro: bool, offset: list[Tensor]
+    ) -> tuple[dict[str, Tensor], list[Tensor], list[Tensor], int]:
         """Momentum-SAM's step: d = ∇L_B(w + offset), the weights at w + offset only inside that pass.
 
         With the rule's ``clean_loss`` one forward pass at w (no gradient) first gives ``loss`` and the
@@ -477,8 +526,9 @@ class TwoPassModule(pl.LightningModule):
         params = self._params
         buffers = (self._bn_buffers, self._bn_backup) if rule.clean_loss else ((), ())
         with PerturbedWeights(params, offset, self._scratch_buffers("_backup", params), *buffers):
-            logs["loss_perturbed"], batch_size = self._accumulated_pass(parts, 2, micro, None,
-                                                                        metrics=self._metrics_at_w_eps())
+            logs["loss_perturbed"], batch_size = self._accumulated_pass(
+                parts, 2, micro, None, metrics=self._metrics_at_w_eps()
+            )
         params, grads, _ = self._with_grads()
         return logs, params, grads, batch_size
 
@@ -486,23 +536,36 @@ class TwoPassModule(pl.LightningModule):
         """Whether the training metrics come from the perturbed pass (``train_metrics_at="perturbed"`` with a rule)."""
         return self.train_metrics_at == "perturbed" and self.minimizer is not None
 
-    def _perturbed_weights(self, opt: Any, params: list[Tensor], grads: list[Tensor], names: list[str],
-                           grad_norm: Tensor, scale: Tensor | None) -> PerturbedWeights:
+    def _perturbed_weights(
+        self,
+        opt: Any,
+        params: list[Tensor],
+        grads: list[Tensor],
+        names: list[str],
+        grad_norm: Tensor,
+        scale: Tensor | None,
+    ) -> PerturbedWeights:
         """The ascent ε = rule.perturbation(w, g), as the context manager that puts the weights at w + ε."""
         rule = self.minimizer
         assert rule is not None
         with torch.no_grad():
             eps = rule.perturbation(
-                params, grads, names=names if rule.uses_names else None, grad_norm=grad_norm,
-                lr=float(opt.optimizer.param_groups[0]["lr"]), lr_max=self._schedule_peak(),
+                params,
+                grads,
+                names=names if rule.uses_names else None,
+                grad_norm=grad_norm,
+                lr=float(opt.optimizer.param_groups[0]["lr"]),
+                lr_max=self._schedule_peak(),
             )
             if scale is not None and not rule.scale_invariant:
                 torch._foreach_div_(eps, scale)  # ε from the unscaled gradient
-        return PerturbedWeights(params, eps, self._scratch_buffers("_backup", params), self._bn_buffers,
-                                self._bn_backup)
+        return PerturbedWeights(
+            params, eps, self._scratch_buffers("_backup", params), self._bn_buffers, self._bn_backup
+        )
 
-    def _write_descent_direction(self, params: list[Tensor], clean: list[Tensor] | None,
-                                 ctx: StepContext | None) -> list[Tensor]:
+    def _write_descent_direction(
+        self, params: list[Tensor], clean: list[Tensor] | None, ctx: StepContext | None
+    ) -> list[Tensor]:
         """Overwrite the pass-2 gradients g_p in ``.grad`` with the descent direction d; return the ``.grad`` tensors.
 
         d = g_p, except for rules whose descent uses the clean gradient g (GSAM): their ``descent_(g, g_p)``
@@ -545,10 +608,18 @@ class TwoPassModule(pl.LightningModule):
         assert total is not None
         return total.detach()
 
-    def _accumulated_pass(self, parts: list[tuple[Any, float]], index: int, block_sync: bool,
-                          rngs: list[dict[str, Any]] | None, *, metrics: bool | list[tuple[Tensor, Tensor]],
-                          losses: list[Tensor] | None = None, extra: Minimizer | None = None,
-                          ctx: StepContext | None = None) -> tuple[Tensor, int]:
+    def _accumulated_pass(
+        self,
+        parts: list[tuple[Any, float]],
+        index: int,
+        block_sync: bool,
+        rngs: list[dict[str, Any]] | None,
+        *,
+        metrics: bool | list[tuple[Tensor, Tensor]],
+        losses: list[Tensor] | None = None,
+        extra: Minimizer | None = None,
+        ctx: StepContext | None = None,
+    ) -> tuple[Tensor, int]:
         """Forward-backward of each part, gradients summed in ``.grad`` with the parts' weights.
 
         Returns the weighted loss (detached) and the total batch size. ``pass_index`` is ``index``
@@ -588,14 +659,16 @@ class TwoPassModule(pl.LightningModule):
         assert total is not None
         return total, batch_size
 
-    def _with_extra_loss(self, loss: Tensor, output: Tensor, part: Any, rule: Minimizer,
-                         ctx: StepContext | None) -> Tensor:
+    def _with_extra_loss(
+        self, loss: Tensor, output: Tensor, part: Any, rule: Minimizer, ctx: StepContext | None
+    ) -> Tensor:
         """The loss plus the rule's extra term for this part (SAF, MESA), if it adds one in this step."""
         term = rule.extra_loss(output, self.sample_ids(part), self.net_inputs(part), ctx or StepContext())
         return loss if term is None else loss + term
 
-    def _micro_ascent_step(self, opt: Any, parts: list[tuple[Any, float]],
-                           ctx: StepContext | None) -> tuple[dict[str, Tensor], list[Tensor], int]:
+    def _micro_ascent_step(
+        self, opt: Any, parts: list[tuple[Any, float]], ctx: StepContext | None
+    ) -> tuple[dict[str, Tensor], list[Tensor], int]:
         """The ascent per micro-batch: d = Σᵢ wᵢ·dᵢ, each dᵢ a whole two-pass direction of micro-batch i.
 
         m-sharpness with m the micro-batch size (as DDP's per-replica ascent): εᵢ from the micro-batch's
@@ -646,7 +719,9 @@ class TwoPassModule(pl.LightningModule):
         """Clip the final direction d (after AMP unscaling), never the ascent."""
         if self.gradient_clip_val is not None:
             self.clip_gradients(
-                optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm=self.gradient_clip_algorithm
+                optimizer,
+                gradient_clip_val=self.gradient_clip_val,
+                gradient_clip_algorithm=self.gradient_clip_algorithm,
             )
 
     def on_train_epoch_end(self) -> None:
@@ -828,8 +903,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _check_arguments(net: Any, optimizer: Any, minimizer: Any, accumulate_grad_batches: Any,
-                     gradient_clip_val: Any, **choices: str) -> tuple[int, float | None]:
+def _check_arguments(
+    net: Any, optimizer: Any, minimizer: Any, accumulate_grad_batches: Any, gradient_clip_val: Any, **choices: str
+) -> tuple[int, float | None]:
     """Refuse a bad :class:`TwoPassModule` argument in one line naming it (the ``choices`` by ``_CHOICES``).
 
     Returns ``accumulate_grad_batches`` and ``gradient_clip_val`` as plain Python numbers.
@@ -840,14 +916,16 @@ def _check_arguments(net: Any, optimizer: Any, minimizer: Any, accumulate_grad_b
         raise TypeError(f"Invalid optimizer: {optimizer!r}; expected a callable that takes the parameters")
     if minimizer is not None and not isinstance(minimizer, Minimizer):
         raise TypeError(
-            f"Invalid minimizer: {type(minimizer).__name__}; expected a lightning_modules.minimizers.Minimizer "
+            f"Invalid minimizer: {type(minimizer).__name__}; expected a flatminima.lightning_modules.minimizers.Minimizer "
             "(SAM, USAM, ASAM, GSAM, AdaptiveGSAM, LookSAM, EveryK, RandomSteps, AdaptiveSteps, MomentumSAM, ESAM, "
             "SAF, MESA) or None"
         )
     for name, value in choices.items():
         check_choice(name, value, _CHOICES[name])
-    return (check_int("accumulate_grad_batches", accumulate_grad_batches, 1),
-            check_float("gradient_clip_val", gradient_clip_val, minimum=0.0, strict=True, optional=True))
+    return (
+        check_int("accumulate_grad_batches", accumulate_grad_batches, 1),
+        check_float("gradient_clip_val", gradient_clip_val, minimum=0.0, strict=True, optional=True),
+    )
 
 
 def schedule_peak_lr(optimizer: torch.optim.Optimizer, schedulers: list[Any]) -> float:

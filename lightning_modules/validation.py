@@ -13,10 +13,10 @@ argument, whichever module checks it:
   exponent in :func:`check_p` (the max-norm), NaN is not.
 
 Home: this module imports nothing but the standard library, so the pure-torch modules
-(:mod:`lightning_modules.minimizers`, :mod:`callbacks.measures` and its helpers) use it without
+(:mod:`flatminima.lightning_modules.minimizers`, :mod:`flatminima.callbacks.measures` and its helpers) use it without
 Lightning. It lives in ``lightning_modules`` (no new top-level package); ``lightning_modules/__init__``
 imports its Lightning-dependent modules only when Lightning is importable, so
-``import lightning_modules.validation`` works with Lightning absent (pinned by
+``import flatminima.lightning_modules.validation`` works with Lightning absent (pinned by
 ``tests/test_validation.py``). See docs/design.md, "Validation and private APIs".
 """
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from formats.summary import Summary, number
+from flatminima.formats.summary import Summary, number
 
 from .cmi import cmi_row
 from .ranking import ranking_rows
@@ -56,16 +56,20 @@ def split_pool(summaries: Iterable[Summary]) -> tuple[list[Summary], list[Summar
     return sorted(finished, key=_id), sorted(other, key=_id)
 
 
-def apply_requirements(finished: Sequence[Summary], require: Sequence[tuple[str, str, float]]
-                       ) -> tuple[list[Summary], list[Summary]]:
+def apply_requirements(
+    finished: Sequence[Summary], require: Sequence[tuple[str, str, float]]
+) -> tuple[list[Summary], list[Summary]]:
     """(the finished runs within every bound, the others marked ``"excluded"`` with the reason as ``error``).
 
     ``require``: ``(key, "min" | "max", bound)``; a missing or NaN value is outside every bound.
     """
     kept, excluded = [], []
     for run in finished:
-        reasons = [f"{key} {_show(ordered(run, key))} {'<' if bound == 'min' else '>'} {limit:g} (analysis.require)"
-                   for key, bound, limit in require if not _within(ordered(run, key), bound, limit)]
+        reasons = [
+            f"{key} {_show(ordered(run, key))} {'<' if bound == 'min' else '>'} {limit:g} (analysis.require)"
+            for key, bound, limit in require
+            if not _within(ordered(run, key), bound, limit)
+        ]
         if reasons:
             excluded.append({**run, "status": "excluded", "error": "; ".join(reasons)})
         else:
@@ -149,8 +153,14 @@ def tau_b_resampled(x: np.ndarray, y: np.ndarray, counts: np.ndarray) -> np.ndar
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def bootstrap_tau(x: Sequence[float], y: Sequence[float], resamples: int = 1000, seed: int = 0,
-                  level: float = 0.95, min_runs: int = MIN_BOOTSTRAP_RUNS) -> list[float] | None:
+def bootstrap_tau(
+    x: Sequence[float],
+    y: Sequence[float],
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    min_runs: int = MIN_BOOTSTRAP_RUNS,
+) -> list[float] | None:
     """Percentile bootstrap interval of τ-b: runs resampled with replacement (seeded).
 
     None when undefined (every resample constant), when ``resamples`` is 0, or under ``min_runs`` runs
@@ -171,18 +181,34 @@ def bootstrap_tau(x: Sequence[float], y: Sequence[float], resamples: int = 1000,
     return [float(lo), float(hi)]
 
 
-def kendall_rows(runs: Sequence[Summary], xs: Sequence[str], ys: Sequence[str], group_axes: Sequence[str],
-                 resamples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+def kendall_rows(
+    runs: Sequence[Summary],
+    xs: Sequence[str],
+    ys: Sequence[str],
+    group_axes: Sequence[str],
+    resamples: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """τ, p and the bootstrap interval for every x × y, over the pool (``"all"``) and per ``axis=value``."""
-    groups = [("all", list(runs))] + [(f"{axis}={v}", members) for axis in group_axes
-                                       for v, members in group_by(runs, axis).items()]
+    groups = [("all", list(runs))] + [
+        (f"{axis}={v}", members) for axis in group_axes for v, members in group_by(runs, axis).items()
+    ]
     rows = []
     for x, y in itertools.product(xs, ys):
         for name, members in groups:
             a, b = paired(members, x, y)
             tau, p = kendall(a, b)
-            rows.append({"x": x, "y": y, "group": name, "n": int(len(a)), "tau": tau, "p": p,
-                         "ci95": bootstrap_tau(a, b, resamples, seed) if tau is not None else None})
+            rows.append(
+                {
+                    "x": x,
+                    "y": y,
+                    "group": name,
+                    "n": int(len(a)),
+                    "tau": tau,
+                    "p": p,
+                    "ci95": bootstrap_tau(a, b, resamples, seed) if tau is not None else None,
+                }
+            )
     return rows
 
 
@@ -234,8 +260,16 @@ def ks_rows(runs: Sequence[Summary], tests: Sequence[KSTest]) -> list[dict[str, 
                 if a and b:
                     result = stats.ks_2samp(a, b)
                     statistic, p = _finite(result.statistic), _finite(result.pvalue)
-                rows.append({"key": key, "axis": test.axis, "groups": [name_a, name_b], "n": [len(a), len(b)],
-                             "statistic": statistic, "p": p})
+                rows.append(
+                    {
+                        "key": key,
+                        "axis": test.axis,
+                        "groups": [name_a, name_b],
+                        "n": [len(a), len(b)],
+                        "statistic": statistic,
+                        "p": p,
+                    }
+                )
     return rows
 
 
@@ -245,25 +279,41 @@ def describe(runs: Sequence[Summary], keys: Sequence[str], group_axes: Sequence[
 
     Over the finite values (``n`` of them); ``nonfinite`` counts the runs whose value is ±inf or NaN.
     """
-    groups = [("all", list(runs))] + [(f"{axis}={v}", members) for axis in group_axes
-                                       for v, members in group_by(runs, axis).items()]
+    groups = [("all", list(runs))] + [
+        (f"{axis}={v}", members) for axis in group_axes for v, members in group_by(runs, axis).items()
+    ]
     rows = []
     for name, members in groups:
         for key in keys:
             held = [v for v in (value(r, key) for r in members) if v is not None]
             vals = np.asarray([v for v in held if math.isfinite(v)])
-            rows.append({"group": name, "key": key, "n": int(vals.size), "nonfinite": len(held) - int(vals.size),
-                         "mean": float(vals.mean()) if vals.size else None,
-                         "std": float(vals.std(ddof=1)) if vals.size > 1 else None,
-                         "min": float(vals.min()) if vals.size else None,
-                         "max": float(vals.max()) if vals.size else None})
+            rows.append(
+                {
+                    "group": name,
+                    "key": key,
+                    "n": int(vals.size),
+                    "nonfinite": len(held) - int(vals.size),
+                    "mean": float(vals.mean()) if vals.size else None,
+                    "std": float(vals.std(ddof=1)) if vals.size > 1 else None,
+                    "min": float(vals.min()) if vals.size else None,
+                    "max": float(vals.max()) if vals.size else None,
+                }
+            )
     return rows
 
 
 # ---------------------------------------------------------------------------------------- all of it
-def analyze(summaries: Iterable[Summary], xs: Sequence[str], ys: Sequence[str], *,
-            group_axes: Sequence[str] | None = None, ks: Sequence[KSTest] = (), resamples: int = 1000,
-            seed: int = 0, require: Sequence[tuple[str, str, float]] = ()) -> dict[str, Any]:
+def analyze(
+    summaries: Iterable[Summary],
+    xs: Sequence[str],
+    ys: Sequence[str],
+    *,
+    group_axes: Sequence[str] | None = None,
+    ks: Sequence[KSTest] = (),
+    resamples: int = 1000,
+    seed: int = 0,
+    require: Sequence[tuple[str, str, float]] = (),
+) -> dict[str, Any]:
     """The content of ``analysis.json``: ``runs`` (counts), ``kendall``, ``granulated``, ``cmi``, ``ranking``,
     ``ks``, ``describe``. Finished runs outside a ``require`` bound are left out with the reason.
     """
@@ -277,8 +327,12 @@ def analyze(summaries: Iterable[Summary], xs: Sequence[str], ys: Sequence[str], 
     granulated_rows = [granulated(finished, x, y, axes) for x, y in pairs]
     cmi_rows = [cmi_row(finished, x, y, axes) for x, y in pairs]
     return {
-        "runs": {"total": len(finished) + len(other), "finished": len(finished), "left_out": len(other),
-                 "failed": [{"id": _id(s), "status": s.get("status"), "error": s.get("error")} for s in other]},
+        "runs": {
+            "total": len(finished) + len(other),
+            "finished": len(finished),
+            "left_out": len(other),
+            "failed": [{"id": _id(s), "status": s.get("status"), "error": s.get("error")} for s in other],
+        },
         "axes": axes,
         "x": list(xs),
         "y": list(ys),

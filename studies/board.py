@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from formats.summary import Summary
+from flatminima.formats.summary import Summary
 
 from .analysis import finite
 
@@ -113,16 +113,20 @@ def _hparams_records(hparams: dict[str, Any], metrics: dict[str, float]) -> list
         else:
             start.hparams[key].string_value = str(v)
             infos.append(api_pb2.HParamInfo(name=key, type=api_pb2.DataType.Value("DATA_TYPE_STRING")))
-    experiment = api_pb2.Experiment(hparam_infos=infos,
-                                    metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=k)) for k in metrics])
+    experiment = api_pb2.Experiment(
+        hparam_infos=infos, metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=k)) for k in metrics]
+    )
     end = plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value("STATUS_SUCCESS"))
 
     def record(tag: str, **content: Any) -> Any:
         data = plugin_data_pb2.HParamsPluginData(version=metadata.PLUGIN_DATA_VERSION, **content)
-        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME,
-                                                                      content=data.SerializeToString()))
+        meta = SummaryMetadata(
+            plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString())
+        )
         return Record(value=[Record.Value(tag=tag, metadata=meta)])
 
-    return [record(metadata.EXPERIMENT_TAG, experiment=experiment),
-            record(metadata.SESSION_START_INFO_TAG, session_start_info=start),
-            record(metadata.SESSION_END_INFO_TAG, session_end_info=end)]
+    return [
+        record(metadata.EXPERIMENT_TAG, experiment=experiment),
+        record(metadata.SESSION_START_INFO_TAG, session_start_info=start),
+        record(metadata.SESSION_END_INFO_TAG, session_end_info=end),
+    ]

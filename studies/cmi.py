@@ -108,8 +108,13 @@ class CMIResult:
     set_size: int = 0
 
 
-def cmi_score(measure: Sequence[float | None], gap: Sequence[float | None],
-              hparams: Mapping[str, Sequence[Hashable]], *, axes_per_set: int = 2) -> CMIResult:
+def cmi_score(
+    measure: Sequence[float | None],
+    gap: Sequence[float | None],
+    hparams: Mapping[str, Sequence[Hashable]],
+    *,
+    axes_per_set: int = 2,
+) -> CMIResult:
     """Jiang et al.'s CMI score: min over sets S of ``axes_per_set`` axes of I(V_μ, V_g | U_S) / H(V_g | U_S).
 
     The module docstring defines it exactly (pairs, ties, slices, weights) and says where it departs from
@@ -143,8 +148,10 @@ def cmi_score(measure: Sequence[float | None], gap: Sequence[float | None],
     if len(keep) < 2:
         return CMIResult(score=None, **base)
     joint = pair_codes(mu, g)
-    per_set = {",".join(s) or NO_AXIS: normalized_cmi(slice_counts(joint, [codes[a] for a in s]))
-               for s in itertools.combinations(varying, size)}
+    per_set = {
+        ",".join(s) or NO_AXIS: normalized_cmi(slice_counts(joint, [codes[a] for a in s]))
+        for s in itertools.combinations(varying, size)
+    }
     defined = {k: v for k, v in per_set.items() if v is not None}
     argmin = min(defined, key=defined.__getitem__) if defined else None
     return CMIResult(score=defined[argmin] if argmin else None, per_set=per_set, argmin=argmin, **base)
@@ -192,8 +199,9 @@ def normalized_cmi(counts: np.ndarray) -> float | None:
     return float(mi / h)
 
 
-def cmi_row(runs: Sequence[dict[str, Any]], x: str, y: str, axes: Sequence[str], *,
-            axes_per_set: int = 2) -> dict[str, Any]:
+def cmi_row(
+    runs: Sequence[dict[str, Any]], x: str, y: str, axes: Sequence[str], *, axes_per_set: int = 2
+) -> dict[str, Any]:
     """The ``analysis.json`` ``"cmi"`` row of measure ``x`` against gap ``y`` over run summaries.
 
     ``runs``: finished run summaries (``{"axes": {axis: value}, "metrics": {key: value}}``); a run's
@@ -205,8 +213,14 @@ def cmi_row(runs: Sequence[dict[str, Any]], x: str, y: str, axes: Sequence[str],
     metrics = [r.get("metrics") or {} for r in runs]
     hparams = {a: [str((r.get("axes") or {}).get(a)) for r in runs] for a in axes}
     result = cmi_score([m.get(x) for m in metrics], [m.get(y) for m in metrics], hparams, axes_per_set=axes_per_set)
-    return {"x": x, "y": y, "per_pair": result.per_set, "score": result.score, "n": result.n,
-            "left_out": result.left_out}
+    return {
+        "x": x,
+        "y": y,
+        "per_pair": result.per_set,
+        "score": result.score,
+        "n": result.n,
+        "left_out": result.left_out,
+    }
 
 
 def _codes(values: Sequence[Hashable]) -> np.ndarray:

@@ -11,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from cli_support import claims
-from formats.summary import Summary, read_json
+from flatminima.cli_support import claims
+from flatminima.formats.summary import Summary, read_json
 
 from . import analysis, pool, report, runner, shared
 from .engines import Engine
@@ -49,12 +49,20 @@ def dry_run(study: Study, out: str | Path, stream: TextIO | None = None) -> int:
     return 0
 
 
-def run(study: Study, out: str | Path, *, engine: str = "local", workers: int | None = None,
-        address: str | None = None, timeout: float | None = None, analyze_after: bool = True,
-        stream: TextIO | None = None) -> int:
+def run(
+    study: Study,
+    out: str | Path,
+    *,
+    engine: str = "local",
+    workers: int | None = None,
+    address: str | None = None,
+    timeout: float | None = None,
+    analyze_after: bool = True,
+    stream: TextIO | None = None,
+) -> int:
     """Run the runs not finished yet, sharing the study folder with any other process; 0 if every run finished.
 
-    Each run is claimed before it is trained (:mod:`studies.shared`): this process trains the runs it can
+    Each run is claimed before it is trained (:mod:`flatminima.studies.shared`): this process trains the runs it can
     claim, waits for those other processes train, and ends when every run is settled; the last process
     out writes the analysis. Returns 0 when every run finished, else 1.
     """
@@ -67,8 +75,10 @@ def run(study: Study, out: str | Path, *, engine: str = "local", workers: int | 
     attempts_at_start, stamp_at_start = shared.attempts(tasks), read_json(shared.analysis_stamp(out))
     finished_before = {t.id for t in tasks if runner.is_done(t)}
     progress = Progress(len(tasks), skipped=len(finished_before), stream=stream)
-    stream.write(f"study {study.name}: {len(tasks)} runs, {len(tasks) - len(finished_before)} to run "
-                 f"({engine} engine) -> {out}\n")
+    stream.write(
+        f"study {study.name}: {len(tasks)} runs, {len(tasks) - len(finished_before)} to run "
+        f"({engine} engine) -> {out}\n"
+    )
     mine: set[str] = set()
 
     def done(result: RunResult) -> None:
@@ -80,11 +90,15 @@ def run(study: Study, out: str | Path, *, engine: str = "local", workers: int | 
         ledger = shared.Ledger(out, heartbeat, attempts_at_start, stream)
         while True:
             state = shared.survey(tasks, ledger)
-            progress.elsewhere(len(set(state.finished) - finished_before - mine), len(state.failed_elsewhere),
-                               len(state.running_elsewhere))
+            progress.elsewhere(
+                len(set(state.finished) - finished_before - mine),
+                len(state.failed_elsewhere),
+                len(state.running_elsewhere),
+            )
             if state.pending:
                 _engine(engine, study, out, workers, address, timeout, len(state.pending)).run(
-                    state.pending, claims=ledger, on_start=lambda task, pid: progress.started(task.id), on_done=done)
+                    state.pending, claims=ledger, on_start=lambda task, pid: progress.started(task.id), on_done=done
+                )
             elif state.running_elsewhere:
                 time.sleep(shared.poll_seconds())
             else:
@@ -106,8 +120,9 @@ def _copy_study_file(study: Study, out: Path) -> None:
     os.replace(tmp, target)
 
 
-def _engine(name: str, study: Study, out: Path, workers: int | None, address: str | None, timeout: float | None,
-            pending: int) -> Engine:
+def _engine(
+    name: str, study: Study, out: Path, workers: int | None, address: str | None, timeout: float | None, pending: int
+) -> Engine:
     if name == "local":
         from .engines.local import LocalEngine
 
@@ -134,9 +149,15 @@ def with_resources(study: Study, cpu: float | None, gpu: float | None) -> Study:
     return replace(study, resources=resources)
 
 
-def analyze(directory: str | Path, x: list[str] | None = None, y: list[str] | None = None,
-            groups: list[str] | None = None, bootstrap: int | None = None, figures: bool = True,
-            stream: TextIO | None = None) -> dict[str, Any]:
+def analyze(
+    directory: str | Path,
+    x: list[str] | None = None,
+    y: list[str] | None = None,
+    groups: list[str] | None = None,
+    bootstrap: int | None = None,
+    figures: bool = True,
+    stream: TextIO | None = None,
+) -> dict[str, Any]:
     """Analyse ``DIR/runs/*/summary.json``; write results.csv, analysis.json/md, figures and TensorBoard."""
     stream = stream or sys.stderr
     directory = Path(directory)
@@ -150,8 +171,16 @@ def analyze(directory: str | Path, x: list[str] | None = None, y: list[str] | No
     group_axes = groups if groups is not None else (list(plan.groups) if plan and plan.groups is not None else None)
     resamples = bootstrap if bootstrap is not None else (plan.bootstrap if plan else 1000)
     require = plan.require if plan else ()
-    result = analysis.analyze(summaries, xs, ys, group_axes=group_axes, ks=plan.ks if plan else (),
-                              resamples=resamples, seed=plan.seed if plan else 0, require=require)
+    result = analysis.analyze(
+        summaries,
+        xs,
+        ys,
+        group_axes=group_axes,
+        ks=plan.ks if plan else (),
+        resamples=resamples,
+        seed=plan.seed if plan else 0,
+        require=require,
+    )
     finished, _ = analysis.apply_requirements(analysis.split_pool(summaries)[0], require)
     names = _figures(directory, finished, result, result["axes"]) if figures else []
     keys = pool.metric_keys(summaries)
@@ -159,9 +188,11 @@ def analyze(directory: str | Path, x: list[str] | None = None, y: list[str] | No
     report.write_analysis_json(directory / "analysis.json", result)
     title = study.name if study is not None else directory.name
     (directory / "analysis.md").write_text(report.markdown(result, title, names), encoding="utf-8")
-    stream.write(f"analysis: {directory / 'analysis.md'} ({result['runs']['finished']} runs, "
-                 f"{result['runs']['left_out']} left out), {len(names)} figures in {directory / 'figures'}, "
-                 f"TensorBoard: tensorboard --logdir {directory / 'tensorboard'}\n")
+    stream.write(
+        f"analysis: {directory / 'analysis.md'} ({result['runs']['finished']} runs, "
+        f"{result['runs']['left_out']} left out), {len(names)} figures in {directory / 'figures'}, "
+        f"TensorBoard: tensorboard --logdir {directory / 'tensorboard'}\n"
+    )
     return result
 
 

@@ -2,7 +2,7 @@
 
 Each function takes finished run summaries and returns a ``matplotlib.figure.Figure`` (or None when
 there is nothing to draw); :func:`make_all` yields the whole set under stable names, one at a time, which
-:mod:`studies.commands` saves as PNG and :mod:`studies.board` writes to TensorBoard. The figures are plain
+:mod:`flatminima.studies.commands` saves as PNG and :mod:`flatminima.studies.board` writes to TensorBoard. The figures are plain
 ``Figure`` objects, never pyplot state: none is registered with pyplot, so none stays open after it is
 saved (it is freed with its last reference) and a study of any size draws in constant memory.
 
@@ -34,7 +34,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from formats.summary import Summary, number
+from flatminima.formats.summary import Summary, number
 
 from .analysis import finite, group_by, value
 from .ranking import ranking_figures
@@ -57,20 +57,23 @@ def make_all(runs: Sequence[Summary], result: dict[str, Any]) -> Iterator[tuple[
     yield from ranking_figures(result)
 
 
-def _additions(runs: Sequence[Summary], result: dict[str, Any], groups: Sequence[str],
-               keys: Sequence[str]) -> Iterator[tuple[str, Figure]]:
+def _additions(
+    runs: Sequence[Summary], result: dict[str, Any], groups: Sequence[str], keys: Sequence[str]
+) -> Iterator[tuple[str, Figure]]:
     """Per-pool scatter panels, bars per cell, accuracy curves per group and per-run loss curves."""
     rows = {(r["x"], r["y"], r["group"]): r for r in result.get("kendall", [])}
     if groups:
         for x, y in dict.fromkeys((r["x"], r["y"]) for r in result.get("kendall", [])):
-            yield from _named(f"scatter-{slug(x)}-vs-{slug(y)}-per-{slug(groups[0])}",
-                              scatter_panels(runs, x, y, groups[0], rows))
+            yield from _named(
+                f"scatter-{slug(x)}-vs-{slug(y)}-per-{slug(groups[0])}", scatter_panels(runs, x, y, groups[0], rows)
+            )
     for key in keys:
         yield from _named(f"bars-{slug(key)}", bars(runs, key, groups))
     for axis in groups or [None]:
         yield from _named(f"curves-acc-{slug(axis or 'all')}", train_val_curves(runs, axis))
-    per_epoch = sorted({k for r in runs for k in (r.get("history") or {})
-                        if k.startswith("sharpness/") and not k.endswith("_step")})
+    per_epoch = sorted(
+        {k for r in runs for k in (r.get("history") or {}) if k.startswith("sharpness/") and not k.endswith("_step")}
+    )
     for key in ["train/loss", *per_epoch]:
         yield from _named(f"runs-{slug(key)}", run_curves(runs, key, groups))
 
@@ -116,12 +119,21 @@ def scatter(runs: Sequence[Summary], x: str, y: str, group_axes: Sequence[str], 
             left_out += 1
             continue
         axes = run.get("axes") or {}
-        ax.scatter(vx, vy, color=colours[axes.get(colour_axis, "all") if colour_axis else "all"],
-                   marker=markers.get(axes.get(marker_axis), "o"), s=36, alpha=0.85, edgecolors="none")
-    handles = [Line2D([], [], ls="", marker="o", color=c, label=f"{colour_axis}={v}") for v, c in colours.items()
-               if colour_axis]
-    handles += [Line2D([], [], ls="", marker=m, color="0.3", label=f"{marker_axis}={v}")
-                for v, m in markers.items()]
+        ax.scatter(
+            vx,
+            vy,
+            color=colours[axes.get(colour_axis, "all") if colour_axis else "all"],
+            marker=markers.get(axes.get(marker_axis), "o"),
+            s=36,
+            alpha=0.85,
+            edgecolors="none",
+        )
+    handles = [
+        Line2D([], [], ls="", marker="o", color=c, label=f"{colour_axis}={v}")
+        for v, c in colours.items()
+        if colour_axis
+    ]
+    handles += [Line2D([], [], ls="", marker=m, color="0.3", label=f"{marker_axis}={v}") for v, m in markers.items()]
     if handles:
         ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.7)
     ax.set_xlabel(x)
@@ -160,8 +172,9 @@ def distributions(runs: Sequence[Summary], axis: str, keys: Sequence[str]) -> Fi
 
 def curves(runs: Sequence[Summary], axis: str | None) -> Figure | None:
     """Per-epoch ``train/loss`` and ``sharpness/*`` (from the summaries' histories): group mean and range."""
-    keys = ["train/loss"] + sorted({k for r in runs for k in (r.get("history") or {})
-                                    if k.startswith("sharpness/") and not k.endswith("_step")})
+    keys = ["train/loss"] + sorted(
+        {k for r in runs for k in (r.get("history") or {}) if k.startswith("sharpness/") and not k.endswith("_step")}
+    )
     keys = [k for k in keys if any((r.get("history") or {}).get(k) for r in runs)]
     if not keys:
         return None
@@ -187,8 +200,9 @@ def curves(runs: Sequence[Summary], axis: str | None) -> Figure | None:
     return fig
 
 
-def scatter_panels(runs: Sequence[Summary], x: str, y: str, axis: str,
-                   rows: dict[tuple[str, str, str], dict[str, Any]]) -> Figure | None:
+def scatter_panels(
+    runs: Sequence[Summary], x: str, y: str, axis: str, rows: dict[tuple[str, str, str], dict[str, Any]]
+) -> Figure | None:
     """``y`` against ``x`` in one panel per value of ``axis`` (at least two), each with its group's τ."""
     groups = group_by(runs, axis)
     if len(groups) < 2:
@@ -236,9 +250,15 @@ def bars(runs: Sequence[Summary], key: str, group_axes: Sequence[str]) -> Figure
             for i, tick in enumerate(ticks):
                 vals = cells.get((panel, tick, colour))
                 if vals:
-                    ax.bar(i + (j - (len(colours) - 1) / 2) * width, float(np.mean(vals)), width, color=c,
-                           yerr=float(np.std(vals, ddof=1)) if len(vals) > 1 else None, capsize=2,
-                           label=None if labelled else colour)
+                    ax.bar(
+                        i + (j - (len(colours) - 1) / 2) * width,
+                        float(np.mean(vals)),
+                        width,
+                        color=c,
+                        yerr=float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                        capsize=2,
+                        label=None if labelled else colour,
+                    )
                     labelled = True
         ax.set_xticks(range(len(ticks)), ticks, rotation=30 if len(ticks) > 4 else 0, fontsize=8)
         ax.set_title(key if panel == "all" else f"{panel_axis}={panel}", fontsize=9)
@@ -253,8 +273,9 @@ def bars(runs: Sequence[Summary], key: str, group_axes: Sequence[str]) -> Figure
 def train_val_curves(runs: Sequence[Summary], axis: str | None, metric: str = "acc") -> Figure | None:
     """Per-epoch ``train/<metric>`` (solid) and ``val/<metric>`` (dashed), mean and range, a panel per group."""
     train, val = f"train/{metric}", f"val/{metric}"
-    if not any((r.get("history") or {}).get(train) for r in runs) or \
-            not any((r.get("history") or {}).get(val) for r in runs):
+    if not any((r.get("history") or {}).get(train) for r in runs) or not any(
+        (r.get("history") or {}).get(val) for r in runs
+    ):
         return None
     groups = group_by(runs, axis) if axis else {"all": list(runs)}
     fig, axs = _panels(len(groups), 3.6, 3.0)
@@ -299,8 +320,11 @@ def run_curves(runs: Sequence[Summary], key: str, group_axes: Sequence[str]) -> 
         ax.set_xlabel("epoch", fontsize=8)
         ax.grid(alpha=0.3)
     if colour_axis:
-        axs[0].legend(handles=[Line2D([], [], color=c, label=f"{colour_axis}={v}") for v, c in colours.items()],
-                      fontsize=7, framealpha=0.7)
+        axs[0].legend(
+            handles=[Line2D([], [], color=c, label=f"{colour_axis}={v}") for v, c in colours.items()],
+            fontsize=7,
+            framealpha=0.7,
+        )
     fig.suptitle(f"{key} per run (×: the next value was not finite)", fontsize=9)
     fig.tight_layout()
     return fig
@@ -324,8 +348,12 @@ def _band(runs: Sequence[Summary], key: str) -> tuple[list[int], list[float], li
             if _finite_number(v):
                 per_epoch.setdefault(int(epoch), []).append(number(v))
     epochs = sorted(per_epoch)
-    return (epochs, [float(np.mean(per_epoch[e])) for e in epochs], [min(per_epoch[e]) for e in epochs],
-            [max(per_epoch[e]) for e in epochs])
+    return (
+        epochs,
+        [float(np.mean(per_epoch[e])) for e in epochs],
+        [min(per_epoch[e]) for e in epochs],
+        [max(per_epoch[e]) for e in epochs],
+    )
 
 
 def _all_values(runs: Sequence[Summary], key: str) -> list[float]:

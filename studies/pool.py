@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from formats.summary import Summary, read_summary
+from flatminima.formats.summary import Summary, read_summary
 
 SHARPNESS_PREFIXES = ("sharpness/", "complexity/")
 """The keys ``study analyze`` takes as x without ``--x``: sharpness measures and complexity measures."""
@@ -23,8 +23,13 @@ def load(directory: str | Path) -> list[Summary]:
     for path in sorted(Path(directory).glob("runs/*/summary.json")):
         data = read_summary(path)
         if data is None:
-            data = {"id": path.parent.name, "status": "failed", "error": f"unreadable summary: {path}",
-                    "axes": {}, "metrics": {}}
+            data = {
+                "id": path.parent.name,
+                "status": "failed",
+                "error": f"unreadable summary: {path}",
+                "axes": {},
+                "metrics": {},
+            }
         data.setdefault("id", path.parent.name)
         out.append(data)
     return out
@@ -41,8 +46,11 @@ def metric_keys(runs: list[Summary]) -> list[str]:
 
 def default_x(runs: list[Summary]) -> list[str]:
     """The final ``sharpness/*`` and ``complexity/*`` measures (no ``@threshold`` copies, no diagnostic keys)."""
-    return [k for k in metric_keys(runs)
-            if k.startswith(SHARPNESS_PREFIXES) and "@" not in k and not k.endswith(DIAGNOSTIC_SUFFIXES)]
+    return [
+        k
+        for k in metric_keys(runs)
+        if k.startswith(SHARPNESS_PREFIXES) and "@" not in k and not k.endswith(DIAGNOSTIC_SUFFIXES)
+    ]
 
 
 def default_y(runs: list[Summary]) -> list[str]:

@@ -93,15 +93,18 @@ class Progress:
         ``done`` and ``failed`` count this process's runs; the other processes' follow.
         """
         ended = self.finished + self.failed + self.others[0] + self.others[1]
-        text = (f"[{ended + self.skipped}/{self.total}] {self.finished} done, {self.failed} failed, "
-                f"{self.remaining} left")
+        text = (
+            f"[{ended + self.skipped}/{self.total}] {self.finished} done, {self.failed} failed, {self.remaining} left"
+        )
         if self.skipped:
             text += f", {self.skipped} skipped (finished before)"
         if any(self.others):
             done, failed, running = self.others
-            text += f"; other processes: {done} done, " + (f"{failed} failed, " if failed else "") + f"{running} running"
+            text += (
+                f"; other processes: {done} done, " + (f"{failed} failed, " if failed else "") + f"{running} running"
+            )
         if eta and self.remaining and self.durations:
-            recent = self.durations[-2 * self.parallel:]
+            recent = self.durations[-2 * self.parallel :]
             text += f", ETA {_duration(sum(recent) / len(recent) * self.remaining / self.parallel)}"
         return text
 

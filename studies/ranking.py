@@ -2,8 +2,8 @@
 
 Jiang et al. 2020 ("Fantastic generalization measures and where to find them") rank each measure by the
 granulated Kendall coefficient Ψ (the mean over the axes of ψ, τ within groups of runs that differ in that
-axis only; :func:`studies.analysis.granulated`) and by the conditional mutual information score
-(:mod:`studies.cmi`). This module joins the per-measure results ``study analyze`` already computes:
+axis only; :func:`flatminima.studies.analysis.granulated`) and by the conditional mutual information score
+(:mod:`flatminima.studies.cmi`). This module joins the per-measure results ``study analyze`` already computes:
 
 * :func:`ranking_rows`: ``{"x", "y", "psi", "cmi", "tau"}`` per measure and gap key (``tau``: Kendall's τ
   over the whole pool, the ``"all"`` row of ``kendall``), sorted by Ψ (the ``"ranking"`` key of
@@ -31,8 +31,11 @@ FIGURE = "ranking-psi-per-axis"
 """The name of :func:`psi_bars`'s figure among the study's figures."""
 
 
-def ranking_rows(granulated: Iterable[Mapping[str, Any]], cmi: Iterable[Mapping[str, Any]] = (),
-                 kendall: Iterable[Mapping[str, Any]] = ()) -> list[Row]:
+def ranking_rows(
+    granulated: Iterable[Mapping[str, Any]],
+    cmi: Iterable[Mapping[str, Any]] = (),
+    kendall: Iterable[Mapping[str, Any]] = (),
+) -> list[Row]:
     """``{"x", "y", "psi", "cmi", "tau"}`` per (x, y) found in ``granulated`` or ``cmi``, sorted by Ψ.
 
     The gap keys ``y`` keep their first-seen order; within each, Ψ descending (None last), then CMI
@@ -43,8 +46,7 @@ def ranking_rows(granulated: Iterable[Mapping[str, Any]], cmi: Iterable[Mapping[
     tau = {(r["x"], r["y"]): _finite(r.get("tau")) for r in kendall if r.get("group") == "all"}
     keys = list(dict.fromkeys([*psi, *score]))
     y_order = {y: i for i, y in enumerate(dict.fromkeys(y for _, y in keys))}
-    rows = [{"x": x, "y": y, "psi": psi.get((x, y)), "cmi": score.get((x, y)), "tau": tau.get((x, y))}
-            for x, y in keys]
+    rows = [{"x": x, "y": y, "psi": psi.get((x, y)), "cmi": score.get((x, y)), "tau": tau.get((x, y))} for x, y in keys]
     return sorted(rows, key=lambda r: (y_order[r["y"]], *_descending(r["psi"]), *_descending(r["cmi"]), r["x"]))
 
 
@@ -66,15 +68,22 @@ def ranking_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     if not rows:
         return []
     by_psi, by_cmi = ranks(rows, "psi"), ranks(rows, "cmi")
-    out = ["## Ranking of the measures (Jiang et al. 2020)", "",
-           "Every x ranked against each y by the granulated Kendall coefficient Ψ and by the conditional mutual "
-           "information score CMI (the minimum over the pairs of axes held fixed of I(V_μ, V_g | U_S) / "
-           "H(V_g | U_S); 0: no information, 1: the sign of the difference in x between two runs gives the "
-           "sign of their difference in y); τ: Kendall's τ over all runs. Rank 1 is the highest; sorted by Ψ.", "",
-           "| y | x | Ψ | rank (Ψ) | CMI | rank (CMI) | τ |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    out = [
+        "## Ranking of the measures (Jiang et al. 2020)",
+        "",
+        "Every x ranked against each y by the granulated Kendall coefficient Ψ and by the conditional mutual "
+        "information score CMI (the minimum over the pairs of axes held fixed of I(V_μ, V_g | U_S) / "
+        "H(V_g | U_S); 0: no information, 1: the sign of the difference in x between two runs gives the "
+        "sign of their difference in y); τ: Kendall's τ over all runs. Rank 1 is the highest; sorted by Ψ.",
+        "",
+        "| y | x | Ψ | rank (Ψ) | CMI | rank (CMI) | τ |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for row, rank_psi, rank_cmi in zip(rows, by_psi, by_cmi):
-        out.append(f"| {row['y']} | {row['x']} | {_num(row.get('psi'))} | {_rank(rank_psi)} | "
-                   f"{_num(row.get('cmi'))} | {_rank(rank_cmi)} | {_num(row.get('tau'))} |")
+        out.append(
+            f"| {row['y']} | {row['x']} | {_num(row.get('psi'))} | {_rank(rank_psi)} | "
+            f"{_num(row.get('cmi'))} | {_rank(rank_cmi)} | {_num(row.get('tau'))} |"
+        )
     return out + [""]
 
 
@@ -84,15 +93,17 @@ def psi_bars(granulated: Sequence[Mapping[str, Any]]) -> Figure | None:
     Returns a ``matplotlib.figure.Figure`` (not registered with pyplot, so nothing stays open), or None when
     no row holds a finite ψ or Ψ.
     """
-    rows = [r for r in granulated if _finite(r.get("psi")) is not None
-            or any(_finite(v) is not None for v in (r.get("per_axis") or {}).values())]
+    rows = [
+        r
+        for r in granulated
+        if _finite(r.get("psi")) is not None or any(_finite(v) is not None for v in (r.get("per_axis") or {}).values())
+    ]
     if not rows:
         return None
     axes = list(dict.fromkeys(a for r in rows for a in (r.get("per_axis") or {})))
     ys = list(dict.fromkeys(r["y"] for r in rows))
     count = max(sum(1 for r in rows if r["y"] == y) for y in ys)
-    fig = Figure(figsize=(max(5.0, 0.22 * (len(axes) + 1) * count + 2.5), 3.6 * len(ys)), dpi=100,
-                 layout="constrained")
+    fig = Figure(figsize=(max(5.0, 0.22 * (len(axes) + 1) * count + 2.5), 3.6 * len(ys)), dpi=100, layout="constrained")
     for ax, y in zip(fig.subplots(len(ys), 1, squeeze=False)[:, 0], ys):
         panel = sorted((r for r in rows if r["y"] == y), key=lambda r: (*_descending(r.get("psi")), r["x"]))
         _grouped(ax, panel, axes)
@@ -108,8 +119,9 @@ def ranking_figures(result: Mapping[str, Any]) -> list[tuple[str, Figure]]:
 
 def _grouped(ax: Any, rows: Sequence[Mapping[str, Any]], axes: Sequence[str]) -> None:
     """Draw one panel: a group of bars per row (ψ of each axis, then Ψ in black), x ticks = the measures."""
-    series = [(f"ψ {a}", [_finite((r.get("per_axis") or {}).get(a)) for r in rows], f"C{i % 10}")
-              for i, a in enumerate(axes)]
+    series = [
+        (f"ψ {a}", [_finite((r.get("per_axis") or {}).get(a)) for r in rows], f"C{i % 10}") for i, a in enumerate(axes)
+    ]
     series.append(("Ψ", [_finite(r.get("psi")) for r in rows], "black"))
     width = 0.8 / len(series)
     positions = np.arange(len(rows), dtype=float)
@@ -123,8 +135,13 @@ def _grouped(ax: Any, rows: Sequence[Mapping[str, Any]], axes: Sequence[str]) ->
             ax.plot(missing, [0.0] * len(missing), ls="", marker="x", color="0.6", markersize=4)
     ax.axhline(0.0, color="0.3", linewidth=0.8)
     tilted = len(rows) > 3
-    ax.set_xticks(positions, [str(r["x"]) for r in rows], rotation=30 if tilted else 0,
-                  ha="right" if tilted else "center", fontsize=8)
+    ax.set_xticks(
+        positions,
+        [str(r["x"]) for r in rows],
+        rotation=30 if tilted else 0,
+        ha="right" if tilted else "center",
+        fontsize=8,
+    )
     ax.set_xlim(-0.6, len(rows) - 0.4)
     ax.set_ylim(-1.05, 1.05)
     ax.set_ylabel("Kendall τ", fontsize=8)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from formats.summary import Summary, write_json
+from flatminima.formats.summary import Summary, write_json
 
 from .analysis import MIN_BOOTSTRAP_RUNS
 from .ranking import ranking_markdown
@@ -20,9 +20,16 @@ def write_csv(path: str | Path, summaries: Sequence[Summary], axes: Sequence[str
         writer.writerow(["id", "status", *axes, "seed", *keys, "error"])
         for s in sorted(summaries, key=lambda s: str(s.get("id"))):
             metrics = s.get("metrics") or {}
-            writer.writerow([s.get("id"), s.get("status"), *((s.get("axes") or {}).get(a, "") for a in axes),
-                             s.get("seed", ""), *(_cell(metrics.get(k)) for k in keys),
-                             (s.get("error") or "").replace("\n", " ")])
+            writer.writerow(
+                [
+                    s.get("id"),
+                    s.get("status"),
+                    *((s.get("axes") or {}).get(a, "") for a in axes),
+                    s.get("seed", ""),
+                    *(_cell(metrics.get(k)) for k in keys),
+                    (s.get("error") or "").replace("\n", " "),
+                ]
+            )
 
 
 def write_analysis_json(path: str | Path, result: dict[str, Any]) -> None:
@@ -33,10 +40,14 @@ def write_analysis_json(path: str | Path, result: dict[str, Any]) -> None:
 def markdown(result: dict[str, Any], title: str, figures: Sequence[str] = ()) -> str:
     """``analysis.md``: the run counts, then τ, Ψ, KS and per-group tables, the failed runs and the figures."""
     runs = result["runs"]
-    lines = [f"# {title}: analysis", "",
-             f"{runs['total']} runs: {runs['finished']} finished, {runs['left_out']} left out "
-             "(failed or unfinished)." + (f" Axes: {', '.join(result['axes'])}; seeds vary within each cell."
-                                          if result["axes"] else ""), ""]
+    lines = [
+        f"# {title}: analysis",
+        "",
+        f"{runs['total']} runs: {runs['finished']} finished, {runs['left_out']} left out "
+        "(failed or unfinished)."
+        + (f" Axes: {', '.join(result['axes'])}; seeds vary within each cell." if result["axes"] else ""),
+        "",
+    ]
     lines += _kendall(result["kendall"]) + _granulated(result["granulated"])
     lines += ranking_markdown(result.get("ranking", [])) + _ks(result["ks"])
     lines += _describe(result["describe"]) + _failed(runs["failed"])
@@ -48,10 +59,16 @@ def markdown(result: dict[str, Any], title: str, figures: Sequence[str] = ()) ->
 def _kendall(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
-    out = ["## Kendall τ", "", "τ-b (scipy), two-sided p-value, 95% percentile bootstrap interval over runs "
-           f"(—: no interval below {MIN_BOOTSTRAP_RUNS} runs, where resampling a few runs overstates the certainty, "
-           "e.g. [1, 1] for any perfectly ordered sample; or none asked).", "",
-           "| x | y | group | n | τ | p | 95% CI |", "| --- | --- | --- | ---: | ---: | ---: | --- |"]
+    out = [
+        "## Kendall τ",
+        "",
+        "τ-b (scipy), two-sided p-value, 95% percentile bootstrap interval over runs "
+        f"(—: no interval below {MIN_BOOTSTRAP_RUNS} runs, where resampling a few runs overstates the certainty, "
+        "e.g. [1, 1] for any perfectly ordered sample; or none asked).",
+        "",
+        "| x | y | group | n | τ | p | 95% CI |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- |",
+    ]
     for r in rows:
         ci = f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r["ci95"] else "—"
         out.append(f"| {r['x']} | {r['y']} | {r['group']} | {r['n']} | {_num(r['tau'])} | {_p(r['p'])} | {ci} |")
@@ -62,11 +79,15 @@ def _granulated(rows: list[dict[str, Any]]) -> list[str]:
     axes = list(dict.fromkeys(a for r in rows for a in r["per_axis"]))
     if not rows or not axes:
         return []
-    out = ["## Granulated Kendall coefficient Ψ (Jiang et al. 2020)", "",
-           "ψ per axis: mean τ over the groups of runs that differ in that axis only (same other axes, same seed); "
-           "Ψ: mean over the axes.", "",
-           "| x | y | " + " | ".join(f"ψ {a}" for a in axes) + " | Ψ |",
-           "| --- | --- | " + " | ".join("---:" for _ in axes) + " | ---: |"]
+    out = [
+        "## Granulated Kendall coefficient Ψ (Jiang et al. 2020)",
+        "",
+        "ψ per axis: mean τ over the groups of runs that differ in that axis only (same other axes, same seed); "
+        "Ψ: mean over the axes.",
+        "",
+        "| x | y | " + " | ".join(f"ψ {a}" for a in axes) + " | Ψ |",
+        "| --- | --- | " + " | ".join("---:" for _ in axes) + " | ---: |",
+    ]
     for r in rows:
         cells = " | ".join(_num(r["per_axis"].get(a)) for a in axes)
         out.append(f"| {r['x']} | {r['y']} | {cells} | {_num(r['psi'])} |")
@@ -76,12 +97,19 @@ def _granulated(rows: list[dict[str, Any]]) -> list[str]:
 def _ks(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
-    out = ["## Kolmogorov–Smirnov tests", "",
-           "Two-sample KS (scipy `ks_2samp`) between groups of an axis's values.", "",
-           "| key | axis | groups | n | D | p |", "| --- | --- | --- | --- | ---: | ---: |"]
+    out = [
+        "## Kolmogorov–Smirnov tests",
+        "",
+        "Two-sample KS (scipy `ks_2samp`) between groups of an axis's values.",
+        "",
+        "| key | axis | groups | n | D | p |",
+        "| --- | --- | --- | --- | ---: | ---: |",
+    ]
     for r in rows:
-        out.append(f"| {r['key']} | {r['axis']} | {r['groups'][0]} vs {r['groups'][1]} | {r['n'][0]} vs {r['n'][1]} "
-                   f"| {_num(r['statistic'])} | {_p(r['p'])} |")
+        out.append(
+            f"| {r['key']} | {r['axis']} | {r['groups'][0]} vs {r['groups'][1]} | {r['n'][0]} vs {r['n'][1]} "
+            f"| {_num(r['statistic'])} | {_p(r['p'])} |"
+        )
     return out + [""]
 
 
@@ -91,9 +119,14 @@ def _describe(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     cell = {(r["group"], r["key"]): r for r in rows}
-    out = ["## Per group (mean ± std over runs)", "", "Over the finite values; ±inf and NaN (a diverged run) are "
-           "counted beside them.", "", "| group | n | " + " | ".join(keys) + " |",
-           "| --- | ---: | " + " | ".join("---:" for _ in keys) + " |"]
+    out = [
+        "## Per group (mean ± std over runs)",
+        "",
+        "Over the finite values; ±inf and NaN (a diverged run) are counted beside them.",
+        "",
+        "| group | n | " + " | ".join(keys) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in keys) + " |",
+    ]
     for g in groups:
         n = max(cell[(g, k)]["n"] for k in keys)
         values = []

@@ -1,7 +1,7 @@
 """Run ONE run of a study in the current process, through the same LightningCLI code path as ``cli.py fit``.
 
-A run is ``cli_support.app.main(["fit", ...])`` (what ``python cli.py fit`` runs) with the study's configs and overrides, the seed, a TensorBoard logger
-and checkpoints in ``DIR/runs/<id>/``, the :class:`~callbacks.summary.RunSummary` callback and
+A run is ``flatminima.cli_support.app.main(["fit", ...])`` (what ``python cli.py fit`` runs) with the study's configs and overrides, the seed, a TensorBoard logger
+and checkpoints in ``DIR/runs/<id>/``, the :class:`~flatminima.callbacks.summary.RunSummary` callback and
 ``--test_after_fit=true`` — exactly the argument list ``study run --dry-run`` prints as
 ``python cli.py fit ...``, so a printed command run by hand writes the same summary. The run's stdout,
 stderr and Lightning's logging go to ``DIR/runs/<id>/log.txt``. Global state a run may change (torch's
@@ -32,14 +32,26 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cli_support import processes
-from cli_support.claims import CLAIM_ENV
-from formats.summary import Summary, read_json, read_summary, write_json
+from flatminima.cli_support import processes
+from flatminima.cli_support.claims import CLAIM_ENV
+from flatminima.formats.summary import Summary, read_json, read_summary, write_json
 
 from .spec import Run
 
 ROOT = Path(__file__).resolve().parents[1]
-WARM_MODULES = ("cli_support.app",)
+CHECKOUT = (ROOT / "setup.cfg").is_file()
+"""Whether ``ROOT`` is a clone of the repository (else an installed package, whose folder must never go on a
+path: its subpackages would become top-level modules of their own)."""
+
+
+def checkout_pythonpath() -> str:
+    """``PYTHONPATH`` for the processes a study starts: the clone's root first (its ``cli.py`` makes the clone
+    the package ``flatminima``, even where an editable install points elsewhere), else unchanged."""
+    current = os.environ.get("PYTHONPATH", "")
+    return os.pathsep.join(p for p in (str(ROOT) if CHECKOUT else "", current) if p)
+
+
+WARM_MODULES = ("flatminima.cli_support.app",)
 """What a worker imports before its first run (torch, Lightning and the project, through the CLI)."""
 OUT_PLACEHOLDER = "{out}"
 
@@ -69,8 +81,9 @@ class Task:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Task:
         """The task :meth:`as_dict` described."""
-        return cls(**{**data, "axes": dict(data["axes"]), "portable": tuple(data["portable"]),
-                      "args": tuple(data["args"])})
+        return cls(
+            **{**data, "axes": dict(data["axes"]), "portable": tuple(data["portable"]), "args": tuple(data["args"])}
+        )
 
 
 RunStatus = Literal["finished", "failed", "elsewhere"]
@@ -93,9 +106,16 @@ class RunResult:
 def make_task(run: Run, out: str | os.PathLike, threads: int, cwd: str | os.PathLike) -> Task:
     """The :class:`Task` of ``run``, writing into the study folder ``out``, run from ``cwd``."""
     portable = tuple(fit_args(run, OUT_PLACEHOLDER))
-    return Task(id=run.id, axes=dict(run.axes), seed=run.seed, out=str(out), threads=int(threads),
-                cwd=str(Path(cwd).resolve()), portable=portable,
-                args=tuple(a.replace(OUT_PLACEHOLDER, str(out)) for a in portable))
+    return Task(
+        id=run.id,
+        axes=dict(run.axes),
+        seed=run.seed,
+        out=str(out),
+        threads=int(threads),
+        cwd=str(Path(cwd).resolve()),
+        portable=portable,
+        args=tuple(a.replace(OUT_PLACEHOLDER, str(out)) for a in portable),
+    )
 
 
 def result_of(task: Task, summary: Summary, seconds: float) -> RunResult:
@@ -124,40 +144,58 @@ def run_dir(out: str | os.PathLike, run_id: str) -> Path:
 
 
 def claim_path(out: str | os.PathLike, run_id: str) -> Path:
-    """``DIR/claims/<id>.claim``: the run's claim while a process trains it (:mod:`cli_support.claims`)."""
+    """``DIR/claims/<id>.claim``: the run's claim while a process trains it (:mod:`flatminima.cli_support.claims`)."""
     return Path(out) / "claims" / f"{run_id}.claim"
 
 
 def fit_args(run: Run, out: str | os.PathLike) -> list[str]:
     """The ``cli.py`` arguments of a run: configs, overrides, seed, logger, summary callback, test after fit."""
     folder = run_dir(out, run.id)
-    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-              "init_args": {"save_dir": str(Path(out) / "runs"), "name": run.id, "version": "",
-                            "default_hp_metric": False}}
-    summary = {"class_path": "callbacks.RunSummary",
-               "init_args": {"path": str(folder / "summary.json"), "run_id": run.id, "axes": dict(run.axes),
-                             "seed": run.seed, "finish_after": "test"}}
+    logger = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(Path(out) / "runs"), "name": run.id, "version": "", "default_hp_metric": False},
+    }
+    summary = {
+        "class_path": "flatminima.callbacks.RunSummary",
+        "init_args": {
+            "path": str(folder / "summary.json"),
+            "run_id": run.id,
+            "axes": dict(run.axes),
+            "seed": run.seed,
+            "finish_after": "test",
+        },
+    }
     args = ["fit"]
     for config in run.configs:
         args += ["--config", config]
     args += [f"--{key}={cli_value(value)}" for key, value in run.overrides]
-    args += [f"--seed_everything={run.seed}", f"--trainer.logger={_json(logger)}",
-             f"--trainer.default_root_dir={folder}", "--trainer.enable_progress_bar=false",
-             f"--trainer.callbacks+={_json(summary)}", "--test_after_fit=true"]
+    args += [
+        f"--seed_everything={run.seed}",
+        f"--trainer.logger={_json(logger)}",
+        f"--trainer.default_root_dir={folder}",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.callbacks+={_json(summary)}",
+        "--test_after_fit=true",
+    ]
     return args
 
 
 def command_line(task: Task) -> str:
     """The shell command of a task, run from ``cwd``: ``OMP_NUM_THREADS=<threads> FLATMINIMA_CLAIM=<claim> python
-    cli.py fit ...``; the command claims the run while it trains (:func:`cli_support.app.entry`)."""
-    cli_path = ROOT / "cli.py"
-    try:
-        shown = str(cli_path.relative_to(task.cwd))  # `cli.py` from the repository root
-    except ValueError:
-        shown = str(cli_path)
-    words = ["python", shown, *task.args]
-    return (f"OMP_NUM_THREADS={task.threads} {CLAIM_ENV}={shlex.quote(str(claim_path(task.out, task.id)))} "
-            + " ".join(shlex.quote(w) for w in words))
+    cli.py fit ...`` (an installed package: ``flatminima fit ...``, the console script); the command claims the
+    run while it trains (:func:`flatminima.cli_support.app.entry`)."""
+    if CHECKOUT:
+        cli_path = ROOT / "cli.py"
+        try:
+            shown = str(cli_path.relative_to(task.cwd))  # `cli.py` from the repository root
+        except ValueError:
+            shown = str(cli_path)
+        words = ["python", shown, *task.args]
+    else:
+        words = ["flatminima", *task.args]
+    return f"OMP_NUM_THREADS={task.threads} {CLAIM_ENV}={shlex.quote(str(claim_path(task.out, task.id)))} " + " ".join(
+        shlex.quote(w) for w in words
+    )
 
 
 def cli_value(value: Any) -> str:
@@ -217,7 +255,7 @@ def run_task(task: Task) -> RunResult:
 
     The run's folder is cleared first (a rerun starts clean: no events or checkpoints of an interrupted
     try). ``DIR/runs/<id>/run.json`` records the command, the arguments and a new attempt id (before the
-    run), then the worker's host and pid, the task's seconds and the seconds inside ``cli_support.app.main``.
+    run), then the worker's host and pid, the task's seconds and the seconds inside ``flatminima.cli_support.app.main``.
     """
     start = time.perf_counter()
     with isolated(task.cwd, task.threads):
@@ -225,8 +263,14 @@ def run_task(task: Task) -> RunResult:
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        record = {"id": task.id, "axes": dict(task.axes), "seed": task.seed, "command": command_line(task),
-                  "args": list(task.portable), "attempt": uuid.uuid4().hex}
+        record = {
+            "id": task.id,
+            "axes": dict(task.axes),
+            "seed": task.seed,
+            "command": command_line(task),
+            "args": list(task.portable),
+            "attempt": uuid.uuid4().hex,
+        }
         write_json(folder / "run.json", record)
         failure: BaseException | None = None
         cli_start = time.perf_counter()
@@ -247,14 +291,16 @@ def run_task(task: Task) -> RunResult:
         if error is not None:
             summary = write_failed(task, (summary or {}).get("error") or error)
         seconds = time.perf_counter() - start
-        write_json(folder / "run.json", {**record, "host": processes.host(), "pid": os.getpid(), "seconds": seconds,
-                                         "cli_seconds": cli_seconds})
+        write_json(
+            folder / "run.json",
+            {**record, "host": processes.host(), "pid": os.getpid(), "seconds": seconds, "cli_seconds": cli_seconds},
+        )
     return result_of(task, summary, seconds)
 
 
 def _call_cli(args: tuple[str, ...] | list[str]) -> None:
-    """The one call into the CLI: ``cli_support.app.main(args)``, what ``python cli.py`` runs (fit, then test)."""
-    from cli_support.app import main
+    """The one call into the CLI: ``flatminima.cli_support.app.main(args)``, what ``python cli.py`` runs (fit, then test)."""
+    from flatminima.cli_support.app import main
 
     main(list(args))
 
@@ -276,7 +322,7 @@ def _error(failure: BaseException | None, log: Path) -> str | None:
         return "the CLI exited before training (exit code 0)"
     lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     starts = [i for i, ln in enumerate(lines) if ln.startswith("error:")]
-    detail = " ".join(lines[starts[-1]:]) if starts else (lines[-1] if lines else "")
+    detail = " ".join(lines[starts[-1] :]) if starts else (lines[-1] if lines else "")
     detail = detail if len(detail) <= 600 else detail[:597] + "..."
     return f"SystemExit({exit_.code}): {detail}" if detail else f"SystemExit({exit_.code})"
 

@@ -3,7 +3,7 @@
 Any number of ``study run`` processes, on one machine or on several sharing DIR (and ``python cli.py
 fit`` commands printed by ``--dry-run``), may work on one study at once:
 
-* a process claims a run (``DIR/claims/<id>.claim``, :mod:`cli_support.claims`) before training it and
+* a process claims a run (``DIR/claims/<id>.claim``, :mod:`flatminima.cli_support.claims`) before training it and
   releases the claim once the run's summary is written, so each run is trained by one process; a claim
   whose owner is gone (killed, its machine down) is taken over, and the run redone in a cleared folder;
 * each process runs what it can claim, then waits (polling every :data:`POLL_S` seconds) for the runs
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from cli_support import claims
-from formats.summary import read_json, write_json
+from flatminima.cli_support import claims
+from flatminima.formats.summary import read_json, write_json
 
 from . import runner
 from .runner import Task
@@ -41,7 +41,7 @@ def poll_seconds() -> float:
 
 
 class Ledger:
-    """This process's claims of runs (the :class:`studies.engines.Claims` the engines use), kept alive by a heartbeat.
+    """This process's claims of runs (the :class:`flatminima.studies.engines.Claims` the engines use), kept alive by a heartbeat.
 
     A claim is kept only while the run still needs training once it is held (checked again then: another
     process may have finished it between the look at the pool and the claim).
@@ -53,8 +53,13 @@ class Ledger:
         stream: Where to say that a stale claim was taken over.
     """
 
-    def __init__(self, out: str | os.PathLike, heartbeat: claims.Heartbeat,
-                 attempts_at_start: dict[str, str | None], stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        heartbeat: claims.Heartbeat,
+        attempts_at_start: dict[str, str | None],
+        stream: TextIO | None = None,
+    ) -> None:
         self.out = Path(out)
         self.heartbeat = heartbeat
         self.attempts_at_start = attempts_at_start
@@ -196,8 +201,10 @@ def analyze_once(out: str | os.PathLike, owner: claims.Owner, stamp_at_start: ob
         current = signature(out)
         stamp = read_json(analysis_stamp(out))
         if stamp != stamp_at_start and isinstance(stamp, dict) and stamp.get("signature") == current:
-            stream.write(f"analysis: written by {stamp.get('by', 'another process')} for the same runs: "
-                         f"{Path(out) / 'analysis.md'}\n")
+            stream.write(
+                f"analysis: written by {stamp.get('by', 'another process')} for the same runs: "
+                f"{Path(out) / 'analysis.md'}\n"
+            )
             return False
         analyze()
         write_json(analysis_stamp(out), {"signature": current, "by": owner.describe()})

@@ -214,8 +214,9 @@ class _Context:
     def name(self, key: str, value: Any) -> str:
         value = str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         if not isinstance(value, str) or not NAME.match(value):
-            raise self.fail(key, f"invalid name {_show(value)}; expected letters, digits, '_', '.', '+' or '-' "
-                                 "(not first)")
+            raise self.fail(
+                key, f"invalid name {_show(value)}; expected letters, digits, '_', '.', '+' or '-' (not first)"
+            )
         return value
 
     def files(self, key: str, value: Any) -> tuple[str, ...]:
@@ -227,8 +228,10 @@ class _Context:
             if not isinstance(item, str) or not item:
                 raise self.fail(where, f"expected a config file path, got {_show(item)}")
             if self.check_files and not Path(item).is_file():
-                raise self.fail(where, f"file not found: {item} (relative paths resolve against the current "
-                                       f"directory, {Path.cwd()})")
+                raise self.fail(
+                    where,
+                    f"file not found: {item} (relative paths resolve against the current directory, {Path.cwd()})",
+                )
         return tuple(items)
 
     def overrides(self, key: str, value: Any) -> tuple[tuple[str, Any], ...]:
@@ -252,8 +255,9 @@ class _Context:
             return self.sweep(key, value)
         if not value:
             raise self.fail(key, "an axis needs at least one value")
-        return tuple(self.axis_value(f"{key}.{name}", self.name(f"{key}.{name}", name), spec)
-                     for name, spec in value.items())
+        return tuple(
+            self.axis_value(f"{key}.{name}", self.name(f"{key}.{name}", name), spec) for name, spec in value.items()
+        )
 
     def sweep(self, key: str, value: dict[str, Any]) -> tuple[AxisValue, ...]:
         dotted = value["key"]
@@ -319,9 +323,15 @@ class _Context:
         ks = value.get("ks", [])
         if not isinstance(ks, list):
             raise self.fail("analysis.ks", f"expected a list of tests, got {_show(ks)}")
-        return Analysis(x=self.keys("analysis.x", value.get("x", [])), y=self.keys("analysis.y", value.get("y", [])),
-                        groups=groups, ks=tuple(self.ks(f"analysis.ks[{i}]", t, names) for i, t in enumerate(ks)),
-                        bootstrap=bootstrap, seed=seed, require=self.require(value.get("require", {})))
+        return Analysis(
+            x=self.keys("analysis.x", value.get("x", [])),
+            y=self.keys("analysis.y", value.get("y", [])),
+            groups=groups,
+            ks=tuple(self.ks(f"analysis.ks[{i}]", t, names) for i, t in enumerate(ks)),
+            bootstrap=bootstrap,
+            seed=seed,
+            require=self.require(value.get("require", {})),
+        )
 
     def require(self, value: Any) -> tuple[tuple[str, str, float], ...]:
         """``analysis.require``: ``{key: {min: v, max: v}}`` (either bound or both) as ``(key, bound, v)``."""
@@ -363,8 +373,9 @@ class _Context:
                 raise self.fail(f"{key}.groups.{name}", f"expected a list of {axis} values, got {_show(members)}")
             for m in members:
                 if str(m) not in known:
-                    raise self.fail(f"{key}.groups.{name}", f"unknown {axis} value {_show(m)}; values: "
-                                                            f"{', '.join(known)}")
+                    raise self.fail(
+                        f"{key}.groups.{name}", f"unknown {axis} value {_show(m)}; values: {', '.join(known)}"
+                    )
             out.append((name, tuple(str(m) for m in members)))
         return KSTest(axis, tuple(out), self.keys(f"{key}.keys", value["keys"]))
 

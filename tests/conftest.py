@@ -10,8 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import cli  # noqa: E402,F401  (this checkout is the package flatminima, whatever else is installed)
 
 
 @pytest.fixture
@@ -32,7 +35,8 @@ def ddp_step_runs(tmp_path_factory) -> Path:
     """The folder of tests/ddp_step_script.py's two-process DDP runs (one subprocess for test_ddp*.py)."""
     script = Path(__file__).with_name("ddp_step_script.py")
     out = tmp_path_factory.mktemp("ddp")
-    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300,
-                          cwd=script.parents[1])
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300, cwd=script.parents[1]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lightning_modules import SAM, Classifier  # noqa: E402
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
+from flatminima.lightning_modules import SAM, Classifier  # noqa: E402
 
 
 class Record(pl.Callback):
@@ -43,8 +43,16 @@ if __name__ == "__main__":
     model = Classifier(net, num_classes=3, optimizer=partial(torch.optim.SGD, lr=0.1), minimizer=SAM(0.05))
     record = Record()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", precision="64-true", max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        precision="64-true",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         callbacks=[record],
     )
     train = DataLoader(TensorDataset(x, y), batch_size=7)

@@ -8,7 +8,7 @@ Lightning's ``strategy="ddp"`` re-executes ``sys.argv`` for rank 1, so this must
 Each rank writes ``OUT_DIR/rank<r>.json`` with the values its callbacks measured at the last
 checkpoint (every rank measures its share of the fixed batches; sums are all-reduced). Rank 0 also
 writes ``OUT_DIR/single.json``: the same measures on the final weights in one process, on all the
-batches, with the pure functions of ``callbacks.measures``.
+batches, with the pure functions of ``flatminima.callbacks.measures``.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from callbacks import (  # noqa: E402
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
+from flatminima.callbacks import (  # noqa: E402
     AdaptiveSharpness,
     AverageSharpness,
     ComplexityMeasures,
@@ -49,7 +49,12 @@ class Plain(pl.LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(
-            nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 4),
+            nn.Conv2d(1, 3, 3),
+            nn.BatchNorm2d(3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(12, 4),
         )
 
     def training_step(self, batch, batch_idx):
@@ -82,8 +87,14 @@ def main(out: Path) -> None:
         FinalTrainEvaluation(on_checkpoint=True, batch_size=8),
     ]
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, callbacks=callbacks, logger=False,
-        default_root_dir=str(out), enable_progress_bar=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        callbacks=callbacks,
+        logger=False,
+        default_root_dir=str(out),
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     module = Plain()
@@ -107,8 +118,12 @@ def main(out: Path) -> None:
         eigs = measures.hessian_eigenvalues(net, batches, 2, tol=1e-6)
         single.update({f"sharpness/hessian_eig{i + 1}": v for i, v in enumerate(eigs)})
         initial = callbacks[5].initial
-        single.update({f"sharpness/{k}": v for k, v in measures.pac_bayes(
-            net, batches, initial=initial, m=64, depth=5, samples=3).items()})
+        single.update(
+            {
+                f"sharpness/{k}": v
+                for k, v in measures.pac_bayes(net, batches, initial=initial, m=64, depth=5, samples=3).items()
+            }
+        )
         for key, magnitude_eps in (("sharpness_flatness", None), ("sharpness_mag_flatness", 1e-3)):
             alpha = measures.sharpness_alpha(net, batches, depth=4, restarts=2, steps=2, magnitude_eps=magnitude_eps)
             single[f"sharpness/{key}"] = 1 / alpha.radius**2

@@ -20,8 +20,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lightning_modules import GSAM, SAM, Classifier  # noqa: E402
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
+from flatminima.lightning_modules import GSAM, SAM, Classifier  # noqa: E402
 from tests.ddp_variants_script import run_variants  # noqa: E402
 
 STEPS = 3
@@ -55,12 +55,26 @@ def run(out: Path, name: str, mode: str, rule, accumulate: int = 1) -> None:
     x = torch.randn(64, 3, generator=g)
     y = (x @ torch.randn(3, 3, generator=g)).argmax(1)
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
-    model = Classifier(net, num_classes=3, optimizer=partial(torch.optim.SGD, lr=0.1), minimizer=rule, ascent=mode,
-                       accumulate_grad_batches=accumulate)
+    model = Classifier(
+        net,
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        minimizer=rule,
+        ascent=mode,
+        accumulate_grad_batches=accumulate,
+    )
     record = Record()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", precision="64-true", max_steps=STEPS, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        precision="64-true",
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
     )
     trainer.fit(model, loader)
     torch.save(record.data, out / f"{name}_rank{trainer.global_rank}.pt")

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lightning_modules import SAM, Classifier  # noqa: E402
-from lightning_modules.minimizers import SAF, AdaptiveSteps, LookSAM, RandomSteps  # noqa: E402
+import cli  # noqa: E402,F401  (this checkout is the package flatminima)
+from flatminima.lightning_modules import SAM, Classifier  # noqa: E402
+from flatminima.lightning_modules.minimizers import SAF, AdaptiveSteps, LookSAM, RandomSteps  # noqa: E402
 from tests.efficient_reference import tanh_mlp  # noqa: E402
 
 
@@ -56,8 +56,16 @@ def run(out: Path, name: str, rule, epochs: int = 1) -> None:
     model = Classifier(net, num_classes=3, optimizer=partial(torch.optim.SGD, lr=0.1), minimizer=rule)
     record = Record()
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", precision="64-true", max_epochs=epochs, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        precision="64-true",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
     )
     trainer.fit(model, loader)
     torch.save(record.data, out / f"{name}_rank{trainer.global_rank}.pt")

@@ -111,7 +111,13 @@ def _write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
 
 
 def write_mnist(
-    root: Path, name: str = "MNIST", train: int = 12, test: int = 6, seed: int = 0, *, gzip: bool = False,
+    root: Path,
+    name: str = "MNIST",
+    train: int = 12,
+    test: int = 6,
+    seed: int = 0,
+    *,
+    gzip: bool = False,
     folder: Path | None = None,
 ) -> dict[str, np.ndarray]:
     """Write tiny idx-ubyte files to ``<root>/<name>/raw/`` (``name``: MNIST or FashionMNIST), or to ``folder``.
@@ -140,7 +146,7 @@ def skip_md5(monkeypatch) -> None:
     FashionMNIST); only the comparisons are patched, everything else (format, shapes) is still checked."""
     import torchvision.datasets.utils as tv_utils
 
-    import datamodules._idx as idx
+    import flatminima.datamodules._idx as idx
 
     monkeypatch.setattr(tv_utils, "check_md5", lambda fpath, md5, **kwargs: True)
     monkeypatch.setattr(idx, "check_md5", lambda data, expected: None)

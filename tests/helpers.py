@@ -13,8 +13,13 @@ from torch.utils.data import DataLoader, TensorDataset
 def quiet_trainer(**kwargs) -> pl.Trainer:
     """A CPU Trainer with no logger, checkpoints, progress bar or summary (overridable)."""
     defaults = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
@@ -31,16 +36,21 @@ def bn_mlp(seed: int = 0, in_features: int = 3, hidden: int = 6, classes: int = 
     """A tiny MLP with BatchNorm (Linear → BN → ReLU → Linear → BN → ReLU → Linear)."""
     torch.manual_seed(seed)
     net = nn.Sequential(
-        nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+        nn.Linear(in_features, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(),
         nn.Linear(hidden, classes),
     ).to(dtype)
     net.out_features = classes
     return net
 
 
-def classification_batches(n_batches: int, batch: int = 16, in_features: int = 3, classes: int = 3, seed: int = 1,
-                           dtype=torch.float64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def classification_batches(
+    n_batches: int, batch: int = 16, in_features: int = 3, classes: int = 3, seed: int = 1, dtype=torch.float64
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Random inputs with labels from a fixed random linear teacher."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(in_features, classes, generator=g, dtype=dtype)

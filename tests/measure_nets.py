@@ -34,9 +34,19 @@ def cnn_bn(seed=0) -> nn.Sequential:
     """Conv(pad)+BN, max-pool, conv, a Linear on the last axis of a 4-D map, LeakyReLU, Linear (float64)."""
     torch.manual_seed(seed)
     net = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Linear(2, 3), nn.LeakyReLU(0.1), nn.Flatten(),
-        nn.Linear(4 * 2 * 3, 5), nn.ReLU(inplace=True), nn.Dropout(0.3), nn.Linear(5, 4),
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        nn.Linear(2, 3),
+        nn.LeakyReLU(0.1),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 3, 5),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.3),
+        nn.Linear(5, 4),
     ).to(DT)
     with torch.no_grad():
         bn = net[1]

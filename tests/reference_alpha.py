@@ -3,7 +3,7 @@
 Ibayashi, Hamaguchi & Imaizumi (2021) minimise Tr[H(α)] = Σ_d T_d/α_d² + Σ_d B_d/(∏_{k≤d} α_k)² over
 α-scale transformations (∏_d α_d = 1) with torch SGD on log α and a LambdaLR schedule 1/(1 + decay·t),
 the traces divided by their sum, autograd at every step (github.com/ibayashi-hikaru/minimum-sharpness).
-:func:`callbacks.alpha_scaling.minimize_scaled_trace` with ``solver="sgd"`` must reproduce it;
+:func:`flatminima.callbacks.alpha_scaling.minimize_scaled_trace` with ``solver="sgd"`` must reproduce it;
 tests/test_alpha_scaling.py checks that, and benchmarks/measures.py times it as the original's baseline.
 It lives here, beside the tests, because it is an independent oracle: it imports nothing of the project.
 """

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 import time
 
-from studies.engines.local import LocalEngine
-from studies.runner import RunResult, Task
+from flatminima.studies.engines.local import LocalEngine
+from flatminima.studies.runner import RunResult, Task
 
 
 def sleepy(task: Task) -> RunResult:

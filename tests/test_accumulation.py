@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier
+from flatminima.lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier
 from tests.helpers import classification_batches, clone, fixed_batches, quiet_trainer
 
 LR = 0.1
@@ -42,8 +42,9 @@ def mlp(seed=0) -> nn.Module:
 
 
 def _fit(net, batches, rule, **kw):
-    model = Classifier(clone(net), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR, momentum=0.9),
-                       minimizer=rule, **kw)
+    model = Classifier(
+        clone(net), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR, momentum=0.9), minimizer=rule, **kw
+    )
     trainer = quiet_trainer(max_epochs=1, precision="64-true")
     trainer.fit(model, fixed_batches(batches))
     return model, trainer
@@ -95,8 +96,9 @@ def test_micro_ascent_is_the_mean_of_the_micro_batches_directions(kind):
     for name, p in model.net.named_parameters():
         torch.testing.assert_close(p.detach(), w[name], rtol=0, atol=1e-12, msg=name)
     # and it is another algorithm than the accumulated ascent
-    other, _ = _fit(net, batches, SAM(rho=0.3) if kind == "sam" else GSAM(rho=0.3, alpha=0.4),
-                    accumulate_grad_batches=3)
+    other, _ = _fit(
+        net, batches, SAM(rho=0.3) if kind == "sam" else GSAM(rho=0.3, alpha=0.4), accumulate_grad_batches=3
+    )
     assert not torch.allclose(other.net[0].weight, model.net[0].weight, atol=1e-6)
 
 
@@ -123,8 +125,9 @@ def test_a_batch_that_cannot_be_split_is_refused_at_the_first_step():
             return super().forward_loss((batch[0], batch[1].long()), stage)
 
     model = Odd(mlp(), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR), accumulate_grad_batches=2)
-    loader = torch.utils.data.DataLoader(Pairs(), batch_size=4, collate_fn=lambda b: (torch.stack([x for x, _ in b]),
-                                                                                     [y for _, y in b]))
+    loader = torch.utils.data.DataLoader(
+        Pairs(), batch_size=4, collate_fn=lambda b: (torch.stack([x for x, _ in b]), [y for _, y in b])
+    )
     with pytest.raises(ValueError, match=r"Invalid accumulate_grad_batches: 2; it splits each batch"):
         quiet_trainer(max_epochs=1, precision="64-true").fit(model, loader)
     assert model.trainer.global_step == 0
@@ -135,14 +138,27 @@ def test_a_batch_that_cannot_be_split_is_refused_at_the_first_step():
 
 
 def test_gradient_norm_callback_reads_the_accumulated_clean_gradient_once_per_step(tmp_path):
-    from callbacks import GradientNormSharpness
+    from flatminima.callbacks import GradientNormSharpness
 
     callback = GradientNormSharpness(rho=0.5, log_every_step=False)
-    model = Classifier(mlp(), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR), minimizer=SAM(rho=0.1),
-                       accumulate_grad_batches=4)
-    trainer = pl.Trainer(max_epochs=1, callbacks=[callback], logger=False, default_root_dir=tmp_path,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         precision="64-true")
+    model = Classifier(
+        mlp(),
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=LR),
+        minimizer=SAM(rho=0.1),
+        accumulate_grad_batches=4,
+    )
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        precision="64-true",
+    )
     trainer.fit(model, fixed_batches(classification_batches(3, batch=16)))
     assert float(trainer.callback_metrics["sharpness/gradient_norm"]) == pytest.approx(
-        0.5 * float(trainer.callback_metrics["train/grad_norm"]), rel=1e-6)
+        0.5 * float(trainer.callback_metrics["train/grad_norm"]), rel=1e-6
+    )

@@ -1,4 +1,4 @@
-"""Adaptive worst-case sharpness (callbacks.adaptive through callbacks.measures) against re-implementations.
+"""Adaptive worst-case sharpness (flatminima.callbacks.adaptive through flatminima.callbacks.measures) against re-implementations.
 
 Oracles: scipy's root finder for the ellipsoid projection, the first-order value as ρ → 0, and
 straightforward re-implementations of APGD (with reset) and of projected gradient ascent written
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from callbacks import measures
-from callbacks.adaptive import _project_ellipsoid, apgd_checkpoints
+from flatminima.callbacks import measures
+from flatminima.callbacks.adaptive import _project_ellipsoid, apgd_checkpoints
 from tests.measure_nets import DT, Quadratic, data, flat_params, gen, mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +35,7 @@ def test_ellipsoid_projection_matches_the_kkt_solution():
     rho = 0.3
     got = _project_ellipsoid(v, rho, c)
     vv, cc = v[3:].numpy(), c[3:].numpy()
-    lam = scipy.optimize.brentq(lambda l: np.sum((vv * cc / (cc**2 + l)) ** 2) - rho**2, 0, 1e6, xtol=1e-15)
+    lam = scipy.optimize.brentq(lambda lam_: np.sum((vv * cc / (cc**2 + lam_)) ** 2) - rho**2, 0, 1e6, xtol=1e-15)
     np.testing.assert_allclose(got[3:].numpy(), vv * cc**2 / (cc**2 + lam), rtol=1e-9)
     assert torch.all(got[:3] == 0)
     inside = 0.01 * v * c
@@ -59,7 +59,7 @@ def test_adaptive_sharpness_approaches_first_order_value_as_rho_vanishes(p, adap
 def test_apgd_is_never_negative_and_pga_can_be():
     net = mlp(seed=4)
     x, y = data(n=16, shape=(5,), seed=7)
-    batches = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
     for rho, step in [(0.5, None), (2.0, 50.0), (0.05, 1e-4)]:
         for p in (2.0, math.inf):
             values = measures.adaptive_sharpness_per_batch(net, batches, rho, p=p, step_size=step, n_iters=7)
@@ -71,8 +71,9 @@ def test_apgd_is_never_negative_and_pga_can_be():
     with torch.no_grad():
         sine.w.zero_()
     kw = dict(p=math.inf, adaptive=False, n_iters=1, step_size=5.0, loss_fn=lambda w, _: torch.sin(w).sum())
-    assert measures.adaptive_sharpness(sine, [(torch.zeros(1), None)], 10.0, method="pga", **kw) == \
-        pytest.approx(math.sin(5.0), rel=1e-12)
+    assert measures.adaptive_sharpness(sine, [(torch.zeros(1), None)], 10.0, method="pga", **kw) == pytest.approx(
+        math.sin(5.0), rel=1e-12
+    )
     assert measures.adaptive_sharpness(sine, [(torch.zeros(1), None)], 10.0, method="apgd", **kw) == 0.0
 
 

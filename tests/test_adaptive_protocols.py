@@ -2,10 +2,10 @@
 
 Their notebooks (github.com/HadiHammoud44/CS439_Sharpness) move the weights of a live module with
 ``torch.optim.SGD`` on the negated loss and clamp them back into the box; the loops below do exactly
-that, independently of :mod:`callbacks.adaptive`, whose flat-vector ascent must give the same numbers:
+that, independently of :mod:`flatminima.callbacks.adaptive`, whose flat-vector ascent must give the same numbers:
 ``box="signed"`` (the FCNN notebook's clamp with bounds w0 ∓ ρ·w0), ``score_batches`` (every iterate
 scored by the training-set loss), batches drawn with replacement, ``train_mode`` (dropout on), and the
-exact subgraph shortcut :func:`callbacks.inputs.node_subgraph_inputs`.
+exact subgraph shortcut :func:`flatminima.callbacks.inputs.node_subgraph_inputs`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import torch_geometric
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import AdaptiveSharpness, LossThresholdCheckpoint, measures
-from callbacks.inputs import masked_cross_entropy, mse_loss, node_inputs, node_subgraph_inputs
-from lightning_modules.networks import GAT
-
+from flatminima.callbacks import AdaptiveSharpness, LossThresholdCheckpoint, measures
+from flatminima.callbacks.inputs import masked_cross_entropy, mse_loss, node_inputs, node_subgraph_inputs
+from flatminima.lightning_modules.networks import GAT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,8 +78,10 @@ def graph(seed: int = 0) -> torch_geometric.data.Data:
     g = torch.Generator().manual_seed(seed)
     n = 40
     return torch_geometric.data.Data(
-        x=torch.randn(n, 6, generator=g, dtype=torch.float64), edge_index=torch.randint(0, n, (2, 90), generator=g),
-        y=torch.randint(0, 3, (n,), generator=g), train_mask=torch.arange(n) < 20,
+        x=torch.randn(n, 6, generator=g, dtype=torch.float64),
+        edge_index=torch.randint(0, n, (2, 90), generator=g),
+        y=torch.randint(0, 3, (n,), generator=g),
+        train_mask=torch.arange(n) < 20,
     )
 
 
@@ -135,8 +136,9 @@ def test_training_set_score_and_node_batches_reproduce_the_gat_notebook_loop():
     assert got == pytest.approx(expected, rel=1e-9)
     # The subgraph shortcut changes no number: the two-layer GAT sees two hops.
     sub = [node_subgraph_inputs(data.clone().update({"train_mask": m})) for m in masks]
-    assert measures.adaptive_sharpness(net, sub, rho, score_batches=[node_subgraph_inputs(data)], **kw) == \
-        pytest.approx(expected, rel=1e-9)
+    assert measures.adaptive_sharpness(
+        net, sub, rho, score_batches=[node_subgraph_inputs(data)], **kw
+    ) == pytest.approx(expected, rel=1e-9)
     assert len(sub[0][0][0]) < data.num_nodes  # it did drop nodes
 
 
@@ -212,27 +214,44 @@ def test_callback_draws_batches_with_replacement_and_scores_on_the_whole_trainin
     g = torch.Generator().manual_seed(0)
     x = torch.randn(24, 4, generator=g)
     data = TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
-    measure = AdaptiveSharpness(rho=0.05, method="pga", n_iters=3, num_samples=40, batch_size=8, seed=5,
-                                sampling="replacement", score="train_set")
+    measure = AdaptiveSharpness(
+        rho=0.05,
+        method="pga",
+        n_iters=3,
+        num_samples=40,
+        batch_size=8,
+        seed=5,
+        sampling="replacement",
+        score="train_set",
+    )
     module = Tiny()
-    trainer = pl.Trainer(max_epochs=2, callbacks=[LossThresholdCheckpoint(threshold=-math.inf,
-                                                                           dirpath=str(tmp_path)), measure],
-                         logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[LossThresholdCheckpoint(threshold=-math.inf, dirpath=str(tmp_path)), measure],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, DataLoader(data, batch_size=6))
     indices = torch.randint(24, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     assert measure.state_dict()["indices"] == indices  # 40 draws from 24 examples: repeats
-    batches = [(x[indices[i:i + 8]], data.tensors[1][indices[i:i + 8]]) for i in range(0, 40, 8)]
-    expected = measures.adaptive_sharpness(module.net, batches, 0.05, method="pga", n_iters=3, step_size=0.1,
-                                           score_batches=[data.tensors])
+    batches = [(x[indices[i : i + 8]], data.tensors[1][indices[i : i + 8]]) for i in range(0, 40, 8)]
+    expected = measures.adaptive_sharpness(
+        module.net, batches, 0.05, method="pga", n_iters=3, step_size=0.1, score_batches=[data.tensors]
+    )
     assert measure.history[-1]["sharpness/adaptive"] == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(method="apgd", score="train_set"), "Invalid score: a score set with method='apgd'"),
-    (dict(method="pga", box="signed", p=2.0), "Invalid box: 'signed'"),
-    (dict(method="pga", box="sign"), "Invalid box: 'sign'"),
-    (dict(sampling="bootstrap"), "Invalid sampling: 'bootstrap'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="apgd", score="train_set"), "Invalid score: a score set with method='apgd'"),
+        (dict(method="pga", box="signed", p=2.0), "Invalid box: 'signed'"),
+        (dict(method="pga", box="sign"), "Invalid box: 'sign'"),
+        (dict(sampling="bootstrap"), "Invalid sampling: 'bootstrap'"),
+    ],
+)
 def test_bad_protocol_options_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AdaptiveSharpness(rho=0.1, **kwargs)

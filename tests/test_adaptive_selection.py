@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import AdaptiveSharpness, LossThresholdCheckpoint, RunSummary, measures
-from callbacks.adaptive import _PassEnds
-from callbacks.inputs import mse_loss
+from flatminima.callbacks import AdaptiveSharpness, LossThresholdCheckpoint, RunSummary, measures
+from flatminima.callbacks.adaptive import _PassEnds
+from flatminima.callbacks.inputs import mse_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,8 +60,9 @@ LOSS = [-0.01 + B[0]] + [(-0.01 if k % 2 else -0.09) + B[k] for k in range(1, 7)
 
 def hand_measure(**kw):
     batch = (torch.zeros(1, dtype=DT), CENTRE)
-    return measures.adaptive_sharpness_parts(Point(), [batch], 0.2, method="pga", step_size=2.0, n_iters=6,
-                                             loss_fn=concave, **kw)
+    return measures.adaptive_sharpness_parts(
+        Point(), [batch], 0.2, method="pga", step_size=2.0, n_iters=6, loss_fn=concave, **kw
+    )
 
 
 def test_the_hand_worked_ascent_best_iterate():
@@ -72,30 +73,47 @@ def test_the_hand_worked_ascent_best_iterate():
     assert parts.falls == pytest.approx(3 / 6)  # iterates 2, 4 and 6 fall below their predecessors
 
 
-@pytest.mark.parametrize("passes, selected", [
-    (3, 6),  # pass sums: L1+L2, L3+L4, L5+L6 — the last is the largest: its end, iterate 6 (a trough)
-    (2, 3),  # L1+L2+L3 (one trough) > L4+L5+L6 (two troughs): iterate 3
-    (6, 5),  # one step per pass: the pass end is the iterate itself, so the best iterate
-    (1, 6),  # one pass: its end, the last iterate
-])
+@pytest.mark.parametrize(
+    "passes, selected",
+    [
+        (3, 6),  # pass sums: L1+L2, L3+L4, L5+L6 — the last is the largest: its end, iterate 6 (a trough)
+        (2, 3),  # L1+L2+L3 (one trough) > L4+L5+L6 (two troughs): iterate 3
+        (6, 5),  # one step per pass: the pass end is the iterate itself, so the best iterate
+        (1, 6),  # one pass: its end, the last iterate
+    ],
+)
 def test_the_hand_worked_ascent_best_pass_end(passes, selected):
-    sums = [sum(LOSS[1 + j * 6 // passes:1 + (j + 1) * 6 // passes]) for j in range(passes)]
+    sums = [sum(LOSS[1 + j * 6 // passes : 1 + (j + 1) * 6 // passes]) for j in range(passes)]
     assert (sums.index(max(sums)) + 1) * 6 // passes == selected  # the hand reading of the pass sums
     parts = hand_measure(select="best_pass_end", passes=passes)
     assert parts.ascent_loss == pytest.approx(LOSS[selected], abs=1e-15)
     assert parts.clean_loss == pytest.approx(LOSS[0], abs=1e-15)
     assert parts.value == pytest.approx(LOSS[selected] - LOSS[0], abs=1e-15)
-    assert measures.adaptive_sharpness(Point(), [(torch.zeros(1, dtype=DT), CENTRE)], 0.2, method="pga",
-                                       step_size=2.0, n_iters=6, loss_fn=concave, select="best_pass_end",
-                                       passes=passes) == parts.value
+    assert (
+        measures.adaptive_sharpness(
+            Point(),
+            [(torch.zeros(1, dtype=DT), CENTRE)],
+            0.2,
+            method="pga",
+            step_size=2.0,
+            n_iters=6,
+            loss_fn=concave,
+            select="best_pass_end",
+            passes=passes,
+        )
+        == parts.value
+    )
 
 
-@pytest.mark.parametrize("losses, pass_steps, selected", [
-    ([1.0, 3.0, 3.0, 1.0], 2, 3.0),  # equal sums 4 and 4: the earliest pass (the notebook's strict >)
-    ([1.0, 3.0, 2.0, 2.5], 2, 2.5),  # sums 4 and 4.5
-    ([5.0, 0.0, 1.0, 1.0, 1.0, 1.0], 3, 1.0),  # sums 6 and 3: the end of the first pass, not the best iterate 5
-    ([1.0, float("nan"), 9.0, 9.0], 2, float("nan")),  # a NaN sum is selected and stays (as torch.maximum)
-])
+@pytest.mark.parametrize(
+    "losses, pass_steps, selected",
+    [
+        ([1.0, 3.0, 3.0, 1.0], 2, 3.0),  # equal sums 4 and 4: the earliest pass (the notebook's strict >)
+        ([1.0, 3.0, 2.0, 2.5], 2, 2.5),  # sums 4 and 4.5
+        ([5.0, 0.0, 1.0, 1.0, 1.0, 1.0], 3, 1.0),  # sums 6 and 3: the end of the first pass, not the best iterate 5
+        ([1.0, float("nan"), 9.0, 9.0], 2, float("nan")),  # a NaN sum is selected and stays (as torch.maximum)
+    ],
+)
 def test_pass_end_selection_rule(losses, pass_steps, selected):
     ends = _PassEnds(torch.zeros((), dtype=DT), pass_steps)
     for i, loss in enumerate(losses):
@@ -175,25 +193,35 @@ def test_a_small_step_ascends_monotonically():
     net = elu_fcnn(2)
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(40, 6, generator=g, dtype=DT), torch.randn(40, 1, generator=g, dtype=DT)
-    parts = measures.adaptive_sharpness_parts(net, [(x, y)], 0.01, method="pga", step_size=1e-3, n_iters=5,
-                                              loss_fn=mse_loss)
+    parts = measures.adaptive_sharpness_parts(
+        net, [(x, y)], 0.01, method="pga", step_size=1e-3, n_iters=5, loss_fn=mse_loss
+    )
     assert parts.falls == 0.0 and parts.value > 0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(method="apgd", select="best_pass_end"), "Invalid select: 'best_pass_end' with method='apgd'"),
-    (dict(method="pga", select="last"), "Invalid select: 'last'"),
-    (dict(method="pga", select="best_pass_end", n_iters=10, passes=3), "Invalid passes: 3; expected a divisor"),
-    (dict(method="pga", passes=2, n_iters=10), "Invalid passes: 2 with select='best_iterate'"),
-    (dict(method="pga", select="best_pass_end", passes=0), "Invalid passes: 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="apgd", select="best_pass_end"), "Invalid select: 'best_pass_end' with method='apgd'"),
+        (dict(method="pga", select="last"), "Invalid select: 'last'"),
+        (dict(method="pga", select="best_pass_end", n_iters=10, passes=3), "Invalid passes: 3; expected a divisor"),
+        (dict(method="pga", passes=2, n_iters=10), "Invalid passes: 2 with select='best_iterate'"),
+        (dict(method="pga", select="best_pass_end", passes=0), "Invalid passes: 0"),
+    ],
+)
 def test_bad_selections_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AdaptiveSharpness(rho=0.1, **kwargs)
     kwargs = {"n_iters": 20, **kwargs}
     with pytest.raises(ValueError, match=message):
-        measures.adaptive_sharpness(elu_fcnn(), [(torch.zeros(2, 6, dtype=DT), torch.zeros(2, 1, dtype=DT))], 0.1,
-                                    step_size=0.1, loss_fn=mse_loss, **kwargs)
+        measures.adaptive_sharpness(
+            elu_fcnn(),
+            [(torch.zeros(2, 6, dtype=DT), torch.zeros(2, 1, dtype=DT))],
+            0.1,
+            step_size=0.1,
+            loss_fn=mse_loss,
+            **kwargs,
+        )
 
 
 # ---------------------------------------------------------------------------------------- the callback
@@ -216,31 +244,59 @@ def test_callback_logs_a_and_l_into_the_run_summary(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(24, 4, generator=g)
     data = TensorDataset(x, x[:, :1] * 2 - x[:, 1:2])
-    kw = dict(rho=0.05, method="pga", n_iters=6, score="train_set", box="signed", loss_fn=mse_loss, batch_size=24,
-              num_samples=None)  # one ascent batch: the whole training set
+    kw = dict(
+        rho=0.05,
+        method="pga",
+        n_iters=6,
+        score="train_set",
+        box="signed",
+        loss_fn=mse_loss,
+        batch_size=24,
+        num_samples=None,
+    )  # one ascent batch: the whole training set
     notebook = AdaptiveSharpness(select="best_pass_end", passes=3, **kw)
     best = AdaptiveSharpness(**kw)
     module = Tiny()
-    callbacks = [LossThresholdCheckpoint(threshold=-math.inf, dirpath=str(tmp_path)), notebook, best,
-                 RunSummary(str(tmp_path / "summary.json"))]
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         accelerator="cpu", callbacks=callbacks)
+    callbacks = [
+        LossThresholdCheckpoint(threshold=-math.inf, dirpath=str(tmp_path)),
+        notebook,
+        best,
+        RunSummary(str(tmp_path / "summary.json")),
+    ]
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=callbacks,
+    )
     trainer.fit(module, DataLoader(data, batch_size=24))
     metrics = json.loads((tmp_path / "summary.json").read_text())["metrics"]
     for measure, name in ((notebook, "adaptive_best_pass_end_passes3"), (best, "adaptive_best_iterate_passes1")):
         assert measure.metric_name == name
         select = dict(select=measure.select, passes=measure.passes)
-        expected = measures.adaptive_sharpness_parts(module.net, [data.tensors], 0.05, method="pga", n_iters=6,
-                                                     step_size=0.1, loss_fn=mse_loss, box="signed",
-                                                     score_batches=[data.tensors], **select)
+        expected = measures.adaptive_sharpness_parts(
+            module.net,
+            [data.tensors],
+            0.05,
+            method="pga",
+            n_iters=6,
+            step_size=0.1,
+            loss_fn=mse_loss,
+            box="signed",
+            score_batches=[data.tensors],
+            **select,
+        )
         key = f"sharpness/{name}"
         assert metrics[key] == pytest.approx(expected.value, rel=1e-6)
         assert metrics[f"{key}_ascent_loss"] == pytest.approx(expected.ascent_loss, rel=1e-6)
         assert metrics[f"{key}_clean_loss"] == pytest.approx(expected.clean_loss, rel=1e-6)
         assert metrics[f"{key}_ascent_falls"] == pytest.approx(expected.falls)
         with torch.no_grad():
-            assert metrics[f"{key}_clean_loss"] == pytest.approx(float(F.mse_loss(module.net(x), data.tensors[1])),
-                                                                 rel=1e-6)
+            assert metrics[f"{key}_clean_loss"] == pytest.approx(
+                float(F.mse_loss(module.net(x), data.tensors[1])), rel=1e-6
+            )
 
 
 def test_the_notebook_config_measures_both_selections():
@@ -248,11 +304,20 @@ def test_the_notebook_config_measures_both_selections():
 
     config = yaml.safe_load(open("configs/experiments/adaptive_sharpness_abalone_notebook.yaml"))
     callbacks = config["trainer"]["callbacks"]
-    notebook, best = [c["init_args"] for c in callbacks if c["class_path"] == "callbacks.AdaptiveSharpness"]
+    notebook, best = [c["init_args"] for c in callbacks if c["class_path"] == "flatminima.callbacks.AdaptiveSharpness"]
     assert (notebook.get("name", "adaptive"), notebook["select"], notebook["passes"], notebook["n_iters"]) == (
-        "adaptive", "best_pass_end", 6, 318)  # their 6 passes of 53 steps
+        "adaptive",
+        "best_pass_end",
+        6,
+        318,
+    )  # their 6 passes of 53 steps
     assert (best["name"], best.get("select", "best_iterate"), best["n_iters"], best["box"]) == (
-        "adaptive_best_iterate", "best_iterate", 318, "signed")
-    assert {k: v for k, v in notebook.items() if k not in ("select", "passes")} == \
-        {k: v for k, v in best.items() if k != "name"}
+        "adaptive_best_iterate",
+        "best_iterate",
+        318,
+        "signed",
+    )
+    assert {k: v for k, v in notebook.items() if k not in ("select", "passes")} == {
+        k: v for k, v in best.items() if k != "name"
+    }
     AdaptiveSharpness(**{k: v for k, v in notebook.items() if k != "loss_fn"})  # the options are accepted together

@@ -1,4 +1,4 @@
-"""Minimum sharpness and its α solve (callbacks.alpha_scaling) against closed forms, scipy and the original solver."""
+"""Minimum sharpness and its α solve (flatminima.callbacks.alpha_scaling) against closed forms, scipy and the original solver."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import scipy.optimize
 import torch
 
-from callbacks import measures
+from flatminima.callbacks import measures
 from tests.measure_nets import cnn_bn, data, fold_bn, gen, mlp, scale_layers
 from tests.reference_alpha import reference_sgd_solve
 
@@ -90,7 +90,6 @@ def test_exact_alpha_solver_matches_scipy_with_biases():
         exact = measures.minimize_scaled_trace(t, b)
         assert exact == pytest.approx(_scipy_minimum(t, b), rel=1e-8)
         assert exact <= measures.scaled_trace(t, b, [1.0] * depth)
-
 
 
 def test_sgd_solver_reproduces_the_original_algorithm_and_approaches_the_exact_minimum():

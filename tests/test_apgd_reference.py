@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks import measures
-
+from flatminima.callbacks import measures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,6 +49,7 @@ def _ascent_step(model, x, y, loss_f, orig, delta, prev_delta, step_size, rho, a
     _zero_grad(model)
     with torch.no_grad():
         if norm == "l2":
+
             def weighted_norm(d):
                 return sum([((d[p] / (orig[p].abs() if adaptive else 1)) ** 2).sum() for p in d]) ** 0.5
 
@@ -64,17 +64,17 @@ def _ascent_step(model, x, y, loss_f, orig, delta, prev_delta, step_size, rho, a
                 tmp = {p: delta[p].clone() for p in delta}
                 curr_norm = new_norm = weighted_norm(tmp)
                 if curr_norm > rho:
-                    while (new_norm - rho).abs() > 10 ** -5:
+                    while (new_norm - rho).abs() > 10**-5:
                         curr_norm = new_norm
                         for p in delta:
                             c = 1 / orig[p].abs()
-                            tmp[p] = delta[p] / (1 + 2 * lmbd * c ** 2)
+                            tmp[p] = delta[p] / (1 + 2 * lmbd * c**2)
                         new_norm = weighted_norm(tmp)
                         if new_norm > rho:
                             lmbd, min_lmbd = (lmbd + max_lmbd) / 2, lmbd
                         else:
                             lmbd, max_lmbd = (min_lmbd + lmbd) / 2, lmbd
-                        if (max_lmbd_limit - max_lmbd) < 10 ** -2:
+                        if (max_lmbd_limit - max_lmbd) < 10**-2:
                             max_lmbd_limit, max_lmbd = max_lmbd_limit * 2, max_lmbd * 2
                 delta = {p: tmp[p].clone() for p in tmp}
         else:
@@ -116,8 +116,9 @@ def reference_apgd_sharpness(model, batches, rho, n_iters, adaptive, norm, min_u
         step_size = prev_step_size = 2 * rho
         prev_cp, num_of_updates = 0, 0
         for i in range(n_iters):
-            delta, prev_delta = _ascent_step(model, x, y, loss_f, orig, delta, prev_delta, step_size, rho,
-                                             adaptive, norm)
+            delta, prev_delta = _ascent_step(
+                model, x, y, loss_f, orig, delta, prev_delta, step_size, rho, adaptive, norm
+            )
             with torch.no_grad():
                 curr_loss = get_loss(x, y)
                 if curr_loss > worst:
@@ -141,16 +142,25 @@ def reference_apgd_sharpness(model, batches, rho, n_iters, adaptive, norm, min_u
 def small_cnn(seed=0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(12 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 12, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(12 * 4 * 4, 32),
+        nn.ReLU(),
+        nn.Linear(32, 10),
     ).eval()
 
 
 def cnn_batches(n_batches=3, size=32, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, 16, 16, generator=g), torch.randint(0, 10, (size,), generator=g))
-            for _ in range(n_batches)]
+    return [
+        (torch.randn(size, 3, 16, 16, generator=g), torch.randint(0, 10, (size,), generator=g))
+        for _ in range(n_batches)
+    ]
 
 
 PROTOCOLS = [  # (norm, adaptive, rho): the authors' radii for ResNet-18 (sh/eval_sharpness_final.sh)
@@ -166,8 +176,9 @@ PROTOCOLS = [  # (norm, adaptive, rho): the authors' radii for ResNet-18 (sh/eva
 def test_apgd_reproduces_the_authors_code(norm, adaptive, rho):
     net, batches = small_cnn(), cnn_batches()
     expected = reference_apgd_sharpness(copy.deepcopy(net), batches, rho, 20, adaptive, norm)
-    got = measures.adaptive_sharpness(net, batches, rho, p=2.0 if norm == "l2" else math.inf, adaptive=adaptive,
-                                      n_iters=20)
+    got = measures.adaptive_sharpness(
+        net, batches, rho, p=2.0 if norm == "l2" else math.inf, adaptive=adaptive, n_iters=20
+    )
     assert expected > 0
     assert got == pytest.approx(expected, rel=1e-4)
 

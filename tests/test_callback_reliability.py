@@ -7,7 +7,6 @@ numbers produced here by the code under test in another way.
 from __future__ import annotations
 
 import math
-import warnings
 from functools import partial
 from pathlib import Path
 
@@ -20,18 +19,24 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from callbacks import (
+from flatminima.callbacks import (
     AdaptiveSharpness,
     GradientNormSharpness,
     HessianSpectrum,
     LossThresholdCheckpoint,
     MinimumSharpness,
 )
-from lightning_modules import Classifier
+from flatminima.lightning_modules import Classifier
 from tests.test_sharpness_callbacks import DictData, Plain, Silent, dataset
 
-QUIET = dict(enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-             num_sanity_val_steps=0, deterministic=True)
+QUIET = dict(
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    accelerator="cpu",
+    devices=1,
+    num_sanity_val_steps=0,
+    deterministic=True,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,8 +78,14 @@ class Validated(Plain):
 
 def _fit(tmp_path: Path, callbacks, max_epochs: int, ckpt_path=None, val=False, extra=(), **trainer_kw) -> Memory:
     logger = Memory()
-    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[*callbacks, *extra], logger=logger,
-                         default_root_dir=tmp_path, **QUIET, **trainer_kw)
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=[*callbacks, *extra],
+        logger=logger,
+        default_root_dir=tmp_path,
+        **QUIET,
+        **trainer_kw,
+    )
     trainer.fit(Validated() if val else Plain(), _loader(), _loader(16) if val else None, ckpt_path=ckpt_path)
     return logger
 
@@ -84,7 +95,8 @@ def pairs():
     """Two instances of every measure, told apart by one argument each."""
     small = dict(num_samples=24, every_n_epochs=1)
     return [
-        MinimumSharpness(batch_size=12, seed=0, **small), MinimumSharpness(batch_size=12, seed=1, **small),
+        MinimumSharpness(batch_size=12, seed=0, **small),
+        MinimumSharpness(batch_size=12, seed=1, **small),
         AdaptiveSharpness(rho=1e-3, n_iters=3, batch_size=12, **small),
         AdaptiveSharpness(rho=1e-2, n_iters=3, batch_size=12, **small),
         HessianSpectrum(k=1, trace="none", batch_size=24, **small),
@@ -97,10 +109,17 @@ def pairs():
 def test_two_instances_of_each_measure_log_apart_and_resume_like_the_uninterrupted_run(tmp_path):
     full = pairs()
     log_full = _fit(tmp_path / "full", full, 4)
-    keys = {"sharpness/minimum_seed0", "sharpness/minimum_seed1", "sharpness/adaptive_rho0.001",
-            "sharpness/adaptive_rho0.01", "sharpness/hessian_k1_eig1", "sharpness/hessian_k2_eig2",
-            "sharpness/gradient_norm_rho0.05", "sharpness/gradient_norm_rho0.1",
-            "sharpness/gradient_norm_rho0.05_subset"}
+    keys = {
+        "sharpness/minimum_seed0",
+        "sharpness/minimum_seed1",
+        "sharpness/adaptive_rho0.001",
+        "sharpness/adaptive_rho0.01",
+        "sharpness/hessian_k1_eig1",
+        "sharpness/hessian_k2_eig2",
+        "sharpness/gradient_norm_rho0.05",
+        "sharpness/gradient_norm_rho0.1",
+        "sharpness/gradient_norm_rho0.05_subset",
+    }
     logged = {k for _, m in log_full.rows for k in m}
     assert keys <= logged
     assert not {"sharpness/minimum", "sharpness/adaptive", "sharpness/gradient_norm"} & logged
@@ -113,21 +132,34 @@ def test_two_instances_of_each_measure_log_apart_and_resume_like_the_uninterrupt
     log_resumed = _fit(tmp_path / "resumed", resumed, 4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     for a, b in zip(full, resumed):
         assert b.history == a.history, a.metric_name
-        assert [h["epoch"] for h in a.history] == ([1, 3] if a.every_n_epochs == 2 else [] if a.every_n_epochs is None
-                                                   else [0, 1, 2, 3])
+        assert [h["epoch"] for h in a.history] == (
+            [1, 3] if a.every_n_epochs == 2 else [] if a.every_n_epochs is None else [0, 1, 2, 3]
+        )
     for key in keys:  # the logged series: first part + resumed part = the uninterrupted run
         assert log_first.series(key) + log_resumed.series(key) == log_full.series(key), key
 
 
 def test_identical_instances_are_refused_naming_name(tmp_path):
-    trainer = pl.Trainer(max_epochs=1, logger=False, default_root_dir=tmp_path, **QUIET,
-                         callbacks=[AdaptiveSharpness(rho=1e-3, every_n_epochs=1),
-                                    AdaptiveSharpness(rho=1e-3, every_n_epochs=2)])
-    with pytest.raises(ValueError, match=r"Invalid name: two AdaptiveSharpness callbacks named 'adaptive' measure "
-                                         r"the same thing .* pass distinct name=\.\.\. values"):
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        default_root_dir=tmp_path,
+        **QUIET,
+        callbacks=[AdaptiveSharpness(rho=1e-3, every_n_epochs=1), AdaptiveSharpness(rho=1e-3, every_n_epochs=2)],
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid name: two AdaptiveSharpness callbacks named 'adaptive' measure "
+        r"the same thing .* pass distinct name=\.\.\. values",
+    ):
         trainer.fit(Plain(), _loader())
-    trainer = pl.Trainer(max_epochs=1, logger=False, default_root_dir=tmp_path, **QUIET,
-                         callbacks=[AdaptiveSharpness(rho=1e-3, name="s"), MinimumSharpness(name="s")])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        default_root_dir=tmp_path,
+        **QUIET,
+        callbacks=[AdaptiveSharpness(rho=1e-3, name="s"), MinimumSharpness(name="s")],
+    )
     with pytest.raises(ValueError, match=r"Invalid name: 's' is used by AdaptiveSharpness, MinimumSharpness"):
         trainer.fit(Plain(), _loader())
 
@@ -137,8 +169,9 @@ def test_explicit_names_and_a_single_instance_keep_their_keys(tmp_path):
     b = AdaptiveSharpness(rho=1e-2, n_iters=2, num_samples=16, every_n_epochs=1, name="sharp_large")
     c = MinimumSharpness(every_n_epochs=1)
     logger = _fit(tmp_path, [a, b, c], 1)
-    assert {"sharpness/sharp_small", "sharpness/sharp_large", "sharpness/minimum"} <= {k for _, m in logger.rows
-                                                                                         for k in m}
+    assert {"sharpness/sharp_small", "sharpness/sharp_large", "sharpness/minimum"} <= {
+        k for _, m in logger.rows for k in m
+    }
     assert c.state_key == "MinimumSharpness{'name': 'minimum'}"  # unchanged for a default single instance
 
 
@@ -146,17 +179,24 @@ def test_two_loss_threshold_checkpoints_keep_their_own_schedules_across_a_resume
     losses = [1.0, 0.4, 0.3, 0.009, 0.02, 0.008, 0.001, 0.001]
 
     def run(name, epochs, ckpt_path=None, extra=()):
-        callbacks = [LossThresholdCheckpoint(threshold=0.5, every_n_epochs=2, dirpath=str(tmp_path / name / "a")),
-                     LossThresholdCheckpoint(threshold=0.01, every_n_epochs=3, dirpath=str(tmp_path / name / "b")),
-                     MinimumSharpness(num_samples=24)]
-        trainer = pl.Trainer(max_epochs=epochs, callbacks=[*callbacks, *extra], logger=False,
-                             default_root_dir=tmp_path / name, **QUIET)
+        callbacks = [
+            LossThresholdCheckpoint(threshold=0.5, every_n_epochs=2, dirpath=str(tmp_path / name / "a")),
+            LossThresholdCheckpoint(threshold=0.01, every_n_epochs=3, dirpath=str(tmp_path / name / "b")),
+            MinimumSharpness(num_samples=24),
+        ]
+        trainer = pl.Trainer(
+            max_epochs=epochs, callbacks=[*callbacks, *extra], logger=False, default_root_dir=tmp_path / name, **QUIET
+        )
         trainer.fit(Plain(losses), _loader(), ckpt_path=ckpt_path)
         return callbacks
 
     full = run("full", 8)
-    assert [(s["epoch"], s["reason"]) for s in full[0].saved] == [(1, "threshold"), (3, "periodic"),
-                                                                  (5, "periodic"), (7, "periodic")]
+    assert [(s["epoch"], s["reason"]) for s in full[0].saved] == [
+        (1, "threshold"),
+        (3, "periodic"),
+        (5, "periodic"),
+        (7, "periodic"),
+    ]
     assert [(s["epoch"], s["reason"]) for s in full[1].saved] == [(3, "threshold"), (6, "periodic"), (7, "end")]
     run("first", 8, extra=[ModelCheckpoint(dirpath=tmp_path / "every", save_top_k=-1)])
     resumed = run("resumed", 8, ckpt_path=str(tmp_path / "every" / "epoch=4-step=15.ckpt"))
@@ -167,22 +207,31 @@ def test_two_loss_threshold_checkpoints_keep_their_own_schedules_across_a_resume
 
 # ---------------------------------------------------------------------------------------- resume at an epoch's end
 def measured():
-    return [MinimumSharpness(num_samples=24, batch_size=12, every_n_epochs=1), GradientNormSharpness(rho=0.05),
-            LossThresholdCheckpoint(threshold=math.inf, every_n_epochs=1, dirpath=None)]
+    return [
+        MinimumSharpness(num_samples=24, batch_size=12, every_n_epochs=1),
+        GradientNormSharpness(rho=0.05),
+        LossThresholdCheckpoint(threshold=math.inf, every_n_epochs=1, dirpath=None),
+    ]
 
 
-@pytest.mark.parametrize("val, ckpt_name", [
-    (False, "epoch=1-step=6.ckpt"),   # step checkpoint written at epoch 1's last batch, before its end
-    (False, "epoch=3-step=12.ckpt"),  # ... at the very last batch: the resumed fit runs no training hook
-    (True, "epoch=1-step=6.ckpt"),    # saved at validation end, which comes before the epoch's end too
-                                      # (ModelCheckpoint(save_on_train_epoch_end=False))
-    (True, "epoch=3-step=12.ckpt"),
-])
+@pytest.mark.parametrize(
+    "val, ckpt_name",
+    [
+        (False, "epoch=1-step=6.ckpt"),  # step checkpoint written at epoch 1's last batch, before its end
+        (False, "epoch=3-step=12.ckpt"),  # ... at the very last batch: the resumed fit runs no training hook
+        (True, "epoch=1-step=6.ckpt"),  # saved at validation end, which comes before the epoch's end too
+        # (ModelCheckpoint(save_on_train_epoch_end=False))
+        (True, "epoch=3-step=12.ckpt"),
+    ],
+)
 def test_resume_from_a_checkpoint_at_an_epochs_last_batch_keeps_every_measurement(tmp_path, val, ckpt_name):
     full = measured()
     log_full = _fit(tmp_path / "full", full, 4, val=val)
-    steps = ModelCheckpoint(dirpath=tmp_path / "steps", save_top_k=-1,
-                            **(dict(save_on_train_epoch_end=False) if val else dict(every_n_train_steps=3)))
+    steps = ModelCheckpoint(
+        dirpath=tmp_path / "steps",
+        save_top_k=-1,
+        **(dict(save_on_train_epoch_end=False) if val else dict(every_n_train_steps=3)),
+    )
     _fit(tmp_path / "first", measured(), 4, val=val, extra=[steps])
     resumed = measured()
     log_resumed = _fit(tmp_path / "resumed", resumed, 4, val=val, ckpt_path=str(tmp_path / "steps" / ckpt_name))
@@ -191,10 +240,10 @@ def test_resume_from_a_checkpoint_at_an_epochs_last_batch_keeps_every_measuremen
     assert resumed[0].history == full[0].history
     before = int(ckpt_name.split("-")[0].split("=")[1])  # epochs whose means the first run logged before the file
     means = log_full.series("sharpness/gradient_norm")
-    assert len(means) == 4 and log_resumed.series("sharpness/gradient_norm") == pytest.approx(means[before:],
-                                                                                              rel=1e-12)
-    assert [(s["epoch"], s["step"], s["reason"]) for s in resumed[2].saved] == \
-        [(s["epoch"], s["step"], s["reason"]) for s in full[2].saved]
+    assert len(means) == 4 and log_resumed.series("sharpness/gradient_norm") == pytest.approx(means[before:], rel=1e-12)
+    assert [(s["epoch"], s["step"], s["reason"]) for s in resumed[2].saved] == [
+        (s["epoch"], s["step"], s["reason"]) for s in full[2].saved
+    ]
     assert [s["sharpness/minimum"] for s in resumed[2].saved] == [s["sharpness/minimum"] for s in full[2].saved]
 
 
@@ -203,8 +252,13 @@ def test_resume_mid_epoch_keeps_the_gradient_norm_epoch_sums(tmp_path):
     # differs from the uninterrupted one; the epoch mean must still count the batch trained before the file.)
     steps = ModelCheckpoint(dirpath=tmp_path / "steps", save_top_k=-1, every_n_train_steps=4)
     first = _fit(tmp_path / "first", [GradientNormSharpness(rho=0.05)], 2, extra=[steps], log_every_n_steps=1)
-    resumed = _fit(tmp_path / "resumed", [GradientNormSharpness(rho=0.05)], 2, log_every_n_steps=1,
-                   ckpt_path=str(tmp_path / "steps" / "epoch=1-step=4.ckpt"))  # after batch 1 of 3 of epoch 1
+    resumed = _fit(
+        tmp_path / "resumed",
+        [GradientNormSharpness(rho=0.05)],
+        2,
+        log_every_n_steps=1,
+        ckpt_path=str(tmp_path / "steps" / "epoch=1-step=4.ckpt"),
+    )  # after batch 1 of 3 of epoch 1
     per_batch = first.series("sharpness/gradient_norm_step")[3:4] + resumed.series("sharpness/gradient_norm_step")
     assert len(per_batch) == 3
     assert resumed.series("sharpness/gradient_norm") == pytest.approx([sum(per_batch) / 3], rel=1e-6)
@@ -223,8 +277,9 @@ def test_an_unknowable_threshold_decision_warns(tmp_path):
 # ---------------------------------------------------------------------------------------- early errors
 def test_a_monitor_a_foreign_module_does_not_log_is_refused_after_the_first_batch(tmp_path):
     module = Silent()
-    trainer = pl.Trainer(max_epochs=1, callbacks=[LossThresholdCheckpoint(dirpath=str(tmp_path))], logger=False,
-                         **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=1, callbacks=[LossThresholdCheckpoint(dirpath=str(tmp_path))], logger=False, **QUIET
+    )
     with pytest.raises(ValueError, match=r"Invalid monitor: 'train/loss' is not logged by Silent .*'loss'"):
         trainer.fit(module, _loader(64))
     assert module.forwards == 1  # one batch of four, not a whole epoch
@@ -233,9 +288,12 @@ def test_a_monitor_a_foreign_module_does_not_log_is_refused_after_the_first_batc
 def test_a_monitor_our_module_does_not_log_is_refused_at_setup(tmp_path):
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     model = Classifier(net, num_classes=3, optimizer=partial(torch.optim.SGD, lr=0.1))
-    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[LossThresholdCheckpoint(monitor="train/los",
-                                                                                         dirpath=str(tmp_path))],
-                         **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        callbacks=[LossThresholdCheckpoint(monitor="train/los", dirpath=str(tmp_path))],
+        **QUIET,
+    )
     with pytest.raises(ValueError, match=r"Invalid monitor: 'train/los' is not logged by Classifier .*'train/acc'"):
         trainer.fit(model, _loader())
     assert trainer.global_step == 0
@@ -264,20 +322,33 @@ class DictModule(Plain):
         return loss
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: AdaptiveSharpness(rho=0.01, every_n_epochs=1),
-     r"AdaptiveSharpness\('adaptive'\) cannot measure on the training batches: Invalid batch: dict; "
-     r".*pass batch_to_inputs"),
-    (lambda: AdaptiveSharpness(rho=0.01, every_n_epochs=1, batch_to_inputs=lambda b: (b["x"], b["label"])),
-     r"Invalid batch_to_inputs: .* failed on a training batch of AdaptiveSharpness\('adaptive'\): KeyError"),
-    (lambda: HessianSpectrum(every_n_epochs=1, batch_to_inputs=lambda b: (b["features"], b["label"]),
-                             loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none")),
-     r"HessianSpectrum\('hessian'\) cannot measure on the training batches: Invalid loss_fn: it returned \(48,\)"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: AdaptiveSharpness(rho=0.01, every_n_epochs=1),
+            r"AdaptiveSharpness\('adaptive'\) cannot measure on the training batches: Invalid batch: dict; "
+            r".*pass batch_to_inputs",
+        ),
+        (
+            lambda: AdaptiveSharpness(rho=0.01, every_n_epochs=1, batch_to_inputs=lambda b: (b["x"], b["label"])),
+            r"Invalid batch_to_inputs: .* failed on a training batch of AdaptiveSharpness\('adaptive'\): KeyError",
+        ),
+        (
+            lambda: HessianSpectrum(
+                every_n_epochs=1,
+                batch_to_inputs=lambda b: (b["features"], b["label"]),
+                loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none"),
+            ),
+            r"HessianSpectrum\('hessian'\) cannot measure on the training batches: Invalid loss_fn: it returned \(48,\)",
+        ),
+    ],
+)
 def test_a_batch_a_measure_cannot_use_is_refused_before_training(tmp_path, make, message):
     module = DictModule()
-    trainer = pl.Trainer(max_epochs=1, callbacks=[make()], logger=False, default_root_dir=tmp_path,
-                         enable_checkpointing=False, **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=1, callbacks=[make()], logger=False, default_root_dir=tmp_path, enable_checkpointing=False, **QUIET
+    )
     with pytest.raises(ValueError, match=message):
         trainer.fit(module, DataLoader(DictData(48), batch_size=24))
     assert module.steps == 0
@@ -290,8 +361,14 @@ def test_an_unsupported_network_for_minimum_sharpness_is_refused_before_training
             self.model[1] = nn.Tanh()
 
     module = Smooth()
-    trainer = pl.Trainer(max_epochs=1, callbacks=[MinimumSharpness(every_n_epochs=1)], logger=False,
-                         default_root_dir=tmp_path, enable_checkpointing=False, **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[MinimumSharpness(every_n_epochs=1)],
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        **QUIET,
+    )
     with pytest.raises(ValueError, match=r"MinimumSharpness\('minimum'\) cannot measure .*Tanh"):
         trainer.fit(module, _loader())
     assert trainer.global_step == 0

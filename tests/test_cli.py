@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +17,11 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.core import LightningDataModule
 
-import cli
-from cli_support import compose
-from cli_support.help import GROUPS, header
-from lightning_modules import SAM, USAM, Classifier, Regressor, TwoPassModule
-from lightning_modules.optim import AdaShift
+from flatminima import cli
+from flatminima.cli_support import compose
+from flatminima.cli_support.help import GROUPS, header
+from flatminima.lightning_modules import SAM, USAM, Classifier, Regressor, TwoPassModule
+from flatminima.lightning_modules.optim import AdaShift
 
 CONFIGS = cli.ROOT / "configs"
 
@@ -56,19 +56,20 @@ def one_error_line(capsys, args: list[str], code: int = 2) -> str:
     return lines[0]
 
 
-# ---------------------------------------------------------------- item 1: the README's composition
+# ---------------------------------------------------------------- item 1: the composition rule (docs/cli.md)
 def test_readme_composition_trains_the_default_epochs_not_lightnings_1000(capsys):
-    printed = printed_config(capsys, *configs("data/moons.yaml", "model/mlp.yaml", "optim/adam.yaml",
-                                              "minimizer/sam.yaml"))
+    printed = printed_config(
+        capsys, *configs("data/moons.yaml", "model/mlp.yaml", "optim/adam.yaml", "minimizer/sam.yaml")
+    )
     assert printed["trainer"]["max_epochs"] == 50
     assert printed["model"]["init_args"]["optimizer"]["class_path"] == "torch.optim.Adam"
-    assert printed["model"]["init_args"]["minimizer"]["class_path"] == "lightning_modules.minimizers.SAM"
+    assert printed["model"]["init_args"]["minimizer"]["class_path"] == "flatminima.lightning_modules.minimizers.SAM"
 
 
 def test_print_config_shows_the_moons_gsam_default(capsys):
     printed = printed_config(capsys)
-    assert printed["model"]["init_args"]["minimizer"]["class_path"] == "lightning_modules.minimizers.GSAM"
-    assert printed["data"]["class_path"] == "datamodules.MoonsDataModule"
+    assert printed["model"]["init_args"]["minimizer"]["class_path"] == "flatminima.lightning_modules.minimizers.GSAM"
+    assert printed["data"]["class_path"] == "flatminima.datamodules.MoonsDataModule"
     assert printed["data"]["init_args"]["num_samples"] == 10000 and printed["data"]["init_args"]["noise"] == 0.3
     assert printed["data"]["init_args"]["batch_size"] == 64 and printed["trainer"]["max_epochs"] == 50
 
@@ -77,8 +78,10 @@ def test_print_config_shows_the_moons_gsam_default(capsys):
 def test_a_rule_preset_alone_is_the_default_with_that_rule(capsys):
     printed = printed_config(capsys, *configs("minimizer/sam.yaml"))
     assert printed["model"]["init_args"]["minimizer"] == {
-        "class_path": "lightning_modules.minimizers.SAM", "init_args": {"rho": 0.05, "p": 2.0, "eps": 1e-12}}
-    assert printed["data"]["class_path"] == "datamodules.MoonsDataModule"
+        "class_path": "flatminima.lightning_modules.minimizers.SAM",
+        "init_args": {"rho": 0.05, "p": 2.0, "eps": 1e-12},
+    }
+    assert printed["data"]["class_path"] == "flatminima.datamodules.MoonsDataModule"
     assert printed["model"]["init_args"]["optimizer"]["init_args"]["momentum"] == 0.9  # the default's optimizer
 
 
@@ -98,8 +101,15 @@ def test_a_model_preset_of_another_task_keeps_the_default_recipe_but_none_of_its
     assert model.configure_optimizers().param_groups[0]["momentum"] == 0.9
     init = run.config.as_dict()["model"]["init_args"]
     assert "label_smoothing" not in init and "num_classes" not in init  # nothing of the default's Classifier
-    assert set(init["net"]["init_args"]) == {"in_features", "hidden", "out_features", "activation", "dropout",
-                                             "weight_init", "output_activation"}
+    assert set(init["net"]["init_args"]) == {
+        "in_features",
+        "hidden",
+        "out_features",
+        "activation",
+        "dropout",
+        "weight_init",
+        "output_activation",
+    }
     assert init["net"]["init_args"]["hidden"] == [64, 64]
 
 
@@ -118,8 +128,13 @@ def test_any_base_combines_with_any_rule_from_two_files():
 def test_callbacks_presets_append_to_the_default_callbacks():
     run = build("callbacks/sharpness.yaml")
     names = [type(c).__name__ for c in run.trainer.callbacks]
-    expected = ["LossThresholdCheckpoint", "MinimumSharpness", "AdaptiveSharpness", "GradientNormSharpness",
-                "HessianSpectrum"]
+    expected = [
+        "LossThresholdCheckpoint",
+        "MinimumSharpness",
+        "AdaptiveSharpness",
+        "GradientNormSharpness",
+        "HessianSpectrum",
+    ]
     assert all(n in names for n in expected)
     assert run.config["trainer"]["callbacks"][0]["class_path"].endswith("LearningRateMonitor")  # the default's
     assert isinstance(run.model, Classifier) and run.trainer.max_epochs == 50
@@ -129,7 +144,7 @@ def test_a_trainer_preset_changes_only_the_trainer(capsys):
     printed = printed_config(capsys, *configs("trainer/ddp_cpu.yaml"))
     trainer = printed["trainer"]
     assert (trainer["strategy"], trainer["devices"], trainer["accelerator"]) == ("ddp", 2, "cpu")
-    assert trainer["max_epochs"] == 50 and printed["data"]["class_path"] == "datamodules.MoonsDataModule"
+    assert trainer["max_epochs"] == 50 and printed["data"]["class_path"] == "flatminima.datamodules.MoonsDataModule"
 
 
 def test_an_experiment_composes_as_lightningcli_does_with_preset_objects_replaced_whole():
@@ -139,15 +154,25 @@ def test_an_experiment_composes_as_lightningcli_does_with_preset_objects_replace
     (so nothing of the experiment's SGD can leak into the preset's Adam).
     """
     experiment = config("experiments/sam_wrn_cifar10.yaml")
-    tail = [*configs("optim/adam.yaml", "minimizer/none.yaml"),
-            "--model.init_args.optimizer.init_args.lr=0.01", "--trainer.logger=false"]
+    tail = [
+        *configs("optim/adam.yaml", "minimizer/none.yaml"),
+        "--model.init_args.optimizer.init_args.lr=0.01",
+        "--trainer.logger=false",
+    ]
     ours = cli.main(["--config", experiment, *tail], run=False).config.as_dict()
     content = yaml.safe_load(Path(experiment).read_text())
     assert content["model"]["init_args"]["optimizer"]["init_args"]["weight_decay"] == 5e-4  # what must not leak
     del content["model"]["init_args"]["optimizer"], content["model"]["init_args"]["minimizer"]
-    plain = LightningCLI(TwoPassModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                         auto_configure_optimizers=False, args=["--config", yaml.safe_dump(content), *tail],
-                         run=False, save_config_callback=None)
+    plain = LightningCLI(
+        TwoPassModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        args=["--config", yaml.safe_dump(content), *tail],
+        run=False,
+        save_config_callback=None,
+    )
     theirs = plain.config.as_dict()
     for extra in ("name", "test_after_fit", "config"):
         ours.pop(extra, None)
@@ -170,8 +195,15 @@ def test_plan_names_runs_after_the_base_and_the_files_that_changed_it():
     unchanged = compose.plan(["fit", *configs("experiments/minsharp_digits.yaml", "callbacks/hessian.yaml")])
     assert unchanged.args[2] == config("experiments/minsharp_digits.yaml")  # nothing replaced: the file itself
     assert compose.plan(["fit"]).name == "moons_gsam"
-    study = compose.plan(["fit", "--config", config("experiments/moons_gsam.yaml"),
-                          '--trainer.logger={"class_path": "x"}', "--trainer.default_root_dir=d"])
+    study = compose.plan(
+        [
+            "fit",
+            "--config",
+            config("experiments/moons_gsam.yaml"),
+            '--trainer.logger={"class_path": "x"}',
+            "--trainer.default_root_dir=d",
+        ]
+    )
     assert {"logger", "default_root_dir"} <= study.explicit
 
 
@@ -179,25 +211,51 @@ def test_plan_names_runs_after_the_base_and_the_files_that_changed_it():
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (["--model.init_args.minimizer.init_args.rh", "0.1"],
-         ["model.init_args.minimizer.init_args.rh: Option 'rh' is not accepted by GSAM", "accepted: rho, alpha",
-          "did you mean rho?"]),
-        (["--model.init_args.minimizer.init_args.rho", "abc"],
-         ["model.init_args.minimizer.init_args.rho: got 'abc'", "expected a float"]),
-        (["--model.init_args.optimizer.class_path", "torch.optim.Adamm"],
-         ["model.init_args.optimizer: no class torch.optim.Adamm", "did you mean torch.optim.Adam?"]),
+        (
+            ["--model.init_args.minimizer.init_args.rh", "0.1"],
+            [
+                "model.init_args.minimizer.init_args.rh: Option 'rh' is not accepted by GSAM",
+                "accepted: rho, alpha",
+                "did you mean rho?",
+            ],
+        ),
+        (
+            ["--model.init_args.minimizer.init_args.rho", "abc"],
+            ["model.init_args.minimizer.init_args.rho: got 'abc'", "expected a float"],
+        ),
+        (
+            ["--model.init_args.optimizer.class_path", "torch.optim.Adamm"],
+            ["model.init_args.optimizer: no class torch.optim.Adamm", "did you mean torch.optim.Adam?"],
+        ),
         (["--trainer.max_epochz", "3"], ["unknown option --trainer.max_epochz", "did you mean --trainer.max_epochs?"]),
         (["--trainer.max_epochs", "x"], ["trainer.max_epochs: got 'x'", "expected an int or null"]),
-        (["--model.init_args.on_nonfinite", "explode"],
-         ["model.init_args.on_nonfinite: got 'explode'", "'raise', 'stop', 'skip', 'ignore'"]),
-        (["--model", "lightning_modules.Classifierr"], ["model: no class", "did you mean lightning_modules.Classifier?"]),
+        (
+            ["--model.init_args.on_nonfinite", "explode"],
+            ["model.init_args.on_nonfinite: got 'explode'", "'raise', 'stop', 'skip', 'ignore'"],
+        ),
+        (
+            ["--model", "flatminima.lightning_modules.Classifierr"],
+            ["model: no class", "did you mean flatminima.lightning_modules.Classifier?"],
+        ),
         (["--data.init_args.batch_siz", "3"], ["data.init_args.batch_siz:", "did you mean batch_size?"]),
-        (["--model.init_args.gradient_clip_vale", "1"],  # arguments the task passes on through **kwargs count
-         ["Option 'gradient_clip_vale' is not accepted by Classifier", "did you mean gradient_clip_val?"]),
+        (
+            ["--model.init_args.gradient_clip_vale", "1"],  # arguments the task passes on through **kwargs count
+            ["Option 'gradient_clip_vale' is not accepted by Classifier", "did you mean gradient_clip_val?"],
+        ),
         (["--model.init_args.optimizer.init_args.lr=inf"], ["optimizer.init_args.lr: got 'inf'", ".inf"]),
     ],
-    ids=["unknown-key", "wrong-type", "unknown-class", "unknown-option", "int", "choice", "task", "data-key", "kwargs",
-         "inf"],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "unknown-class",
+        "unknown-option",
+        "int",
+        "choice",
+        "task",
+        "data-key",
+        "kwargs",
+        "inf",
+    ],
 )
 def test_a_config_error_is_one_line_naming_the_key(capsys, args, needles):
     line = one_error_line(capsys, ["fit", *args])
@@ -216,8 +274,10 @@ def test_a_typo_in_a_yaml_file_names_the_key_and_the_file(capsys, tmp_path):
     assert "did you mean trainer.max_epochs?" in one_error_line(capsys, ["fit", "--config", str(top)])
 
 
-@pytest.mark.parametrize(("content", "needle"), [("", "the file is empty"), ("trainer: [1\n", "invalid YAML at line"),
-                                                  ("- 1\n", "expected a YAML mapping")])
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [("", "the file is empty"), ("trainer: [1\n", "invalid YAML at line"), ("- 1\n", "expected a YAML mapping")],
+)
 def test_an_unusable_config_file_is_one_line(capsys, tmp_path, content, needle):
     path = tmp_path / "bad.yaml"
     path.write_text(content)
@@ -229,14 +289,23 @@ def test_an_unusable_config_file_is_one_line(capsys, tmp_path, content, needle):
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (["--model.init_args.minimizer.init_args.rho=-0.1"],
-         ["model.init_args.minimizer", "Invalid rho: -0.1; expected a finite rho >= 0"]),
-        (["--model.init_args.minimizer=lightning_modules.minimizers.SAM", "--model.init_args.minimizer.init_args.p=3"],
-         ["model.init_args.minimizer", "Invalid p: 3.0; expected p = 2 or p = inf"]),
-        (["--model.init_args.net.init_args.out_features=1"],
-         ["model (lightning_modules.Classifier)", "out_features=1 but num_classes=2"]),
+        (
+            ["--model.init_args.minimizer.init_args.rho=-0.1"],
+            ["model.init_args.minimizer", "Invalid rho: -0.1; expected a finite rho >= 0"],
+        ),
+        (
+            [
+                "--model.init_args.minimizer=flatminima.lightning_modules.minimizers.SAM",
+                "--model.init_args.minimizer.init_args.p=3",
+            ],
+            ["model.init_args.minimizer", "Invalid p: 3.0; expected p = 2 or p = inf"],
+        ),
+        (
+            ["--model.init_args.net.init_args.out_features=1"],
+            ["model (flatminima.lightning_modules.Classifier)", "out_features=1 but num_classes=2"],
+        ),
         (["--model.init_args.gradient_clip_val=-1"], ["model", "Invalid gradient_clip_val: -1"]),
-        (["--data.init_args.batch_size=0"], ["data (datamodules.MoonsDataModule)", "Invalid batch_size: 0"]),
+        (["--data.init_args.batch_size=0"], ["data (flatminima.datamodules.MoonsDataModule)", "Invalid batch_size: 0"]),
     ],
 )
 def test_bad_values_are_refused_before_training_naming_the_field(capsys, args, needles):
@@ -274,10 +343,18 @@ def test_name_and_an_explicit_logger_decide_the_folder(tmp_path, monkeypatch):
     assert run.trainer.logger.log_dir == "logs/mine/version_0"
     composed = cli.main(configs("optim/adam.yaml"), run=False)
     assert composed.trainer.logger.name == "moons_gsam+adam"
-    logger = ('{"class_path":"lightning.pytorch.loggers.TensorBoardLogger","init_args":{"save_dir":"out/runs",'
-              '"name":"run-1","version":""}}')
-    study = cli.main([*configs("experiments/moons_gsam.yaml", "optim/adam.yaml"), f"--trainer.logger={logger}",
-                      "--trainer.default_root_dir=out/runs/run-1"], run=False)
+    logger = (
+        '{"class_path":"lightning.pytorch.loggers.TensorBoardLogger","init_args":{"save_dir":"out/runs",'
+        '"name":"run-1","version":""}}'
+    )
+    study = cli.main(
+        [
+            *configs("experiments/moons_gsam.yaml", "optim/adam.yaml"),
+            f"--trainer.logger={logger}",
+            "--trainer.default_root_dir=out/runs/run-1",
+        ],
+        run=False,
+    )
     assert study.trainer.logger.log_dir.rstrip("/") == "out/runs/run-1"
     assert study.trainer.default_root_dir.endswith("out/runs/run-1")
 
@@ -316,8 +393,10 @@ def test_help_describes_the_project_subcommands_and_presets(capsys):
 
 def test_a_header_that_runs_on_is_cut_at_a_word(tmp_path):
     long = tmp_path / "long.yaml"
-    long.write_text("# A quick study on moons: 3 base optimizers x (alone, SAM) x 2 seeds = 12 small runs (5 epochs on "
-                    "2000\n# points; about a minute on a 2-core laptop). More text.\nname: x\n")
+    long.write_text(
+        "# A quick study on moons: 3 base optimizers x (alone, SAM) x 2 seeds = 12 small runs (5 epochs on "
+        "2000\n# points; about a minute on a 2-core laptop). More text.\nname: x\n"
+    )
     text = header(long)
     assert text.endswith("…") and len(text) <= 100 and text.startswith("A quick study on moons: 3 base")
     assert header(CONFIGS / "minimizer/sam.yaml") == "SAM on the L2 ball, rho 0.05 (Foret et al. 2021)."
@@ -325,7 +404,7 @@ def test_a_header_that_runs_on_is_cut_at_a_word(tmp_path):
 
 def test_fit_help_shows_the_one_line_summaries(capsys):
     with pytest.raises(SystemExit):
-        cli.main(["fit", "--model.help", "lightning_modules.Classifier"])
+        cli.main(["fit", "--model.help", "flatminima.lightning_modules.Classifier"])
     out = capsys.readouterr().out
     assert "Classification with cross-entropy" in out
     assert "--model.minimizer" in out

@@ -19,12 +19,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from fixtures_data import SKIP_SHARED, copy_abalone, shared_datasets
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-import cli
-from cli_support.quiet import LIGHTNING_LOGGERS
-from fixtures_data import SKIP_SHARED, copy_abalone, shared_datasets
+from flatminima import cli
+from flatminima.cli_support.quiet import LIGHTNING_LOGGERS
 
 CONFIGS = cli.ROOT / "configs"
 SMALL = ["--data.init_args.num_samples=400", "--trainer.max_epochs=3"]  # 5 training batches of 64 per epoch
@@ -40,8 +40,9 @@ def read_events(folder: Path) -> tuple[dict[str, list[tuple[int, float]]], list[
                 if value.metadata.plugin_data.plugin_name == "hparams":
                     data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
                     if data.HasField("session_start_info"):
-                        sessions.append({k: getattr(v, v.WhichOneof("kind"))
-                                         for k, v in data.session_start_info.hparams.items()})
+                        sessions.append(
+                            {k: getattr(v, v.WhichOneof("kind")) for k, v in data.session_start_info.hparams.items()}
+                        )
                 elif value.metadata.plugin_data.plugin_name == "scalars":  # the loader stores scalars as tensors
                     scalars[value.tag].append((event.step, value.tensor.float_val[0]))
     return scalars, sessions
@@ -61,8 +62,13 @@ def composed(tmp_path_factory):
     cwd, here = tmp_path_factory.mktemp("run"), os.getcwd()
     os.chdir(cwd)
     try:
-        args = ["fit", "--config", str(CONFIGS / "callbacks/gradient_norm.yaml"), *SMALL,
-                "--model.init_args.log_train_steps=true"]
+        args = [
+            "fit",
+            "--config",
+            str(CONFIGS / "callbacks/gradient_norm.yaml"),
+            *SMALL,
+            "--model.init_args.log_train_steps=true",
+        ]
         result, out, err = run_cli(args)
     finally:
         os.chdir(here)
@@ -114,7 +120,7 @@ def test_one_line_per_epoch_then_a_final_table_with_sharpness(composed):
     assert all("train/loss " in line and "val/acc " in line and "sharpness/gradient_norm " in line for line in epochs)
     assert "\r" not in out and "\r" not in err  # no progress bar when the output is not a terminal
     title = lines.index(next(line for line in lines if line.startswith("Final metrics")))
-    table = {line.split()[0]: float(line.split()[1]) for line in lines[title + 1:] if line.startswith("  ")}
+    table = {line.split()[0]: float(line.split()[1]) for line in lines[title + 1 :] if line.startswith("  ")}
     assert {"train/loss", "val/acc", "test/acc", "test/loss", "sharpness/gradient_norm"} <= set(table)
     assert lines[title] == "Final metrics (seed 0, epoch 3, step 15):"
     assert len(lines) < 25
@@ -126,7 +132,12 @@ def test_the_hparams_tab_gets_readable_names_and_the_final_metrics(composed):
     scalars, sessions = read_events(cwd / "logs" / "moons_gsam+gradient_norm" / "version_0")
     (hparams,) = sessions[:1]
     assert {k: hparams[k] for k in ("task", "net", "optimizer", "rule", "data")} == {
-        "task": "Classifier", "net": "MLP", "optimizer": "SGD", "rule": "GSAM", "data": "MoonsDataModule"}
+        "task": "Classifier",
+        "net": "MLP",
+        "optimizer": "SGD",
+        "rule": "GSAM",
+        "data": "MoonsDataModule",
+    }
     assert hparams["optimizer.lr"] == 0.1 and hparams["optimizer.momentum"] == 0.9
     assert hparams["rule.rho"] == 0.05 and hparams["rule.alpha"] == 0.1
     assert hparams["net.hidden"] == "[32, 32, 32]" and hparams["data.batch_size"] == 64
@@ -150,8 +161,10 @@ def test_zero_epochs_warns_that_the_metrics_are_those_of_untrained_weights(tmp_p
     result, out, err = run_cli(["fit", "--data.init_args.num_samples=200", "--trainer.max_epochs=0"])
     assert result.trainer.global_step == 0
     warning = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert warning == ["warning: trainer.max_epochs=0: nothing will be trained; the metrics reported are those of "
-                       "the untrained weights"]
+    assert warning == [
+        "warning: trainer.max_epochs=0: nothing will be trained; the metrics reported are those of "
+        "the untrained weights"
+    ]
     assert "Final metrics of weights untrained (initial): no training step ran in this fit" in out
     assert "test/acc" in out
 
@@ -165,10 +178,18 @@ def _abalone_rows(path: Path, rows: int) -> None:
 def test_an_abalone_file_that_is_not_ucis_warns_with_its_rows_and_md5(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _abalone_rows(tmp_path / "data" / "abalone" / "abalone.data", 1000)
-    args = ["fit", "--config", str(CONFIGS / "experiments/adaptive_sharpness_abalone.yaml"),
-            "--trainer.fast_dev_run=1", "--data.init_args.data_dir=data"]
-    with pytest.warns(UserWarning, match=r"differs from UCI's abalone\.data: 1000 rows, .* \(UCI's file: 4177 rows, "
-                                         r"191,873 bytes, MD5 a769fd0119787cac09158fe08971e480\)"):
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "experiments/adaptive_sharpness_abalone.yaml"),
+        "--trainer.fast_dev_run=1",
+        "--data.init_args.data_dir=data",
+    ]
+    with pytest.warns(
+        UserWarning,
+        match=r"differs from UCI's abalone\.data: 1000 rows, .* \(UCI's file: 4177 rows, "
+        r"191,873 bytes, MD5 a769fd0119787cac09158fe08971e480\)",
+    ):
         run_cli(args)
     if shared_datasets() is None:
         pytest.skip(SKIP_SHARED)
@@ -184,8 +205,9 @@ def test_no_logger_works_and_keeps_checkpoints_out_of_the_working_directory(tmp_
     monkeypatch.chdir(tmp_path)
     filters = list(warnings.filters)
     log_filters = {name: list(logging.getLogger(name).filters) for name in LIGHTNING_LOGGERS}
-    result, out, _ = run_cli(["fit", "--data.init_args.num_samples=200", "--trainer.max_epochs=1",
-                              "--trainer.logger=false"])
+    result, out, _ = run_cli(
+        ["fit", "--data.init_args.num_samples=200", "--trainer.max_epochs=1", "--trainer.logger=false"]
+    )
     assert result.trainer.global_step == 3 and "test/acc" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]
     run = tmp_path / "logs" / "moons_gsam" / "version_0"
@@ -204,8 +226,15 @@ def run_entry(args: list[str], capsys) -> tuple[int, list[str]]:
 def test_errors_of_a_run_are_one_line_at_the_end_without_a_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     tiny = ["--trainer.fast_dev_run=2", "--data.init_args.num_samples=200"]
-    code, err = run_entry(["fit", "--config", str(CONFIGS / "experiments/adaptive_sharpness_abalone.yaml"),
-                           "--data.init_args.data_dir=nowhere"], capsys)
+    code, err = run_entry(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "experiments/adaptive_sharpness_abalone.yaml"),
+            "--data.init_args.data_dir=nowhere",
+        ],
+        capsys,
+    )
     assert code == 1 and err[-1].startswith("error: DataNotFoundError: Abalone not found: missing nowhere")
     assert not any("Traceback" in line for line in err)
     code, err = run_entry(["fit", "--config", str(CONFIGS / "model/fcnn.yaml"), *tiny], capsys)
@@ -215,8 +244,15 @@ def test_errors_of_a_run_are_one_line_at_the_end_without_a_traceback(tmp_path, m
     bad = tmp_path / "bad" / "abalone" / "abalone.data"
     _abalone_rows(bad, 3)
     bad.write_text(bad.read_text() + "M,0.35,0.265,x,0.2255,0.0995,0.0485,0.07,7\n")
-    code, err = run_entry(["fit", "--config", str(CONFIGS / "experiments/adaptive_sharpness_abalone.yaml"),
-                           f"--data.init_args.data_dir={bad.parent.parent}"], capsys)
+    code, err = run_entry(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "experiments/adaptive_sharpness_abalone.yaml"),
+            f"--data.init_args.data_dir={bad.parent.parent}",
+        ],
+        capsys,
+    )
     assert code == 1 and err[-1].startswith(f"error: Invalid abalone file {bad}, line 4: non-numeric measurement")
     assert not any("Traceback" in line for line in err)
     with pytest.raises(FloatingPointError):  # asked for: the exception itself
@@ -233,12 +269,26 @@ def test_a_config_error_from_entry_exits_2(capsys):
 @pytest.mark.slow
 def test_the_command_line_output_is_concise(tmp_path):
     """``python cli.py fit`` redirected to files: no progress bar, no noise warnings, epoch lines, the table."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(cli.ROOT), os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(cli.ROOT), os.environ.get("PYTHONPATH")])),
+        OMP_NUM_THREADS="1",
+    )
     proc = subprocess.run(
-        [sys.executable, str(cli.ROOT / "cli.py"), "fit", "--config", str(CONFIGS / "callbacks/gradient_norm.yaml"),
-         "--data.init_args.num_samples=300", "--trainer.max_epochs=2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(cli.ROOT / "cli.py"),
+            "fit",
+            "--config",
+            str(CONFIGS / "callbacks/gradient_norm.yaml"),
+            "--data.init_args.num_samples=300",
+            "--trainer.max_epochs=2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for noise in ("torch.jit", "Tip:", "LeafSpec", "logging interval", "Warning"):

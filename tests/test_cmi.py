@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from studies.cmi import NO_AXIS, cmi_row, cmi_score
+from flatminima.studies.cmi import NO_AXIS, cmi_row, cmi_score
 
 
 def grid(values_per_axis: dict[str, list], runs_per_cell: int) -> dict[str, list]:
@@ -65,10 +65,13 @@ def pgdl_ratio(table):
 
 def pgdl_specs(measure, gap, hparams):
     possible = {h: list(dict.fromkeys(v)) for h, v in hparams.items()}
-    specs = {f"model_{i}": {"metrics": {"gen_gap": float(gap[i])},
-                            "hparams": {h: {"current_value": hparams[h][i], "possible_values": possible[h]}
-                                        for h in hparams}}
-             for i in range(len(gap))}
+    specs = {
+        f"model_{i}": {
+            "metrics": {"gen_gap": float(gap[i])},
+            "hparams": {h: {"current_value": hparams[h][i], "possible_values": possible[h]} for h in hparams},
+        }
+        for i in range(len(gap))
+    }
     return {f"model_{i}": float(m) for i, m in enumerate(measure)}, specs, possible
 
 
@@ -219,11 +222,14 @@ def test_a_constant_gap_or_a_single_run_has_no_score():
     assert cmi_score([1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 1.0, 2.0], grid({"a": [0, 1], "b": [0, 1]}, 1)).score is None
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"axes_per_set": -1}, "Invalid axes_per_set: -1; expected an integer >= 0"),
-    ({"axes_per_set": True}, "Invalid axes_per_set: True"),
-    ({"axes_per_set": 1.5}, "Invalid axes_per_set: 1.5"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"axes_per_set": -1}, "Invalid axes_per_set: -1; expected an integer >= 0"),
+        ({"axes_per_set": True}, "Invalid axes_per_set: True"),
+        ({"axes_per_set": 1.5}, "Invalid axes_per_set: 1.5"),
+    ],
+)
 def test_a_bad_set_size_is_refused_in_one_line(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cmi_score([1.0, 2.0], [1.0, 2.0], {"a": [0, 1]}, **kwargs)
@@ -240,9 +246,16 @@ def test_the_analysis_row_reads_run_summaries():
     hp = grid({"lr": [0.1, 0.01], "width": [8, 16], "wd": [0.0, 0.1]}, 3)
     rng = np.random.default_rng(4)
     gap, measure = rng.normal(size=24), rng.normal(size=24)
-    runs = [{"id": f"r{i}", "status": "finished", "seed": i % 3,
-             "axes": {k: hp[k][i] for k in hp}, "metrics": {"m": float(measure[i]), "gap/acc": float(gap[i])}}
-            for i in range(24)]
+    runs = [
+        {
+            "id": f"r{i}",
+            "status": "finished",
+            "seed": i % 3,
+            "axes": {k: hp[k][i] for k in hp},
+            "metrics": {"m": float(measure[i]), "gap/acc": float(gap[i])},
+        }
+        for i in range(24)
+    ]
     runs[5]["metrics"].pop("m")
     row = cmi_row(runs, "m", "gap/acc", ["lr", "width", "wd"])
     keep = [i for i in range(24) if i != 5]

@@ -1,4 +1,4 @@
-"""One test per private API in lightning_modules.compat: an upgrade that changes one fails here, by name.
+"""One test per private API in flatminima.lightning_modules.compat: an upgrade that changes one fails here, by name.
 
 That compat imports without Lightning is pinned in tests/test_validation.py.
 """
@@ -19,7 +19,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
-from lightning_modules import compat
+from flatminima.lightning_modules import compat
 
 STEPS = 3
 
@@ -71,10 +71,17 @@ class _Probe(Callback):
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     probe, logger = _Probe(), _Steps()
-    trainer = pl.Trainer(max_steps=STEPS, limit_val_batches=0, logger=logger, log_every_n_steps=1,
-                         enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[probe],
-                         default_root_dir=tmp_path_factory.mktemp("fit"))
+    trainer = pl.Trainer(
+        max_steps=STEPS,
+        limit_val_batches=0,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[probe],
+        default_root_dir=tmp_path_factory.mktemp("fit"),
+    )
     model = _EpochLogger()
     trainer.fit(model)
     return trainer, model, {**probe.seen, "logged_steps": logger.steps}
@@ -93,8 +100,13 @@ def test_launched_by_cli_reads_lightnings_given_hyperparameters():
     assert _given_hyperparameters.get() is None
     assert compat.launched_by_cli() is False
     assert _Recorder().by_cli is False
-    cli = LightningCLI(_Recorder, run=False, args=[], save_config_callback=None,
-                       trainer_defaults={"logger": False, "enable_progress_bar": False})
+    cli = LightningCLI(
+        _Recorder,
+        run=False,
+        args=[],
+        save_config_callback=None,
+        trainer_defaults={"logger": False, "enable_progress_bar": False},
+    )
     assert cli.model.by_cli is True
     assert compat.launched_by_cli() is False  # only while the CLI instantiates
 
@@ -104,7 +116,7 @@ def test_attached_trainer_reads_the_private_trainer_attribute(fitted):
     bare = BoringModel()
     assert compat.attached_trainer(bare) is None
     with pytest.raises(RuntimeError):
-        bare.trainer  # the public property refuses, which is why the private attribute is read
+        bare.trainer  # noqa: B018 - the public property refuses, which is why the private attribute is read
     assert seen["trainer"] is trainer and compat.attached_trainer(model) is trainer
 
 
@@ -127,11 +139,24 @@ def test_running_stat_buffers_finds_every_norm_layer_with_running_stats():
     for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm2d):
         assert issubclass(cls, _NormBase), cls
     bn, inorm = nn.BatchNorm1d(4), nn.InstanceNorm1d(4, track_running_stats=True)
-    net = nn.Sequential(nn.Linear(3, 4), bn, nn.LayerNorm(4), nn.BatchNorm1d(4, track_running_stats=False),
-                        nn.GroupNorm(2, 4), inorm, nn.InstanceNorm1d(4))
+    net = nn.Sequential(
+        nn.Linear(3, 4),
+        bn,
+        nn.LayerNorm(4),
+        nn.BatchNorm1d(4, track_running_stats=False),
+        nn.GroupNorm(2, 4),
+        inorm,
+        nn.InstanceNorm1d(4),
+    )
     got = compat.running_stat_buffers(net)
-    expected = [bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                inorm.running_mean, inorm.running_var, inorm.num_batches_tracked]
+    expected = [
+        bn.running_mean,
+        bn.running_var,
+        bn.num_batches_tracked,
+        inorm.running_mean,
+        inorm.running_var,
+        inorm.num_batches_tracked,
+    ]
     assert len(got) == len(expected) and all(a is b for a, b in zip(got, expected))
 
 
@@ -209,4 +234,3 @@ def test_parser_actions_and_subcommand_parsers():
     assert compat.subcommand_parsers(parser) == {"fit": sub}
     assert compat.subcommand_parsers(sub) == {}
     assert "--inner" in {s for a in compat.parser_actions(sub) for s in a.option_strings}
-

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import cli
 from fixtures_data import (
     SKIP_SHARED,
     copy_abalone,
@@ -17,6 +15,8 @@ from fixtures_data import (
     write_cifar10,
     write_mnist,
 )
+
+from flatminima import cli
 
 CONFIGS = cli.ROOT / "configs"
 # configs/studies/ holds study files (python cli.py study run), not LightningCLI configs: tests/test_study_spec.py
@@ -94,9 +94,18 @@ def test_data_and_model_presets_fit_together(data, model):
 
 def test_class_count_link_gives_a_clear_error_on_mismatch(capsys):
     """data.num_classes goes into the task, which refuses a net with another number of outputs."""
-    c = make_cli("data/cora.yaml", "model/gat.yaml", extra=("--data.init_args.name", "PubMed",
-                                                             "--model.init_args.net.init_args.in_features", "500",
-                                                             "--model.init_args.net.init_args.num_classes", "3"))
+    c = make_cli(
+        "data/cora.yaml",
+        "model/gat.yaml",
+        extra=(
+            "--data.init_args.name",
+            "PubMed",
+            "--model.init_args.net.init_args.in_features",
+            "500",
+            "--model.init_args.net.init_args.num_classes",
+            "3",
+        ),
+    )
     assert (c.model.num_classes, c.model.net.out_features) == (3, 3)
     with pytest.raises(SystemExit):
         make_cli("data/cora.yaml", "model/gat.yaml", extra=("--data.init_args.name", "PubMed"))
@@ -148,10 +157,15 @@ def test_experiment_instantiates(config):
 # ---------------------------------------------------------------- optimizer and rule presets
 # The variants that change the step (LookSAM, the schedules, MSAM, ESAM, SAF, MESA) are parsed with heavy-ball SGD
 # only, which each of them accepts: the cross with every optimizer would add ~20 s and test the parser alone.
-VARIANT_PRESETS = {f"minimizer/{n}.yaml" for n in ("looksam", "sam_every_k", "sam_random", "aesam", "msam", "esam",
-                                                   "saf", "mesa")}
-RULE_OPTIM = [(r, o) for r in in_group("minimizer") for o in in_group("optim")
-              if r not in VARIANT_PRESETS or o == "optim/phb.yaml"]
+VARIANT_PRESETS = {
+    f"minimizer/{n}.yaml" for n in ("looksam", "sam_every_k", "sam_random", "aesam", "msam", "esam", "saf", "mesa")
+}
+RULE_OPTIM = [
+    (r, o)
+    for r in in_group("minimizer")
+    for o in in_group("optim")
+    if r not in VARIANT_PRESETS or o == "optim/phb.yaml"
+]
 
 
 @pytest.mark.parametrize(("rule", "optim"), RULE_OPTIM, ids=[f"{Path(r).stem}-{Path(o).stem}" for r, o in RULE_OPTIM])
@@ -209,17 +223,35 @@ FITS = {  # experiment -> extra CLI arguments that keep the run tiny
     "experiments/mnist_gsam.yaml": (),
     "experiments/sam_wrn_cifar10.yaml": SMALL_IMAGES + ("--model.init_args.net.init_args.width", "1"),
     "experiments/matrix_sensing_sam.yaml": (
-        "--data.init_args.dim", "12", "--data.init_args.num_measurements", "60", "--data.init_args.num_val", "8",
-        "--data.init_args.num_test", "8", "--model.init_args.net.init_args.dim", "12",
-        "--model.init_args.net.init_args.width", "12",
+        "--data.init_args.dim",
+        "12",
+        "--data.init_args.num_measurements",
+        "60",
+        "--data.init_args.num_val",
+        "8",
+        "--data.init_args.num_test",
+        "8",
+        "--model.init_args.net.init_args.dim",
+        "12",
+        "--model.init_args.net.init_args.width",
+        "12",
     ),
     "experiments/adaptive_sharpness_abalone.yaml": (),  # real data
     "experiments/adaptive_sharpness_cora.yaml": (),  # real data
     "experiments/gat_paper_cora.yaml": (),  # real data
     "experiments/matrix_sensing_published.yaml": (
-        "--data.init_args.dim", "12", "--data.init_args.num_measurements", "60", "--data.init_args.num_val", "8",
-        "--data.init_args.num_test", "8", "--model.init_args.net.init_args.dim", "12",
-        "--model.init_args.net.init_args.width", "12",
+        "--data.init_args.dim",
+        "12",
+        "--data.init_args.num_measurements",
+        "60",
+        "--data.init_args.num_val",
+        "8",
+        "--data.init_args.num_test",
+        "8",
+        "--model.init_args.net.init_args.dim",
+        "12",
+        "--model.init_args.net.init_args.width",
+        "12",
     ),
     "experiments/moons_gsam_published.yaml": ("--data.init_args.num_samples", "200"),
     "experiments/adaptive_sharpness_abalone_notebook.yaml": (),  # real data
@@ -262,16 +294,19 @@ def test_experiment_fast_dev_run(config, data_root):
 
 
 def test_composed_presets_fast_dev_run(data_root):
-    """The README's composition: data + model + base optimizer + rule presets."""
-    args = [a for c in ("data/cifar10.yaml", "model/resnet18.yaml", "optim/sgd.yaml", "minimizer/sam.yaml")
-            for a in ("--config", str(CONFIGS / c))]
+    """The composition of docs/cli.md: data + model + base optimizer + rule presets."""
+    args = [
+        a
+        for c in ("data/cifar10.yaml", "model/resnet18.yaml", "optim/sgd.yaml", "minimizer/sam.yaml")
+        for a in ("--config", str(CONFIGS / c))
+    ]
     result = fit([*args, "--data.init_args.data_dir", str(data_root), *SMALL_IMAGES, *THIN])
     assert type(result.model.net).__name__ == "ResNet18" and "train/loss_perturbed" in result.trainer.callback_metrics
 
 
 def test_missing_data_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    from datamodules import DataNotFoundError
+    from flatminima.datamodules import DataNotFoundError
 
     with pytest.raises(DataNotFoundError, match="CIFAR-10 not found") as err:
         fit(["--config", str(CONFIGS / "experiments/adam_sam_cifar10.yaml"), "--data.init_args.data_dir", "nowhere"])
@@ -280,8 +315,10 @@ def test_missing_data_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_net_built_for_another_input_is_refused_by_the_data(data_root):
     args = [a for c in ("data/cifar10.yaml", "model/simplebatch.yaml") for a in ("--config", str(CONFIGS / c))]
-    with pytest.raises(ValueError, match="in_channels=1 but the data needs in_channels=3; set "
-                                         "model.init_args.net.init_args.in_channels: 3"):
+    with pytest.raises(
+        ValueError,
+        match="in_channels=1 but the data needs in_channels=3; set model.init_args.net.init_args.in_channels: 3",
+    ):
         fit([*args, "--data.init_args.data_dir", str(data_root)])
 
 
@@ -290,10 +327,23 @@ def test_net_built_for_another_input_is_refused_by_the_data(data_root):
     [
         (("data/moons.yaml", "model/mlp.yaml"), ("--data.init_args.num_samples", "100")),
         (("data/cifar10.yaml", "model/resnet18.yaml"), SMALL_IMAGES + THIN),
-        (("data/matrix_sensing.yaml", "model/matrix_factorization.yaml"),
-         ("--data.init_args.dim", "6", "--data.init_args.num_measurements", "20", "--data.init_args.num_val", "4",
-          "--data.init_args.num_test", "4", "--model.init_args.net.init_args.dim", "6",
-          "--model.init_args.net.init_args.width", "6")),
+        (
+            ("data/matrix_sensing.yaml", "model/matrix_factorization.yaml"),
+            (
+                "--data.init_args.dim",
+                "6",
+                "--data.init_args.num_measurements",
+                "20",
+                "--data.init_args.num_val",
+                "4",
+                "--data.init_args.num_test",
+                "4",
+                "--model.init_args.net.init_args.dim",
+                "6",
+                "--model.init_args.net.init_args.width",
+                "6",
+            ),
+        ),
     ],
     ids=["moons+mlp", "cifar10+resnet18", "matrix_sensing"],
 )
@@ -301,8 +351,22 @@ def test_checkpoint_rebuilds_net_and_task(configs, extra, data_root, tmp_path):
     """load_from_checkpoint rebuilds the net from the saved hyperparameters (docs/design.md, "Decisions")."""
     args = [a for c in configs for a in ("--config", str(CONFIGS / c))]
     data_dir = () if "cifar10" not in configs[0] else ("--data.init_args.data_dir", str(data_root))
-    result = cli.main(["fit", *args, *data_dir, *extra, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
-                       "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    result = cli.main(
+        [
+            "fit",
+            *args,
+            *data_dir,
+            *extra,
+            "--trainer.max_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+        ]
+    )
     (ckpt,) = tmp_path.rglob("*.ckpt")
     loaded = type(result.model).load_from_checkpoint(ckpt)
     assert type(loaded) is type(result.model) and type(loaded.net) is type(result.model.net)

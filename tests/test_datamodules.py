@@ -8,22 +8,6 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
-from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
-
-from datamodules import (
-    AbaloneDataModule,
-    CIFAR10DataModule,
-    PlanetoidDataModule,
-    DataNotFoundError,
-    DigitsDataModule,
-    FashionMNISTDataModule,
-    MatrixSensingDataModule,
-    MNISTDataModule,
-    MoonsDataModule,
-)
-from datamodules._labels import corrupt_labels
-from datamodules._loaders import EpochShuffleSampler
-from datamodules._transforms import Cutout
 from fixtures_data import (
     SKIP_SHARED,
     copy_abalone,
@@ -33,6 +17,22 @@ from fixtures_data import (
     write_cifar10,
     write_mnist,
 )
+from torchvision.datasets import CIFAR10, MNIST, FashionMNIST
+
+from flatminima.datamodules import (
+    AbaloneDataModule,
+    CIFAR10DataModule,
+    DataNotFoundError,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    MatrixSensingDataModule,
+    MNISTDataModule,
+    MoonsDataModule,
+    PlanetoidDataModule,
+)
+from flatminima.datamodules._labels import corrupt_labels
+from flatminima.datamodules._loaders import EpochShuffleSampler
+from flatminima.datamodules._transforms import Cutout
 
 needs_shared = pytest.mark.skipif(shared_datasets() is None, reason=SKIP_SHARED)
 
@@ -187,12 +187,12 @@ def test_planetoid_failed_download_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_cora_datamodule_is_the_deprecated_name_of_planetoid_datamodule():
-    import datamodules
+    from flatminima import datamodules
 
-    with pytest.warns(FutureWarning, match="CoraDataModule is now datamodules.PlanetoidDataModule"):
+    with pytest.warns(FutureWarning, match="CoraDataModule is now flatminima.datamodules.PlanetoidDataModule"):
         assert datamodules.CoraDataModule is PlanetoidDataModule
     with pytest.warns(FutureWarning):
-        from datamodules import CoraDataModule  # noqa: F401  (the old class_path of saved configs)
+        from flatminima.datamodules import CoraDataModule  # noqa: F401  (the old class_path of saved configs)
     assert "CoraDataModule" not in datamodules.__all__
     with pytest.raises(AttributeError):
         datamodules.NoSuchDataModule  # noqa: B018
@@ -254,8 +254,7 @@ def test_cifar10_validation_split_and_label_noise(tmp_path, monkeypatch, in_memo
     skip_md5(monkeypatch)
 
     def make(seed=0, **kwargs):
-        dm = CIFAR10DataModule(str(tmp_path), val_size=10, augment=False, data_seed=seed, in_memory=in_memory,
-                               **kwargs)
+        dm = CIFAR10DataModule(str(tmp_path), val_size=10, augment=False, data_seed=seed, in_memory=in_memory, **kwargs)
         dm.setup()
         return dm
 
@@ -385,7 +384,7 @@ def test_matrix_sensing_measurements():
 
 
 def test_matrix_sensing_ground_truth_fits_the_factorization():
-    from lightning_modules.networks import MatrixFactorization
+    from flatminima.lightning_modules.networks import MatrixFactorization
 
     dm = MatrixSensingDataModule(dim=6, rank=2, num_measurements=30, data_seed=0)
     dm.setup()
@@ -474,8 +473,9 @@ def test_digits_split_and_normalization_against_sklearn():
     assert (dm.num_classes, dm.in_channels, dm.image_size) == (10, 1, 8)  # known before setup (CLI link, net check)
     dm.setup("fit")
     digits = load_digits()
-    x_tr, x_te, y_tr, y_te = train_test_split(digits.images / 16.0, digits.target, test_size=0.2, random_state=3,
-                                              stratify=digits.target)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        digits.images / 16.0, digits.target, test_size=0.2, random_state=3, stratify=digits.target
+    )
     mean, std = x_tr.mean(), x_tr.std()  # all training pixels, population std
     x_train, y_train = dm.train_set.tensors
     x_test, y_test = dm.test_set.tensors
@@ -526,13 +526,15 @@ def test_digits_plain_split_validation_and_label_noise():
 def test_digits_refuses_a_net_built_for_28x28_images():
     import lightning.pytorch as pl
 
-    from lightning_modules import Classifier
-    from lightning_modules.networks import SimpleBatch
+    from flatminima.lightning_modules import Classifier
+    from flatminima.lightning_modules.networks import SimpleBatch
 
     model = Classifier(SimpleBatch(in_channels=1, image_size=28))
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    with pytest.raises(ValueError, match="image_size=28 but the data needs image_size=8; set "
-                                         "model.init_args.net.init_args.image_size: 8"):
+    with pytest.raises(
+        ValueError,
+        match="image_size=28 but the data needs image_size=8; set model.init_args.net.init_args.image_size: 8",
+    ):
         trainer.fit(model, datamodule=DigitsDataModule())
 
 
@@ -543,8 +545,9 @@ def test_moons_published_split_is_sklearn_train_test_split_with_standard_scaler(
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
 
-    dm = MoonsDataModule(data_seed=10, split="sklearn", split_seed=42, test_fraction=0.3, val_fraction=0.0,
-                         standardize=True)
+    dm = MoonsDataModule(
+        data_seed=10, split="sklearn", split_seed=42, test_fraction=0.3, val_fraction=0.0, standardize=True
+    )
     dm.setup()
     x, y = make_moons(n_samples=10000, noise=0.3, random_state=10)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=42)
@@ -567,8 +570,9 @@ def test_abalone_notebook_setup_against_an_independent_reading(tmp_path):
     from sklearn.model_selection import train_test_split
 
     root = copy_abalone(tmp_path)
-    dm = AbaloneDataModule(str(root), split="sklearn", split_seed=42, skip_first_row=True, standardize_targets=True,
-                           full_batch=True)
+    dm = AbaloneDataModule(
+        str(root), split="sklearn", split_seed=42, skip_first_row=True, standardize_targets=True, full_batch=True
+    )
     dm.setup()
     x, y = _abalone_numpy(root / "abalone" / "abalone.data")
     x, y = x[1:], y[1:]

@@ -19,8 +19,10 @@ ALPHA, RHO, LR = 0.3, 0.05, 0.1
 @pytest.fixture(scope="module")
 def runs(ddp_step_runs):
     """The runs of tests/ddp_step_script.py (the subprocess is started once, in tests/conftest.py)."""
-    return {name: [torch.load(ddp_step_runs / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)]
-            for name in ("replica", "global", "replica_sam", "global_acc", "replica_sam_acc")}
+    return {
+        name: [torch.load(ddp_step_runs / f"{name}_rank{r}.pt", weights_only=True) for r in (0, 1)]
+        for name in ("replica", "global", "replica_sam", "global_acc", "replica_sam_acc")
+    }
 
 
 def _net():

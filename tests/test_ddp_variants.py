@@ -19,8 +19,10 @@ LR, RHO = 0.1, 0.05
 @pytest.fixture(scope="module")
 def runs(ddp_step_runs):
     """The variants' runs, made by tests/ddp_variants_script.py inside tests/ddp_step_script.py's processes."""
-    return {name: [torch.load(ddp_step_runs / f"{name}_rank{r}.pt", weights_only=False) for r in (0, 1)]
-            for name in ("looksam", "adaptive", "random", "saf")}
+    return {
+        name: [torch.load(ddp_step_runs / f"{name}_rank{r}.pt", weights_only=False) for r in (0, 1)]
+        for name in ("looksam", "adaptive", "random", "saf")
+    }
 
 
 def _as_dict(values):

@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules import SAM, Classifier
-from lightning_modules.minimizers import (
+from flatminima.lightning_modules import SAM, Classifier
+from flatminima.lightning_modules.minimizers import (
     ESAM,
     MESA,
     SAF,
@@ -40,8 +40,12 @@ VARIANTS = {
 
 
 def _model(variant):
-    return Classifier(bn_mlp(dtype=torch.float32), num_classes=3, minimizer=VARIANTS[variant](),
-                      optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
+    return Classifier(
+        bn_mlp(dtype=torch.float32),
+        num_classes=3,
+        minimizer=VARIANTS[variant](),
+        optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+    )
 
 
 def _loader():

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from lightning_modules._rule import RuleSetup, StepContext, step_uniforms
-from lightning_modules.minimizers import (
+from flatminima.lightning_modules._rule import RuleSetup, StepContext, step_uniforms
+from flatminima.lightning_modules._saf import softened_kl
+from flatminima.lightning_modules.minimizers import (
     ESAM,
     GSAM,
     MESA,
@@ -20,7 +21,6 @@ from lightning_modules.minimizers import (
     MomentumSAM,
     RandomSteps,
 )
-from lightning_modules._saf import softened_kl
 
 
 def test_step_uniforms_depend_on_seed_and_step_only():
@@ -101,10 +101,13 @@ def test_msam_offset_is_against_the_momentum_and_zero_before_any():
     assert torch.allclose(eps[0], torch.tensor([-1.2, 0.0])) and torch.allclose(eps[1], torch.tensor([-1.6]))
 
 
-@pytest.mark.parametrize(("optimizer", "match"), [
-    (lambda p: torch.optim.SGD(p, lr=0.1), "SGD without momentum"),
-    (lambda p: torch.optim.Adagrad(p, lr=0.1), "Adagrad has no momentum buffer"),
-])
+@pytest.mark.parametrize(
+    ("optimizer", "match"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1), "SGD without momentum"),
+        (lambda p: torch.optim.Adagrad(p, lr=0.1), "Adagrad has no momentum buffer"),
+    ],
+)
 def test_msam_refuses_an_optimizer_without_momentum(optimizer, match):
     with pytest.raises(ValueError, match=f"Invalid optimizer for MomentumSAM: {match}"):
         MomentumSAM().setup(RuleSetup(optimizer=optimizer([torch.nn.Parameter(torch.zeros(1))])))
@@ -151,25 +154,31 @@ def test_saf_refuses_a_checkpoint_of_another_training_set_and_bad_indices():
         rule.extra_loss(torch.zeros(2, 3), torch.tensor([1, 4]), (), StepContext())
 
 
-@pytest.mark.parametrize(("make", "match"), [
-    (lambda: LookSAM(k=0), "Invalid k: 0"),
-    (lambda: LookSAM(alpha=-1), "Invalid alpha"),
-    (lambda: EveryK(SAM(), k=0), "Invalid k"),
-    (lambda: EveryK(LookSAM()), "Invalid rule: LookSAM.*a schedule wraps a two-pass rule"),
-    (lambda: RandomSteps(SAM(), p=1.5), r"Invalid p: 1\.5; expected 0 <= p <= 1"),
-    (lambda: RandomSteps(SAM(), seed=0.5), "Invalid seed"),
-    (lambda: AdaptiveSteps(SAM(), delta=1.0), "Invalid delta"),
-    (lambda: AdaptiveSteps(SAM(), total_steps=0), "Invalid total_steps"),
-    (lambda: MomentumSAM(rho=-1), "Invalid rho"),
-    (lambda: MomentumSAM(momentum_key="v"), "Invalid momentum_key"),
-    (lambda: ESAM(beta=0), r"Invalid beta: 0; expected 0 < beta <= 1"),
-    (lambda: ESAM(gamma=1.5), "Invalid gamma"),
-    (lambda: SAF(minus_epochs=0), "Invalid minus_epochs"),
-    (lambda: SAF(minus_epochs=4, start_epoch=1), r"Invalid start_epoch: 1; expected start_epoch >= minus_epochs - 1"),
-    (lambda: SAF(temperature=0), "Invalid temperature"),
-    (lambda: MESA(decay=1.0), "Invalid decay"),
-    (lambda: MESA(start_epoch=5, end_epoch=5), "Invalid end_epoch"),
-])
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: LookSAM(k=0), "Invalid k: 0"),
+        (lambda: LookSAM(alpha=-1), "Invalid alpha"),
+        (lambda: EveryK(SAM(), k=0), "Invalid k"),
+        (lambda: EveryK(LookSAM()), "Invalid rule: LookSAM.*a schedule wraps a two-pass rule"),
+        (lambda: RandomSteps(SAM(), p=1.5), r"Invalid p: 1\.5; expected 0 <= p <= 1"),
+        (lambda: RandomSteps(SAM(), seed=0.5), "Invalid seed"),
+        (lambda: AdaptiveSteps(SAM(), delta=1.0), "Invalid delta"),
+        (lambda: AdaptiveSteps(SAM(), total_steps=0), "Invalid total_steps"),
+        (lambda: MomentumSAM(rho=-1), "Invalid rho"),
+        (lambda: MomentumSAM(momentum_key="v"), "Invalid momentum_key"),
+        (lambda: ESAM(beta=0), r"Invalid beta: 0; expected 0 < beta <= 1"),
+        (lambda: ESAM(gamma=1.5), "Invalid gamma"),
+        (lambda: SAF(minus_epochs=0), "Invalid minus_epochs"),
+        (
+            lambda: SAF(minus_epochs=4, start_epoch=1),
+            r"Invalid start_epoch: 1; expected start_epoch >= minus_epochs - 1",
+        ),
+        (lambda: SAF(temperature=0), "Invalid temperature"),
+        (lambda: MESA(decay=1.0), "Invalid decay"),
+        (lambda: MESA(start_epoch=5, end_epoch=5), "Invalid end_epoch"),
+    ],
+)
 def test_bad_arguments_are_refused(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -178,16 +187,16 @@ def test_bad_arguments_are_refused(make, match):
 
 
 def test_the_variants_are_public_in_minimizers():
-    """Configs name them ``lightning_modules.minimizers.<Name>`` (their modules are private; importing
+    """Configs name them ``flatminima.lightning_modules.minimizers.<Name>`` (their modules are private; importing
     ``minimizers`` without Lightning, and so these modules, is pinned in tests/test_validation.py)."""
-    import lightning_modules.minimizers as m
+    import flatminima.lightning_modules.minimizers as m
 
     for name in ("LookSAM", "EveryK", "RandomSteps", "AdaptiveSteps", "MomentumSAM", "ESAM", "SAF", "MESA"):
-        assert getattr(m, name).__module__ == "lightning_modules.minimizers" and name in m.__all__
+        assert getattr(m, name).__module__ == "flatminima.lightning_modules.minimizers" and name in m.__all__
 
 
 def test_tasks_ignore_a_trailing_index_and_their_sample_losses_average_to_the_loss():
-    from lightning_modules import BinaryClassifier, Classifier, Regressor
+    from flatminima.lightning_modules import BinaryClassifier, Classifier, Regressor
 
     torch.manual_seed(0)
     x = torch.randn(6, 3)

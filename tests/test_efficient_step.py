@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules import SAM, Classifier
-from lightning_modules.minimizers import (
+from flatminima.lightning_modules import SAM, Classifier
+from flatminima.lightning_modules.minimizers import (
     ESAM,
     GSAM,
     MESA,
@@ -40,8 +40,9 @@ def _fit(rule, batches, *, epochs=1, ids=False, optimizer=None, net=None, **trai
     y = torch.cat([b[1] for b in batches])
     data = (x, y, torch.arange(len(y))) if ids else (x, y)
     loader = DataLoader(TensorDataset(*data), batch_size=len(batches[0][1]), shuffle=False)
-    model = Classifier(clone(net), num_classes=3, minimizer=rule,
-                       optimizer=optimizer or partial(torch.optim.SGD, lr=LR, momentum=0.9))
+    model = Classifier(
+        clone(net), num_classes=3, minimizer=rule, optimizer=optimizer or partial(torch.optim.SGD, lr=LR, momentum=0.9)
+    )
     trainer = quiet_trainer(max_epochs=epochs, precision="64-true", **trainer_kw)
     trainer.fit(model, loader)
     return model, trainer
@@ -76,15 +77,22 @@ def test_looksam_sam_steps_and_reuse_steps_follow_the_formula():
     _assert_weights(model, w)
 
 
-@pytest.mark.parametrize("make", [lambda: LookSAM(rho=RHO, k=1, alpha=0.7), lambda: EveryK(SAM(RHO), k=1)],
-                         ids=["LookSAM(k=1)", "EveryK(k=1)"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: LookSAM(rho=RHO, k=1, alpha=0.7), lambda: EveryK(SAM(RHO), k=1)],
+    ids=["LookSAM(k=1)", "EveryK(k=1)"],
+)
 def test_k_equal_one_is_sam_bit_for_bit(make):
     batches = classification_batches(6, dtype=torch.float32)
     net = bn_mlp(dtype=torch.float32)
     runs = []
     for rule in (SAM(RHO), make()):
-        model = Classifier(clone(net), num_classes=3, minimizer=rule,
-                           optimizer=partial(torch.optim.SGD, lr=LR, momentum=0.9, weight_decay=5e-4))
+        model = Classifier(
+            clone(net),
+            num_classes=3,
+            minimizer=rule,
+            optimizer=partial(torch.optim.SGD, lr=LR, momentum=0.9, weight_decay=5e-4),
+        )
         quiet_trainer(max_epochs=1).fit(model, fixed_batches(batches))
         runs.append([t.detach().clone() for t in list(model.net.parameters()) + list(model.net.buffers())])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
@@ -143,8 +151,9 @@ def test_adaptive_steps_follow_ae_sams_statistics_and_threshold():
 def test_momentum_sam_takes_its_gradient_against_the_momentum_and_logs_the_clean_loss():
     batches = classification_batches(5)
     rho, wd = 0.3, 5e-4
-    model, trainer = _fit(MomentumSAM(rho=rho), batches,
-                          optimizer=partial(torch.optim.SGD, lr=LR, momentum=0.9, weight_decay=wd))
+    model, trainer = _fit(
+        MomentumSAM(rho=rho), batches, optimizer=partial(torch.optim.SGD, lr=LR, momentum=0.9, weight_decay=wd)
+    )
     net, opt = ref.tanh_mlp(), ref.SGD(LR, 0.9, wd)
     w, clean = ref.weights(net), []
     for x, y in batches:
@@ -188,11 +197,13 @@ def test_momentum_sam_leaves_no_perturbation_where_validation_and_checkpoints_lo
         on_save_checkpoint = lambda self, t, m, c: self._check(m)  # noqa: E731
 
     batches = classification_batches(4, dtype=torch.float32)
-    model = Classifier(net, num_classes=3, minimizer=MomentumSAM(rho=5.0),
-                       optimizer=partial(torch.optim.SGD, lr=0.0, momentum=0.9))
+    model = Classifier(
+        net, num_classes=3, minimizer=MomentumSAM(rho=5.0), optimizer=partial(torch.optim.SGD, lr=0.0, momentum=0.9)
+    )
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     quiet_trainer(max_epochs=2, enable_checkpointing=True, callbacks=[Look(), ckpt], num_sanity_val_steps=1).fit(
-        model, fixed_batches(batches), fixed_batches(batches[:1]))
+        model, fixed_batches(batches), fixed_batches(batches[:1])
+    )
     assert seen["inside"] == 7 and seen["outside"] >= 16  # step 0 has no momentum yet: ε = 0
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
     assert all(torch.equal(saved[f"net.{n}"], q) for (n, _), q in zip(net.named_parameters(), w0))
@@ -223,10 +234,10 @@ def test_esam_perturbs_a_random_subset_of_tensors_and_descends_on_the_sharpest_s
 
 
 def test_esam_data_selection_is_refused_on_a_task_without_per_sample_losses():
-    from lightning_modules import NodeClassifier
+    from flatminima.lightning_modules import NodeClassifier
 
     model = NodeClassifier(ref.tanh_mlp(), num_classes=3, minimizer=ESAM(gamma=0.5))
-    from lightning_modules._rule import RuleSetup
+    from flatminima.lightning_modules._rule import RuleSetup
 
     with pytest.raises(ValueError, match="Invalid ESAM gamma: 0.5; .*NodeClassifier does not provide.*gamma=1.0"):
         model.minimizer.setup(RuleSetup(task="NodeClassifier", sample_losses=model.supports_sample_losses))
@@ -276,7 +287,7 @@ def test_mesa_adds_the_kl_to_an_ema_copy_of_the_weights():
 
 
 def test_saf_and_mesa_refuse_a_task_without_class_logits():
-    from lightning_modules import Regressor
+    from flatminima.lightning_modules import Regressor
 
     for rule in (SAF(), MESA()):
         model = Regressor(torch.nn.Linear(3, 1), minimizer=rule)

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import (
+from flatminima.callbacks import (
     AverageSharpness,
     ComplexityMeasures,
     FinalTrainEvaluation,
@@ -69,7 +69,7 @@ def loader(n=96, shuffle=True):
 def subset(data, indices, batch_size):
     x = torch.stack([data[i][0] for i in indices])
     y = torch.stack([data[i][1] for i in indices])
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
 
 
 SMALL = dict(num_samples=48, batch_size=24, at_end=True, on_checkpoint=False)
@@ -92,8 +92,14 @@ def test_the_callbacks_measure_the_final_weights_once_as_the_pure_functions_do(t
     every = ComplexityMeasures(name="every", every_n_epochs=1, **{**SMALL, "at_end": True})
     module = Net()
     initial = {k: v.clone() for k, v in module.net.state_dict().items()}
-    trainer = pl.Trainer(max_epochs=2, callbacks=[*callbacks, every, RunSummary(str(tmp_path / "summary.json"))],
-                         logger=CSVLogger(tmp_path), default_root_dir=tmp_path, enable_checkpointing=False, **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[*callbacks, every, RunSummary(str(tmp_path / "summary.json"))],
+        logger=CSVLogger(tmp_path),
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        **QUIET,
+    )
     trainer.fit(module, loader())
     assert all(len(c.history) == 1 for c in callbacks)  # at the end of fit only
     assert [h["epoch"] for h in every.history] == [0, 1]  # measured at the last epoch end: not again at the end
@@ -102,15 +108,19 @@ def test_the_callbacks_measure_the_final_weights_once_as_the_pure_functions_do(t
         assert torch.equal(c.initial["0.weight"], initial["0.weight"]) if hasattr(c, "initial") else True
     pac, worst, l2, linf, norms, fisher, final = callbacks
     b = subset(data, pac.state_dict()["indices"], 24)
-    expected = {f"sharpness/{k}": v for k, v in measures.pac_bayes(
-        net, b, initial=initial, m=96, depth=6, samples=3).items()}
+    expected = {
+        f"sharpness/{k}": v for k, v in measures.pac_bayes(net, b, initial=initial, m=96, depth=6, samples=3).items()
+    }
     b = subset(data, worst.state_dict()["indices"], 24)
-    expected["sharpness/sharpness_flatness"] = 1 / measures.sharpness_alpha(net, b, depth=5, restarts=2,
-                                                                            steps=2).radius ** 2
+    expected["sharpness/sharpness_flatness"] = (
+        1 / measures.sharpness_alpha(net, b, depth=5, restarts=2, steps=2).radius ** 2
+    )
     expected["sharpness/average_l2"] = measures.average_sharpness(
-        net, subset(data, l2.state_dict()["indices"], 24), 0.1, samples=4).value
+        net, subset(data, l2.state_dict()["indices"], 24), 0.1, samples=4
+    ).value
     expected["sharpness/average_linf"] = measures.average_sharpness(
-        net, subset(data, linf.state_dict()["indices"], 24), 0.1, p=math.inf, samples=4).value
+        net, subset(data, linf.state_dict()["indices"], 24), 0.1, p=math.inf, samples=4
+    ).value
     norm_values = measures.norm_measures(net, subset(data, norms.state_dict()["indices"], 24), initial=initial)
     expected.update({f"complexity/{k}": v for k, v in norm_values.items()})
     expected["complexity/fisher_rao"] = measures.fisher_rao_norm(net, subset(data, fisher.state_dict()["indices"], 24))
@@ -131,8 +141,13 @@ def _fit(tmp_path, max_epochs, ckpt_path=None, keep=True):
     norms = ComplexityMeasures(**SMALL)
     pac = PacBayesFlatness(depth=4, samples=2, variant="plain", **SMALL)
     saver = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_epochs=1, save_top_k=-1, filename="{epoch}")
-    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[norms, pac, saver] if keep else [saver], logger=False,
-                         default_root_dir=tmp_path, **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=[norms, pac, saver] if keep else [saver],
+        logger=False,
+        default_root_dir=tmp_path,
+        **QUIET,
+    )
     module = Net(dropout=0.0)  # no dropout and a fixed order: the resumed run trains as the uninterrupted one
     if ckpt_path is not None:  # a fresh module with other weights: the initial ones must come from the checkpoint
         with torch.no_grad():
@@ -162,22 +177,30 @@ def test_at_end_and_the_loss_threshold_checkpoint_measure_the_final_weights_once
     trainer.fit(Net(), loader())  # stops in the middle of epoch 1: the end save comes from on_train_end
     assert [s["reason"] for s in ckpt.saved] == ["end"] and len(fisher.history) == 1
     assert torch.load(ckpt.saved[0]["path"], weights_only=False)["sharpness"] == {
-        "complexity/fisher_rao": fisher.history[0]["complexity/fisher_rao"]}
+        "complexity/fisher_rao": fisher.history[0]["complexity/fisher_rao"]
+    }
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_vision_data_modules_evaluate_the_training_set_without_augmentation(tmp_path, monkeypatch, in_memory):
-    from datamodules import CIFAR10DataModule
     from fixtures_data import skip_md5, write_cifar10
+
+    from flatminima.datamodules import CIFAR10DataModule
 
     write_cifar10(tmp_path, per_batch=4, test=2)
     skip_md5(monkeypatch)
-    dm = CIFAR10DataModule(str(tmp_path), val_size=4, cutout=8, label_noise=0.5, eval_batch_size=16,
-                           in_memory=in_memory)
+    dm = CIFAR10DataModule(
+        str(tmp_path), val_size=4, cutout=8, label_noise=0.5, eval_batch_size=16, in_memory=in_memory
+    )
     dm.setup()
     x, y = next(iter(dm.train_eval_dataloader()))
-    plain = CIFAR10DataModule(str(tmp_path), val_size=4, augment=False, eval_batch_size=16,  # no cutout either
-                              in_memory=in_memory)
+    plain = CIFAR10DataModule(
+        str(tmp_path),
+        val_size=4,
+        augment=False,
+        eval_batch_size=16,  # no cutout either
+        in_memory=in_memory,
+    )
     plain.setup()
     clean_x, clean_y = next(iter(plain.train_eval_dataloader()))
     assert x.shape == (16, 3, 32, 32) and torch.equal(x, clean_x)  # the training images, not augmented
@@ -214,8 +237,13 @@ def test_a_network_the_measures_cannot_read_is_refused_before_training(tmp_path)
             self.log("train/loss", loss)
             return loss
 
-    trainer = pl.Trainer(max_epochs=1, callbacks=[PacBayesFlatness(at_end=True, num_samples=16)], logger=False,
-                         default_root_dir=tmp_path, **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[PacBayesFlatness(at_end=True, num_samples=16)],
+        logger=False,
+        default_root_dir=tmp_path,
+        **QUIET,
+    )
     data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32)), batch_size=16)
     with pytest.raises(ValueError, match=r"PacBayesFlatness\('pac_bayes'\) cannot measure .*Invalid targets"):
         trainer.fit(Regression(), data)
@@ -223,19 +251,40 @@ def test_a_network_the_measures_cannot_read_is_refused_before_training(tmp_path)
 
 @pytest.mark.slow
 def test_the_preset_adds_every_measure_at_the_end_of_fit_through_the_cli(tmp_path):
-    from cli import main
+    from flatminima.cli import main
 
-    args = ["fit", "--config", str(ROOT / "configs/experiments/moons_gsam.yaml"),
-            "--config", str(ROOT / "configs/callbacks/generalization_measures.yaml"),
-            "--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.num_samples=1200",
-            "--test_after_fit=false"]
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs/experiments/moons_gsam.yaml"),
+        "--config",
+        str(ROOT / "configs/callbacks/generalization_measures.yaml"),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=4",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--data.init_args.num_samples=1200",
+        "--test_after_fit=false",
+    ]
     cli = main(args)
     metrics = cli.trainer.callback_metrics
-    keys = {"sharpness/pac_bayes_flatness", "sharpness/pac_bayes_mag_flatness", "sharpness/pac_bayes_init",
-            "sharpness/pac_bayes_mag_orig", "sharpness/sharpness_flatness", "sharpness/sharpness_mag_flatness",
-            "sharpness/average_l2", "sharpness/average_linf", "complexity/path_norm", "complexity/fro_dist",
-            "complexity/fisher_rao", "complexity/params", "train_final/loss", "train_final/acc"}
+    keys = {
+        "sharpness/pac_bayes_flatness",
+        "sharpness/pac_bayes_mag_flatness",
+        "sharpness/pac_bayes_init",
+        "sharpness/pac_bayes_mag_orig",
+        "sharpness/sharpness_flatness",
+        "sharpness/sharpness_mag_flatness",
+        "sharpness/average_l2",
+        "sharpness/average_linf",
+        "complexity/path_norm",
+        "complexity/fro_dist",
+        "complexity/fisher_rao",
+        "complexity/params",
+        "train_final/loss",
+        "train_final/acc",
+    }
     assert keys <= set(metrics)
     assert all(math.isfinite(float(metrics[k])) for k in keys)

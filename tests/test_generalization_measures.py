@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from scipy import optimize, stats
 from torch import nn
 
-from callbacks import measures
-from callbacks.noise_search import bisect_radius, sample_seeds, standard_noise
-from callbacks.pac_bayes_bounds import pac_bayes_bound, pac_bayes_mag_bound
+from flatminima.callbacks import measures
+from flatminima.callbacks.noise_search import bisect_radius, sample_seeds, standard_noise
+from flatminima.callbacks.pac_bayes_bounds import pac_bayes_bound, pac_bayes_mag_bound
 from tests.helpers import bn_mlp
 from tests.measure_nets import DT, Quadratic, cnn_bn, data, gen, mlp
 from tests.test_measures import _assert_same, _snapshot
@@ -95,8 +95,9 @@ def test_pac_bayes_sigma_of_a_linear_classifier_matches_the_closed_form():
 
     sigma_star = optimize.brentq(lambda t: expected_drop(t) - 0.1, 1e-6, 2.0, xtol=1e-12)
     depth, samples = 12, 64
-    found = measures.pac_bayes_sigma(net, [(x[:100], y[:100]), (x[100:], y[100:])], depth=depth, samples=samples,
-                                     tol=0.0, seed=3)
+    found = measures.pac_bayes_sigma(
+        net, [(x[:100], y[:100]), (x[100:], y[100:])], depth=depth, samples=samples, tol=0.0, seed=3
+    )
     # The search brackets the crossing of its Monte-Carlo drop (the same draws at every probe: monotone in σ
     # for a linear classifier) within 2/2^(depth+1); that crossing differs from σ* by the Monte-Carlo error
     # of a mean of `samples` draws, which an independent numpy simulation sizes (4 standard errors, over the
@@ -104,7 +105,7 @@ def test_pac_bayes_sigma_of_a_linear_classifier_matches_the_closed_form():
     rng = np.random.default_rng(0)
     noise = rng.standard_normal((2000, 2 * x.shape[1] + 2)) * sigma_star
     xa = np.hstack([x.numpy(), np.ones((len(x), 1))])
-    shift = (noise[:, : x.shape[1] + 1] - noise[:, x.shape[1] + 1:]) @ xa.T  # (draws, n): u_0 − u_1 on [x, 1]
+    shift = (noise[:, : x.shape[1] + 1] - noise[:, x.shape[1] + 1 :]) @ xa.T  # (draws, n): u_0 − u_1 on [x, 1]
     sign = np.where(y.numpy() == 1, -1.0, 1.0)
     per_draw = (m[None, :] + sign[None, :] * shift < 0).mean(1)
     assert per_draw.mean() == pytest.approx(0.1, abs=0.01)  # the closed form, by simulation
@@ -148,8 +149,10 @@ def test_worst_case_radius_never_exceeds_the_average_case_radius_of_the_same_box
         average = measures.pac_bayes_sigma(net, batches, samples=4, distribution="uniform", **search)
         assert worst.radius <= average.radius and worst.radius < 0.9 * average.radius, (eps, worst, average)
     # The same order for the loss (Andriushchenko et al. 2023): worst-case adaptive L∞ sharpness ≥ average-case.
-    assert measures.adaptive_sharpness(net, batches, 0.05) > measures.average_sharpness(
-        net, batches, 0.05, p=math.inf, samples=10).value
+    assert (
+        measures.adaptive_sharpness(net, batches, 0.05)
+        > measures.average_sharpness(net, batches, 0.05, p=math.inf, samples=10).value
+    )
 
 
 # ---------------------------------------------------------------------------------------- PAC-Bayes bounds
@@ -162,14 +165,17 @@ def test_pac_bayes_bounds_are_half_the_kl_plus_the_paper_terms():
     w, w0 = torch.randn(40, generator=g, dtype=DT), torch.randn(40, generator=g, dtype=DT)
     sigma, eps, m = 0.3, 1e-3, 500
     extra = math.log(m / sigma) + 10
-    kl = torch.distributions.kl_divergence(_diag_normal(w, torch.full_like(w, sigma**2)),
-                                           _diag_normal(w0, torch.full_like(w, sigma**2)))
+    kl = torch.distributions.kl_divergence(
+        _diag_normal(w, torch.full_like(w, sigma**2)), _diag_normal(w0, torch.full_like(w, sigma**2))
+    )
     assert pac_bayes_bound(float((w - w0).square().sum()), sigma, m) - extra == pytest.approx(float(kl) / 2, rel=1e-12)
     posterior = _diag_normal(w, sigma**2 * w**2 + eps**2)
     for ref in (w0, torch.zeros_like(w)):
         best = (40 * eps**2 + sigma**2 * float(w.square().sum()) + float((w - ref).square().sum())) / 40
-        kls = [float(torch.distributions.kl_divergence(posterior, _diag_normal(ref, torch.full_like(w, best * f))))
-               for f in (0.9, 1.0, 1.1)]
+        kls = [
+            float(torch.distributions.kl_divergence(posterior, _diag_normal(ref, torch.full_like(w, best * f))))
+            for f in (0.9, 1.0, 1.1)
+        ]
         assert kls[1] < min(kls[0], kls[2])  # the prior variance of the bound minimizes the KL
         assert pac_bayes_mag_bound(w, ref, sigma, eps, m) - extra == pytest.approx(kls[1] / 2, rel=1e-10)
 
@@ -186,13 +192,18 @@ def test_pac_bayes_measures_are_the_bounds_of_the_searched_sigmas():
     w0 = torch.cat([initial[n].reshape(-1) for n, _ in net.named_parameters()])
     assert values["pac_bayes_flatness"] == 1 / sigma**2 and values["pac_bayes_mag_flatness"] == 1 / mag**2
     assert values["pac_bayes_init"] == pytest.approx(
-        math.sqrt(((w - w0).square().sum() / (4 * sigma**2) + math.log(1000 / sigma) + 10) / 1000), rel=1e-12)
+        math.sqrt(((w - w0).square().sum() / (4 * sigma**2) + math.log(1000 / sigma) + 10) / 1000), rel=1e-12
+    )
     assert values["pac_bayes_orig"] == pytest.approx(
-        math.sqrt((w.square().sum() / (4 * sigma**2) + math.log(1000 / sigma) + 10) / 1000), rel=1e-12)
+        math.sqrt((w.square().sum() / (4 * sigma**2) + math.log(1000 / sigma) + 10) / 1000), rel=1e-12
+    )
     assert values["pac_bayes_mag_init"] == pytest.approx(
-        math.sqrt(pac_bayes_mag_bound(w, w0, mag, 1e-3, 1000) / 1000), rel=1e-12)
+        math.sqrt(pac_bayes_mag_bound(w, w0, mag, 1e-3, 1000) / 1000), rel=1e-12
+    )
     assert set(measures.pac_bayes(net, batches, variant="magnitude", depth=2, samples=1)) == {
-        "pac_bayes_mag_flatness", "pac_bayes_mag_orig"}
+        "pac_bayes_mag_flatness",
+        "pac_bayes_mag_orig",
+    }
 
 
 # ---------------------------------------------------------------------------------------- average case
@@ -209,8 +220,10 @@ def test_average_sharpness_of_a_quadratic_and_its_standard_error(p, variance):
     w = net.w.detach()
     for adaptive, c in ((False, torch.ones_like(w)), (True, w.abs())):
         expected = float(0.5 * (a * c**2).sum() * 0.1**2 * variance)
-        runs = [measures.average_sharpness(net, batches, 0.1, p=p, adaptive=adaptive, samples=20, seed=s,
-                                           loss_fn=loss) for s in range(60)]
+        runs = [
+            measures.average_sharpness(net, batches, 0.1, p=p, adaptive=adaptive, samples=20, seed=s, loss_fn=loss)
+            for s in range(60)
+        ]
         values = np.array([r.value for r in runs])
         assert abs(values.mean() - expected) < 4 * values.std() / math.sqrt(len(values))
         # The reported standard error is the spread of the estimate over seeds (within sampling error).
@@ -249,12 +262,14 @@ def test_norms_margins_and_path_norm_against_brute_force():
     expected = {
         "params": 4 * 3 + 4 + 4 * 4 + 4 + 2 * 4 + 2,
         "inverse_margin": 1 / gamma**2,
-        "log_prod_spec": np.log(spec).sum(), "log_prod_spec_over_margin": np.log(spec).sum() - 2 * np.log(gamma),
+        "log_prod_spec": np.log(spec).sum(),
+        "log_prod_spec_over_margin": np.log(spec).sum() - 2 * np.log(gamma),
         "log_sum_spec": np.log(d) + np.log(spec).sum() / d,
         "log_sum_spec_over_margin": np.log(d) + (np.log(spec).sum() - 2 * np.log(gamma)) / d,
         "log_prod_fro": np.log(fro).sum(),
         "log_sum_fro_over_margin": np.log(d) + (np.log(fro).sum() - 2 * np.log(gamma)) / d,
-        "fro_over_spec": (fro / spec).sum(), "param_norm": fro.sum(),
+        "fro_over_spec": (fro / spec).sum(),
+        "param_norm": fro.sum(),
         "fro_dist": sum(((w - w0) ** 2).sum() for w, w0 in zip(weights, starts)),
         "dist_spec_init": sum(np.linalg.svd(w - w0, compute_uv=False)[0] ** 2 for w, w0 in zip(weights, starts)),
         "path_norm": _paths(net, torch.ones(3, dtype=DT)),
@@ -271,7 +286,8 @@ def test_spectral_norm_of_a_convolution_is_that_of_its_reshaped_kernel():
     kernel = net[0].weight.detach().numpy().reshape(3, -1)
     linear = net[3].weight.detach().numpy()
     expected = np.log(np.linalg.svd(kernel, compute_uv=False)[0] ** 2) + np.log(
-        np.linalg.svd(linear, compute_uv=False)[0] ** 2)
+        np.linalg.svd(linear, compute_uv=False)[0] ** 2
+    )
     assert got["log_prod_spec"] == pytest.approx(expected, rel=1e-10)
 
 
@@ -302,8 +318,10 @@ def _randomize_bn(net):
     return net
 
 
-@pytest.mark.parametrize("make, shape", [(cnn_bn, (2, 8, 8)), (lambda: bn_mlp(in_features=5), (5,)),
-                                         (lambda: _randomize_bn(Branchy().to(DT)), (2, 8, 8))])
+@pytest.mark.parametrize(
+    "make, shape",
+    [(cnn_bn, (2, 8, 8)), (lambda: bn_mlp(in_features=5), (5,)), (lambda: _randomize_bn(Branchy().to(DT)), (2, 8, 8))],
+)
 def test_batchnorm_folding_leaves_the_function_unchanged(make, shape):
     net = make()
     net.train()
@@ -332,7 +350,7 @@ def test_fisher_rao_norm_against_per_example_gradients_and_liang_et_al_identity(
     params = list(net.parameters())
     inner = []
     for i in range(11):
-        grads = torch.autograd.grad(F.cross_entropy(net(x[i:i + 1]), y[i:i + 1]), params)
+        grads = torch.autograd.grad(F.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), params)
         inner.append(float(sum((g * p).sum() for g, p in zip(grads, params))))
     assert measures.fisher_rao_norm(net, batches) == pytest.approx(np.mean(np.square(inner)), rel=1e-10)
     # Liang et al. (2019), Lemma 2.1: without biases, ⟨w, ∇_w ℓ⟩ = (L + 1)⟨∂ℓ/∂f, f⟩ for L + 1 = 3 layers.
@@ -346,11 +364,11 @@ def test_fisher_rao_norm_against_per_example_gradients_and_liang_et_al_identity(
 # ---------------------------------------------------------------------------------------- no trace, bad input
 NEW = {
     "pac_bayes": lambda net, b, **kw: measures.pac_bayes(net, b, depth=3, samples=2, **kw),
-    "sharpness_alpha": lambda net, b, **kw: measures.sharpness_alpha(net, b, depth=2, restarts=2, steps=2,
-                                                                     **kw).radius,
+    "sharpness_alpha": lambda net, b, **kw: measures.sharpness_alpha(net, b, depth=2, restarts=2, steps=2, **kw).radius,
     "average": lambda net, b, **kw: measures.average_sharpness(net, b, 0.1, samples=3, **kw).value,
-    "norms": lambda net, b, **kw: measures.norm_measures(net, b, initial={k: v / 2 for k, v in
-                                                                           net.state_dict().items()}),
+    "norms": lambda net, b, **kw: measures.norm_measures(
+        net, b, initial={k: v / 2 for k, v in net.state_dict().items()}
+    ),
     "fisher_rao": lambda net, b, **kw: measures.fisher_rao_norm(net, b, **kw),
     "loss_and_accuracy": lambda net, b, **kw: measures.loss_and_accuracy(net, b, kw.get("loss_fn", F.cross_entropy)),
 }

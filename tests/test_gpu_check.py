@@ -18,15 +18,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 ROW_KEYS = {"section", "check", "status", "value", "limit", "seconds", "data"}
-MEASURES = ("minimum_sharpness", "adaptive_sharpness", "gradient_norm_sharpness", "hessian_eigenvalues",
-            "hessian_trace exact", "hessian_trace Hutchinson")
+MEASURES = (
+    "minimum_sharpness",
+    "adaptive_sharpness",
+    "gradient_norm_sharpness",
+    "hessian_eigenvalues",
+    "hessian_trace exact",
+    "hessian_trace Hutchinson",
+)
 
 
 def _run(tmp_path: Path, *args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, dict | None]:
     out = tmp_path / "gpu_check.json"
     # one thread: the CI machine's cores are shared, and oversubscribed OpenMP threads only wait for each other
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--threads", "1", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), "--threads", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
     return proc, json.loads(out.read_text()) if out.exists() else None
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
-from lightning_modules import GSAM, Classifier
-from lightning_modules.two_pass import schedule_peak_lr
+from flatminima.lightning_modules import GSAM, Classifier
+from flatminima.lightning_modules.two_pass import schedule_peak_lr
 from tests.helpers import bn_mlp, classification_batches, fixed_batches, quiet_trainer
 
 RHO, RHO_MIN = 0.05, 0.01
@@ -27,8 +27,14 @@ def _rhos(scheduler, epochs=2, **gsam):
         return rhos[-1]
 
     rule.current_rho = spy
-    model = Classifier(bn_mlp(dtype=torch.float32), num_classes=3, optimizer=partial(torch.optim.SGD, lr=0.1),
-                       minimizer=rule, lr_scheduler=scheduler, lr_scheduler_interval="step")
+    model = Classifier(
+        bn_mlp(dtype=torch.float32),
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        minimizer=rule,
+        lr_scheduler=scheduler,
+        lr_scheduler_interval="step",
+    )
     quiet_trainer(max_epochs=epochs).fit(model, fixed_batches(classification_batches(5, dtype=torch.float32)))
     assert len(rhos) == 5 * epochs
     return rhos
@@ -73,8 +79,11 @@ def test_schedule_peaks():
     o = opt()
     assert schedule_peak_lr(o, [lr_scheduler.CyclicLR(o, base_lr=0.01, max_lr=0.3)]) == 0.3
     o = opt()
-    seq = lr_scheduler.SequentialLR(o, [lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=3),
-                                        lr_scheduler.CosineAnnealingLR(o, T_max=5)], milestones=[3])
+    seq = lr_scheduler.SequentialLR(
+        o,
+        [lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=3), lr_scheduler.CosineAnnealingLR(o, T_max=5)],
+        milestones=[3],
+    )
     assert schedule_peak_lr(o, [seq]) == pytest.approx(0.1)
     o = opt()
     assert schedule_peak_lr(o, [lr_scheduler.StepLR(o, step_size=2)]) == 0.1

@@ -1,4 +1,4 @@
-"""Hessian eigenvalues and traces (callbacks.hessian through callbacks.measures) against dense eigendecompositions."""
+"""Hessian eigenvalues and traces (flatminima.callbacks.hessian through flatminima.callbacks.measures) against dense eigendecompositions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from callbacks import measures
+from flatminima.callbacks import measures
 from tests.measure_nets import DT, Quadratic, brute_hessian, data, gen, mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")

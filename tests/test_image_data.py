@@ -14,25 +14,33 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from fixtures_data import idx_bytes, skip_md5, write_cifar10, write_mnist
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from datamodules import CIFAR10DataModule, DataNotFoundError, DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
-from datamodules._idx import IdxFormatError, parse_idx
-from datamodules._loaders import make_loader
-from datamodules._memory import InMemoryImages, InMemoryLoader
-from fixtures_data import idx_bytes, skip_md5, write_cifar10, write_mnist
-from helpers import quiet_trainer
+from flatminima.datamodules import (
+    CIFAR10DataModule,
+    DataNotFoundError,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    MNISTDataModule,
+)
+from flatminima.datamodules._idx import IdxFormatError, parse_idx
+from flatminima.datamodules._loaders import make_loader
+from flatminima.datamodules._memory import InMemoryImages, InMemoryLoader
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 HAVE_DEBIAN = all((DEBIAN / f"{name}.gz").is_file() for name in IDX_NAMES)
-SKIP_DEBIAN = ("the real FashionMNIST files are not here: install the Debian package dataset-fashion-mnist "
-               f"(apt-get install dataset-fashion-mnist puts them in {DEBIAN}); .ci/run does where apt-get works")
+SKIP_DEBIAN = (
+    "the real FashionMNIST files are not here: install the Debian package dataset-fashion-mnist "
+    f"(apt-get install dataset-fashion-mnist puts them in {DEBIAN}); .ci/run does where apt-get works"
+)
 
 
 # ---------------------------------------------------------------- the reference: one sample at a time
@@ -74,16 +82,20 @@ def reference_image(raw, k, d, mean, std, padding, cutout):
     return x
 
 
-def reference_epoch(raw, labels, *, seed, epoch, batch_size, mean, std, padding=0, flip=False, cutout=0,
-                    cutout_prob=1.0):
+def reference_epoch(
+    raw, labels, *, seed, epoch, batch_size, mean, std, padding=0, flip=False, cutout=0, cutout_prob=1.0
+):
     """The training batches of an epoch, built image by image: order randperm(n) seeded by seed + epoch."""
     n = len(labels)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    d = reference_draws(n, raw.shape[1], padding, flip, cutout, cutout_prob,
-                        torch.Generator().manual_seed(epoch_seed(seed, epoch)))
+    d = reference_draws(
+        n, raw.shape[1], padding, flip, cutout, cutout_prob, torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    )
     images = [reference_image(raw[i], i, d, mean, std, padding, cutout) for i in order]
-    return [(torch.stack(images[s : s + batch_size]), torch.as_tensor(labels[order[s : s + batch_size]]).long())
-            for s in range(0, n, batch_size)]
+    return [
+        (torch.stack(images[s : s + batch_size]), torch.as_tensor(labels[order[s : s + batch_size]]).long())
+        for s in range(0, n, batch_size)
+    ]
 
 
 def epoch_batches(loader, epoch):
@@ -92,8 +104,9 @@ def epoch_batches(loader, epoch):
 
 
 # ---------------------------------------------------------------- idx files
-@pytest.mark.parametrize("code, dtype", [(0x08, ">u1"), (0x09, ">i1"), (0x0B, ">i2"), (0x0C, ">i4"), (0x0D, ">f4"),
-                                         (0x0E, ">f8")])
+@pytest.mark.parametrize(
+    "code, dtype", [(0x08, ">u1"), (0x09, ">i1"), (0x0B, ">i2"), (0x0C, ">i4"), (0x0D, ">f4"), (0x0E, ">f8")]
+)
 @pytest.mark.parametrize("shape", [(7,), (3, 4, 5)])
 def test_parse_idx_agrees_with_torchvisions_reader(tmp_path, code, dtype, shape):
     from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
@@ -110,8 +123,13 @@ def test_parse_idx_agrees_with_torchvisions_reader(tmp_path, code, dtype, shape)
 def test_parse_idx_refuses_malformed_bytes():
     good = idx_bytes(np.zeros((2, 3, 3), dtype=np.uint8))
     parse_idx(good)
-    for bad, why in [(b"\x01" + good[1:], "magic"), (good[:2] + b"\x07" + good[3:], "magic"), (good[:-1], "need 18"),
-                     (good + b"\x00", "need 18"), (good[:6], "header")]:
+    for bad, why in [
+        (b"\x01" + good[1:], "magic"),
+        (good[:2] + b"\x07" + good[3:], "magic"),
+        (good[:-1], "need 18"),
+        (good + b"\x00", "need 18"),
+        (good[:6], "header"),
+    ]:
         with pytest.raises(IdxFormatError, match=why):
             parse_idx(bad)
 
@@ -267,8 +285,8 @@ def test_real_fashion_mnist_files_md5_shapes_classes_and_statistics(real_fashion
 
 
 def test_real_fashion_mnist_fits_a_lenet5_step(real_fashion_mnist):
-    from lightning_modules import Classifier
-    from lightning_modules.networks import LeNet5
+    from flatminima.lightning_modules import Classifier
+    from flatminima.lightning_modules.networks import LeNet5
 
     torch.manual_seed(0)
     model = Classifier(LeNet5(dropout=0.5, weight_init="xavier"), optimizer=partial(torch.optim.SGD, lr=0.05))
@@ -294,15 +312,26 @@ def test_cifar10_in_memory_batches_equal_the_per_sample_reference(cifar):
     dm.setup()
     for epoch in (0, 1, 2):
         got = epoch_batches(dm.train_dataloader(), epoch)
-        want = reference_epoch(arrays["train_x"], arrays["train_y"], seed=3, epoch=epoch, batch_size=6, mean=dm.mean,
-                               std=dm.std, padding=4, flip=True, **CIFAR_AUG)
+        want = reference_epoch(
+            arrays["train_x"],
+            arrays["train_y"],
+            seed=3,
+            epoch=epoch,
+            batch_size=6,
+            mean=dm.mean,
+            std=dm.std,
+            padding=4,
+            flip=True,
+            **CIFAR_AUG,
+        )
         assert [len(b[1]) for b in got] == [6, 6, 6, 2]
         for (x, y), (xr, yr) in zip(got, want, strict=True):
             assert torch.equal(y, yr)
             assert torch.equal(x, xr)  # bit for bit: padding value, crop, flip, cutout square
     for (x, y), s in zip(dm.test_dataloader(), range(0, 6, 4)):  # evaluation: no augmentation
-        xr = torch.stack([reference_image(arrays["test_x"][i], i, {}, dm.mean, dm.std, 0, 0)
-                          for i in range(s, s + len(y))])
+        xr = torch.stack(
+            [reference_image(arrays["test_x"][i], i, {}, dm.mean, dm.std, 0, 0) for i in range(s, s + len(y))]
+        )
         assert torch.equal(x, xr) and y.tolist() == arrays["test_y"][s : s + len(y)].tolist()
 
 
@@ -313,8 +342,9 @@ def test_mnist_cutout_batches_equal_the_reference(tmp_path, monkeypatch):
     dm = MNISTDataModule(str(tmp_path), batch_size=4, cutout=10, cutout_prob=1.0, data_seed=1)
     dm.setup()
     got = epoch_batches(dm.train_dataloader(), 4)
-    want = reference_epoch(arrays["train_x"], arrays["train_y"], seed=1, epoch=4, batch_size=4, mean=dm.mean,
-                           std=dm.std, cutout=10)
+    want = reference_epoch(
+        arrays["train_x"], arrays["train_y"], seed=1, epoch=4, batch_size=4, mean=dm.mean, std=dm.std, cutout=10
+    )
     for (x, y), (xr, yr) in zip(got, want, strict=True):
         assert torch.equal(x, xr) and torch.equal(y, yr)
     assert all(((x == 0).flatten(1).sum(1) > 0).all() for x, _ in got)  # every image has its square
@@ -366,7 +396,7 @@ def test_digits_batches_unchanged(tmp_path):
 def test_fixed_subsets_outside_the_loader_are_deterministic(cifar):
     """callbacks' subsets (Subset of loader.dataset, the loader's collate_fn): augmented with draws from torch's
     global generator, seeded by the callback, as torchvision's transforms draw theirs."""
-    from callbacks._subset import collate_subset
+    from flatminima.callbacks._subset import collate_subset
 
     root, arrays = cifar
     dm = CIFAR10DataModule(str(root), batch_size=4, **CIFAR_AUG)
@@ -382,8 +412,9 @@ def test_fixed_subsets_outside_the_loader_are_deterministic(cifar):
         for s, (x, y) in zip(range(0, 5, 2), first):
             part = indices[s : s + 2]
             d = reference_draws(len(part), 32, 4, True, 8, 0.5)
-            want = torch.stack([reference_image(arrays["train_x"][i], k, d, dm.mean, dm.std, 4, 8)
-                                for k, i in enumerate(part)])
+            want = torch.stack(
+                [reference_image(arrays["train_x"][i], k, d, dm.mean, dm.std, 4, 8) for k, i in enumerate(part)]
+            )
             assert torch.equal(x, want) and y.tolist() == arrays["train_y"][part].tolist()
     samples = loader.collate_fn([loader.dataset[i] for i in range(3)])  # AdaptiveSharpness(score="train_set")
     assert samples[0].shape == (3, 3, 32, 32) and samples[1].tolist() == arrays["train_y"][:3].tolist()
@@ -391,7 +422,7 @@ def test_fixed_subsets_outside_the_loader_are_deterministic(cifar):
 
 # ---------------------------------------------------------------- resume mid-epoch, DDP shards
 def _resume_model():
-    from lightning_modules import Classifier
+    from flatminima.lightning_modules import Classifier
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 5, stride=3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 10))
@@ -411,7 +442,8 @@ def test_resume_mid_epoch_is_bit_for_bit(cifar):
     path = root / "ckpt" / "epoch=1-step=7.ckpt"
     saved = torch.load(path, weights_only=False)
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
-        {"epoch": 1, "batches": 2, "batch_size": 4, "num_batches": 5}]
+        {"epoch": 1, "batches": 2, "batch_size": 4, "num_batches": 5}
+    ]
 
     resumed = _resume_model()
     with torch.no_grad():

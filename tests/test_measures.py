@@ -1,4 +1,4 @@
-"""The sharpness measures' common contract (callbacks.measures): gradient norm, no trace, inputs, errors.
+"""The sharpness measures' common contract (flatminima.callbacks.measures): gradient norm, no trace, inputs, errors.
 
 Per-module tests: test_per_layer_traces.py, test_alpha_scaling.py, test_hessian.py, test_adaptive.py.
 Oracles here: autograd gradients and dual norms, and bit-for-bit snapshots of the model.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks import measures
+from flatminima.callbacks import measures
 from tests.measure_nets import DT, cnn_bn, data, gen, mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +38,9 @@ def test_gradient_norm_sharpness_is_rho_times_the_dual_norm(p, q, adaptive):
         grads = torch.autograd.grad(F.cross_entropy(net(xb), yb), list(net.parameters()))
         flat = torch.cat([(g * (w.abs() if adaptive else 1)).reshape(-1) for g, w in zip(grads, net.parameters())])
         expected.append(0.05 * float(torch.linalg.vector_norm(flat, q)))
-        assert float(measures.gradient_norm(grads, list(net.parameters()), rho=0.05, p=p, adaptive=adaptive)) == \
-            pytest.approx(expected[-1], rel=1e-12)
+        assert float(
+            measures.gradient_norm(grads, list(net.parameters()), rho=0.05, p=p, adaptive=adaptive)
+        ) == pytest.approx(expected[-1], rel=1e-12)
     got = measures.gradient_norm_sharpness(net, batches, 0.05, p=p, adaptive=adaptive)
     assert got == pytest.approx(float(np.mean(expected)), rel=1e-12)
 
@@ -73,7 +74,8 @@ MEASURES = {
     "minimum_sgd": lambda net, b, **kw: measures.minimum_sharpness(net, b, solver="sgd", steps=50),
     "apgd": lambda net, b, **kw: measures.adaptive_sharpness(net, b, 0.05, n_iters=4, **kw),
     "pga_l2": lambda net, b, **kw: measures.adaptive_sharpness(
-        net, b, 0.05, p=2, method="pga", step_size=0.1, n_iters=3, **kw),
+        net, b, 0.05, p=2, method="pga", step_size=0.1, n_iters=3, **kw
+    ),
     "gradient_norm": lambda net, b, **kw: measures.gradient_norm_sharpness(net, b, 0.05, **kw),
     "eigenvalues": lambda net, b, **kw: measures.hessian_eigenvalues(net, b, 2, max_iter=6, **kw),
     "trace": lambda net, b, **kw: measures.hessian_trace(net, b, n_probes=3, **kw),
@@ -96,6 +98,7 @@ def test_measures_leave_the_model_bit_identical_also_on_exceptions(name):
     _assert_same(net, snap)
     assert value == MEASURES[name](net, [(x[:5], y[:5]), (x[5:], y[5:])])
     if name.startswith("minimum"):
+
         class Boom(nn.Module):
             def forward(self, t):
                 raise RuntimeError("boom")
@@ -150,7 +153,7 @@ def test_graph_batches_with_tuple_inputs_and_masked_loss():
     torch_geometric = pytest.importorskip("torch_geometric")
     from torch_geometric.nn import GATConv
 
-    from callbacks.inputs import masked_cross_entropy, node_inputs
+    from flatminima.callbacks.inputs import masked_cross_entropy, node_inputs
 
     class Gat(nn.Module):
         def __init__(self):
@@ -163,8 +166,10 @@ def test_graph_batches_with_tuple_inputs_and_masked_loss():
 
     g = gen(0)
     graph = torch_geometric.data.Data(
-        x=torch.randn(12, 6, generator=g), edge_index=torch.randint(0, 12, (2, 30), generator=g),
-        y=torch.randint(0, 3, (12,), generator=g), train_mask=torch.arange(12) < 5,
+        x=torch.randn(12, 6, generator=g),
+        edge_index=torch.randint(0, 12, (2, 30), generator=g),
+        y=torch.randint(0, 3, (12,), generator=g),
+        train_mask=torch.arange(12) < 5,
     )
     net = Gat()
     loss = F.cross_entropy(net(graph.x, graph.edge_index)[graph.train_mask], graph.y[graph.train_mask])
@@ -179,7 +184,7 @@ def test_graph_batches_with_tuple_inputs_and_masked_loss():
 
 
 def test_regression_mse_helper_does_not_broadcast():
-    from callbacks.inputs import mse_loss
+    from flatminima.callbacks.inputs import mse_loss
 
     out, target = torch.randn(7, 1, dtype=DT), torch.randn(7, dtype=DT)
     assert float(mse_loss(out, target)) == pytest.approx(float(((out[:, 0] - target) ** 2).mean()), rel=1e-14)
@@ -219,7 +224,7 @@ def re_escape(text: str) -> str:
 def test_measures_import_without_lightning():
     code = (
         "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"
-        "import torch, callbacks.measures as m\n"
+        "import torch, flatminima.callbacks.measures as m\n"
         "net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))\n"
         "print(m.minimum_sharpness(net, [torch.randn(5, 3)]) > 0)\n"
     )

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.minimizers import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, foreach_dot, global_norm
+from flatminima.lightning_modules.minimizers import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, foreach_dot, global_norm
 
 RHO = 0.07
 
@@ -159,8 +159,9 @@ def test_non_finite_gradient_norm_gives_zero_in_finite_entries(tensors, rule):
     grads = [g.clone() for g in grads]
     grads[0][0, 0] = float("inf")
     eps = rule.perturbation(params, grads, names=names)
-    finite_entries = torch.cat([torch.where(torch.isfinite(g), e, torch.zeros_like(e)).flatten()
-                                for g, e in zip(grads, eps)])
+    finite_entries = torch.cat(
+        [torch.where(torch.isfinite(g), e, torch.zeros_like(e)).flatten() for g, e in zip(grads, eps)]
+    )
     if isinstance(rule, SAM) and rule.p == math.inf:
         # the L∞ ascent ρ·sign(g) needs no norm: finite entries keep their sign step
         assert torch.isfinite(torch.cat([e.flatten() for e in eps])).all()
@@ -236,6 +237,7 @@ def test_descent_is_in_place_and_returns_the_perturbed_gradients(tensors):
 
 def test_a_rule_defining_the_old_descent_name_is_refused():
     with pytest.raises(TypeError, match="descent_"):
+
         class OldStyle(SAM):  # noqa: F841
             def descent(self, grads, perturbed_grads):
                 pass

@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch_geometric.data import Data
 
-from lightning_modules import SAM, Classifier, NodeClassifier, Regressor
-from lightning_modules.networks import (
+from flatminima.lightning_modules import SAM, Classifier, NodeClassifier, Regressor
+from flatminima.lightning_modules.networks import (
     FCNN,
     GAT,
     MLP,
@@ -29,8 +29,7 @@ from lightning_modules.networks import (
     SmallCNN,
     WideResNet,
 )
-from lightning_modules.networks.convnet import COMPLEX_BATCH, MIDDLE_BATCH, SIMPLE_BATCH, VGG16_LAYERS
-
+from flatminima.lightning_modules.networks.convnet import COMPLEX_BATCH, MIDDLE_BATCH, SIMPLE_BATCH, VGG16_LAYERS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,18 +91,33 @@ def pyramidnet_basic_count(depth: int, alpha: float, classes: int = 10) -> int:
 
 
 LENET5_BY_HAND = (
-    conv(1, 6, 5, True) + bn(6)  # 156 + 12
-    + conv(6, 16, 5, True) + bn(16)  # 2416 + 32
-    + linear(16 * 5 * 5, 120) + linear(120, 84) + linear(84, 10)  # 48120 + 10164 + 850
+    conv(1, 6, 5, True)
+    + bn(6)  # 156 + 12
+    + conv(6, 16, 5, True)
+    + bn(16)  # 2416 + 32
+    + linear(16 * 5 * 5, 120)
+    + linear(120, 84)
+    + linear(84, 10)  # 48120 + 10164 + 850
 )
 LENET5_NOTEBOOK_BY_HAND = (
-    conv(1, 12, 5, True) + bn(12) + conv(12, 32, 5, True) + bn(32)  # 28 -> 24 -> 12 -> 8 -> 4
-    + linear(32 * 4 * 4, 256) + linear(256, 128) + linear(128, 10)
+    conv(1, 12, 5, True)
+    + bn(12)
+    + conv(12, 32, 5, True)
+    + bn(32)  # 28 -> 24 -> 12 -> 8 -> 4
+    + linear(32 * 4 * 4, 256)
+    + linear(256, 128)
+    + linear(128, 10)
 )
 GAT_ONE_HEAD_BY_HAND = 1433 * 8 + 3 * 8 + 8 * 7 + 3 * 7  # lin + att_src/att_dst/bias per layer
 GAT_BY_HAND = (
-    1433 * 64 + 64 + 64 + 64  # lin (no bias) + att_src + att_dst (8 heads x 8) + bias
-    + 64 * 7 + 7 + 7 + 7  # output layer, 1 head, 7 classes
+    1433 * 64
+    + 64
+    + 64
+    + 64  # lin (no bias) + att_src + att_dst (8 heads x 8) + bias
+    + 64 * 7
+    + 7
+    + 7
+    + 7  # output layer, 1 head, 7 classes
 )
 
 # name: (factory, expected count, tolerance (relative), where the number comes from)
@@ -112,14 +126,19 @@ COUNTS = {
     "VGG16": (VGG16, 15.0e6, 0.005, "VGG-16-BN CIFAR, one 512 hidden layer: about 15.0M"),
     "VGG16 hand": (VGG16, convnet_count(3, VGG16_LAYERS, 32, [512]), 0.0, "hand count of the layer shapes"),
     "VGG16 no hidden": (
-        lambda: VGG16(hidden=[]), 14_728_266 - 4_224, 0.0,
+        lambda: VGG16(hidden=[]),
+        14_728_266 - 4_224,
+        0.0,
         "pytorch-cifar's VGG16 (14,728,266) without its 4,224 conv biases, which BN makes redundant",
     ),
     "WRN-16-8": (WideResNet, 11.0e6, 0.005, "Zagoruyko & Komodakis (2016), table: WRN-16-8 11.0M"),
     "PyramidNet-110-48": (PyramidNet, 1.7e6, 0.05, "Han et al. (2017), table 4: 1.7M"),
     "PyramidNet-110-48 hand": (PyramidNet, pyramidnet_basic_count(110, 48), 0.0, "hand count of the unit widths"),
     "PyramidNet-272-200": (
-        lambda: PyramidNet(depth=272, alpha=200, bottleneck=True), 26.0e6, 0.01, "Han et al. (2017), table 4: 26.0M",
+        lambda: PyramidNet(depth=272, alpha=200, bottleneck=True),
+        26.0e6,
+        0.01,
+        "Han et al. (2017), table 4: 26.0M",
     ),
     "LeNet5": (LeNet5, LENET5_BY_HAND, 0.0, "hand count of the layer shapes: 61,750"),
     "SmallCNN": (SmallCNN, 1_199_882, 0.0, "the Keras MNIST CNN example's summary"),
@@ -131,26 +150,38 @@ COUNTS = {
     "ComplexBatch FMNIST": (ComplexBatch, convnet_count(1, COMPLEX_BATCH, 28, [256]), 0.0, "hand count"),
     "SimpleBatch CIFAR": (lambda: SimpleBatch(3, 10, 32), convnet_count(3, SIMPLE_BATCH, 32, [256]), 0.0, "hand count"),
     "ComplexBatch CIFAR": (
-        lambda: ComplexBatch(3, 10, 32), convnet_count(3, COMPLEX_BATCH, 32, [256]), 0.0, "hand count",
+        lambda: ComplexBatch(3, 10, 32),
+        convnet_count(3, COMPLEX_BATCH, 32, [256]),
+        0.0,
+        "hand count",
     ),
     "MatrixFactorization": (MatrixFactorization, 100 * 100, 0.0, "U is d x width"),
     "SimpleBatch digits": (lambda: SimpleBatch(1, 10, 8), convnet_count(1, SIMPLE_BATCH, 8, [256]), 0.0, "hand count"),
     "MiddleBatch digits": (lambda: MiddleBatch(1, 10, 8), convnet_count(1, MIDDLE_BATCH, 8, [256]), 0.0, "hand count"),
     "ComplexBatch digits": (
-        lambda: ComplexBatch(1, 10, 8), convnet_count(1, COMPLEX_BATCH, 8, [256]), 0.0, "hand count",
+        lambda: ComplexBatch(1, 10, 8),
+        convnet_count(1, COMPLEX_BATCH, 8, [256]),
+        0.0,
+        "hand count",
     ),
     "ResNet digits": (
-        lambda: ResNet(1, 10, [2, 2, 2, 2], 8), resnet_basic_count(1, [2, 2, 2, 2], 8), 0.0,
+        lambda: ResNet(1, 10, [2, 2, 2, 2], 8),
+        resnet_basic_count(1, [2, 2, 2, 2], 8),
+        0.0,
         "hand count of configs/model/resnet_digits.yaml: 176,258",
     ),
     "ResNet18 hand": (ResNet18, resnet_basic_count(3, [2, 2, 2, 2], 64), 0.0, "hand count = 11,173,962"),
     "LeNet5 notebook": (
-        lambda: LeNet5(channels=[12, 32], hidden=[256, 128], padding=0), LENET5_NOTEBOOK_BY_HAND, 0.0,
+        lambda: LeNet5(channels=[12, 32], hidden=[256, 128], padding=0),
+        LENET5_NOTEBOOK_BY_HAND,
+        0.0,
         "hand count of Hammoud et al.'s notebook LeNet: 175,546",
     ),
     "GAT one head": (lambda: GAT(heads=1), GAT_ONE_HEAD_BY_HAND, 0.0, "hand count = PyG GAT(1433, 8, 2, 7): 11,565"),
     "FCNN ELU output": (
-        lambda: FCNN(activation="elu", output_activation="elu"), linear(10, 64) + linear(64, 64) + linear(64, 1), 0.0,
+        lambda: FCNN(activation="elu", output_activation="elu"),
+        linear(10, 64) + linear(64, 64) + linear(64, 1),
+        0.0,
         "activations have no parameters",
     ),
 }
@@ -209,7 +240,11 @@ def one_sam_step(module: pl.LightningModule, batch) -> None:
     """Fit one step with SAM; the weights must move and stay finite."""
     before = [p.detach().clone() for p in module.parameters()]
     trainer = pl.Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         enable_model_summary=False,
     )
     trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None, collate_fn=lambda b: b))

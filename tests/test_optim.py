@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules.optim import AdaBound, AdaShift
+from flatminima.lightning_modules.optim import AdaBound, AdaShift
 
 po = pytest.importorskip("pytorch_optimizer", reason="pytorch-optimizer is the test oracle (pip install '.[test]')")
 from pytorch_optimizer.base.optimizer import BaseOptimizer  # noqa: E402
@@ -24,9 +24,10 @@ def _net(seed=0):
 
 def _batches(n=STEPS, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g,
-                                                                              dtype=torch.float64))
-            for _ in range(n)]
+    return [
+        (torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(16, 3, generator=g, dtype=torch.float64))
+        for _ in range(n)
+    ]
 
 
 def _train(net, opt, batches):
@@ -60,8 +61,13 @@ def test_adabound_matches_the_reference(oracle_without_sqrt_eps, amsbound, weigh
     a = copy.deepcopy(net)
     b = copy.deepcopy(net)
     _train(a, AdaBound(a.parameters(), lr=1e-2, final_lr=0.1, weight_decay=weight_decay, amsbound=amsbound), batches)
-    _train(b, po.AdaBound(b.parameters(), lr=1e-2, final_lr=0.1, weight_decay=weight_decay, weight_decouple=False,
-                          ams_bound=amsbound), batches)
+    _train(
+        b,
+        po.AdaBound(
+            b.parameters(), lr=1e-2, final_lr=0.1, weight_decay=weight_decay, weight_decouple=False, ams_bound=amsbound
+        ),
+        batches,
+    )
     assert _max_diff(a, b) < 1e-12
     assert _max_diff(a, ours) > 1e-3  # it did move
 

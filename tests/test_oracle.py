@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_modules import ASAM, GSAM, SAM, Classifier
+from flatminima.lightning_modules import ASAM, GSAM, SAM, Classifier
 from tests.helpers import bn_mlp, classification_batches, clone, fixed_batches, quiet_trainer
 
 po = pytest.importorskip("pytorch_optimizer", reason="pytorch-optimizer is the test oracle (pip install '.[test]')")
@@ -37,6 +37,8 @@ def oracle_norm_in_float64(monkeypatch):
         return torch.stack([g.norm() for g in grads]).square().sum().reshape(1)
 
     monkeypatch.setattr(po.optimizer.sam, "get_global_gradient_norm", global_norm_sq)
+
+
 BASES = {
     "sgd_momentum": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4)),
     "adam": (torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-4)),

@@ -1,4 +1,4 @@
-"""Exact per-layer cross-entropy Hessian traces (callbacks.per_layer_traces) against brute-force Hessians.
+"""Exact per-layer cross-entropy Hessian traces (flatminima.callbacks.per_layer_traces) against brute-force Hessians.
 
 Also the refusal of networks without the α-scale symmetry that the traces assume.
 """
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks import measures
-from callbacks.per_layer_traces import _ce_hessian_factor, _LayerAccumulator, feed_forward_layers
+from flatminima.callbacks import measures
+from flatminima.callbacks.per_layer_traces import _ce_hessian_factor, _LayerAccumulator, feed_forward_layers
 from tests.measure_nets import DT, brute_hessian, cnn_bn, data, fold_bn, gen, mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,7 +70,7 @@ def test_layer_traces_equal_brute_force_hessian_diagonal():
 )
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 def test_conv_patches_reproduce_the_convolution(kwargs):
-    from callbacks.per_layer_traces import _conv_patches
+    from flatminima.callbacks.per_layer_traces import _conv_patches
 
     conv = nn.Conv2d(3, 5, bias=False, **kwargs).to(DT)
     a = torch.randn(2, 3, 9, 8, generator=gen(0), dtype=DT)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 
-from lightning_modules import ASAM, GSAM, SAM, USAM, Classifier
+from flatminima.lightning_modules import ASAM, GSAM, SAM, USAM, Classifier
 from tests.helpers import bn_mlp, classification_batches, clone, fixed_batches, params_of, quiet_trainer
 
 LR = 0.05

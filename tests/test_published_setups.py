@@ -8,12 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-import cli
+from flatminima import cli
 
 CONFIGS = cli.ROOT / "configs"
 AGSAM_PUBLISHED = (
-    "--config", str(CONFIGS / "minimizer/agsam.yaml"), "--model.init_args.minimizer.init_args.rho", "0.5",
-    "--model.init_args.minimizer.init_args.alpha", "0.04", "--model.init_args.minimizer.init_args.gamma", "0.1",
+    "--config",
+    str(CONFIGS / "minimizer/agsam.yaml"),
+    "--model.init_args.minimizer.init_args.rho",
+    "0.5",
+    "--model.init_args.minimizer.init_args.alpha",
+    "0.04",
+    "--model.init_args.minimizer.init_args.gamma",
+    "0.1",
 )
 
 
@@ -41,7 +47,14 @@ def test_moons_published_arms_share_their_initial_weights():
         assert all(torch.count_nonzero(m.bias) == 0 for m in linears)  # Keras' zero biases (Glorot weights)
         h = c.datamodule.hparams
         assert (h.data_seed, h.split, h.split_seed, h.test_fraction, h.val_fraction, h.standardize, h.batch_size) == (
-            10, "sklearn", 42, 0.3, 0.0, True, 64)
+            10,
+            "sklearn",
+            42,
+            0.3,
+            0.0,
+            True,
+            64,
+        )
     for a, b in zip(gsam.model.net.state_dict().values(), agsam.model.net.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
@@ -68,8 +81,13 @@ def test_matrix_sensing_published_values():
     assert (h.dim, h.rank, h.num_measurements, h.batch_size, h.dtype) == (100, 5, 2500, 2500, "float64")
     # U_0 = 0.05 N(0, 1): the sample standard deviation of its 10^4 entries is 0.05 within 3 %
     assert c.model.net.U.std().item() == pytest.approx(0.05, rel=0.03)
-    usam = make_cli("experiments/matrix_sensing_published.yaml", "--config", str(CONFIGS / "minimizer/usam.yaml"),
-                    "--model.init_args.minimizer.init_args.rho", "0.1")
+    usam = make_cli(
+        "experiments/matrix_sensing_published.yaml",
+        "--config",
+        str(CONFIGS / "minimizer/usam.yaml"),
+        "--model.init_args.minimizer.init_args.rho",
+        "0.1",
+    )
     assert type(usam.model.minimizer).__name__ == "USAM" and usam.model.minimizer.rho == 0.1
     assert usam.model.loss_scale == 0.5
 
@@ -80,8 +98,13 @@ def test_notebook_configs_hold_the_notebooks_values():
     assert acts == ["Linear", "ELU", "Linear", "ELU", "Linear", "ELU"]
     assert ab.model.configure_optimizers().defaults["lr"] == 0.102
     h = ab.datamodule.hparams
-    assert (h.split, h.split_seed, h.skip_first_row, h.standardize_targets, h.full_batch) == ("sklearn", 42, True,
-                                                                                             True, True)
+    assert (h.split, h.split_seed, h.skip_first_row, h.standardize_targets, h.full_batch) == (
+        "sklearn",
+        42,
+        True,
+        True,
+        True,
+    )
     stop = [cb for cb in ab.trainer.callbacks if type(cb).__name__ == "RelativeLossStopping"][0]
     assert (stop.threshold, stop.change_mode, ab.trainer.max_epochs) == (0.05, "decrease", 12)
     sharp = [cb for cb in ab.trainer.callbacks if type(cb).__name__ == "AdaptiveSharpness"][0]

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import pytest
 from matplotlib.figure import Figure
 
-from studies import ranking
+from flatminima.studies import ranking
 
 GRANULATED = [
     {"x": "sharpness/a", "y": "gap/acc", "per_axis": {"lr": 0.5, "width": 0.1}, "psi": 0.3},
@@ -52,14 +52,19 @@ def test_rows_without_cmi_or_kendall_and_ties_in_psi_broken_by_cmi_then_name():
 
 
 def test_ranks_are_per_gap_key_highest_first_ties_share_the_best_rank_and_none_has_none():
-    rows = [{"x": "p", "y": "g", "v": 0.2}, {"x": "q", "y": "g", "v": 0.7}, {"x": "r", "y": "g", "v": 0.2},
-            {"x": "s", "y": "g", "v": None}, {"x": "p", "y": "h", "v": -1.0}]
+    rows = [
+        {"x": "p", "y": "g", "v": 0.2},
+        {"x": "q", "y": "g", "v": 0.7},
+        {"x": "r", "y": "g", "v": 0.2},
+        {"x": "s", "y": "g", "v": None},
+        {"x": "p", "y": "h", "v": -1.0},
+    ]
     assert ranking.ranks(rows, "v") == [2, 1, 2, None, 1]
 
 
 def test_the_markdown_table_ranks_every_measure_by_psi_and_by_cmi():
     lines = ranking.ranking_markdown(ranking.ranking_rows(GRANULATED, CMI, KENDALL))
-    table = lines[lines.index("| y | x | Ψ | rank (Ψ) | CMI | rank (CMI) | τ |") + 2:-1]
+    table = lines[lines.index("| y | x | Ψ | rank (Ψ) | CMI | rank (CMI) | τ |") + 2 : -1]
     assert table == [
         "| gap/acc | sharpness/b | 0.800 | 1 | 0.400 | 1 | 0.600 |",
         "| gap/acc | sharpness/a | 0.300 | 2 | 0.400 | 1 | 0.250 |",
@@ -87,9 +92,12 @@ def test_the_figure_draws_psi_per_axis_and_psi_per_measure_sorted_by_psi_without
     acc, loss = fig.axes[:2]
     assert [t.get_text() for t in acc.get_xticklabels()] == ["sharpness/b", "sharpness/a", "complexity/norm"]
     w = 0.8 / 3  # three series: ψ lr, ψ width, Ψ
-    want = [(round(i + k * w, 6), v, label) for i, values in enumerate([(0.9, 0.7, 0.8), (0.5, 0.1, 0.3),
-                                                                         (-0.4, None, -0.4)])
-            for k, (v, label) in zip((-1, 0, 1), zip(values, ("ψ lr", "ψ width", "Ψ"))) if v is not None]
+    want = [
+        (round(i + k * w, 6), v, label)
+        for i, values in enumerate([(0.9, 0.7, 0.8), (0.5, 0.1, 0.3), (-0.4, None, -0.4)])
+        for k, (v, label) in zip((-1, 0, 1), zip(values, ("ψ lr", "ψ width", "Ψ")))
+        if v is not None
+    ]
     assert bars_of(acc) == pytest.approx(sorted(want))  # complexity/params (nothing finite) is not drawn
     assert [t.get_text() for t in loss.get_xticklabels()] == ["sharpness/a"]
     assert [h for _, h, _ in bars_of(loss)] == [0.2, 0.2, 0.2]

@@ -9,21 +9,24 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules import MoonsDataModule
-from lightning_modules import ASAM, GSAM, SAM, Classifier
-from lightning_modules.networks import MLP
-from lightning_modules.optim import AdaShift
+from flatminima.datamodules import MoonsDataModule
+from flatminima.lightning_modules import ASAM, GSAM, SAM, Classifier
+from flatminima.lightning_modules.networks import MLP
+from flatminima.lightning_modules.optim import AdaShift
 from tests.helpers import quiet_trainer
 
 COMBOS = {
     # SGD + SAM with a per-step schedule
     "sgd_sam": lambda: dict(
-        optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4), minimizer=SAM(rho=0.05),
-        lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=7, gamma=0.8), lr_scheduler_interval="step",
+        optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4),
+        minimizer=SAM(rho=0.05),
+        lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=7, gamma=0.8),
+        lr_scheduler_interval="step",
     ),
     # Adam + GSAM whose rho follows an epoch schedule
     "adam_gsam": lambda: dict(
-        optimizer=partial(torch.optim.Adam, lr=1e-2), minimizer=GSAM(rho=0.1, alpha=0.2, rho_min=0.01),
+        optimizer=partial(torch.optim.Adam, lr=1e-2),
+        minimizer=GSAM(rho=0.1, alpha=0.2, rho_min=0.01),
         lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
     ),
     # AdaShift (window state in the optimizer) + ASAM

@@ -14,11 +14,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import RunSummary
-from callbacks.summary import gaps
+from flatminima.callbacks import RunSummary
+from flatminima.callbacks.summary import gaps
 
-QUIET = dict(enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-             enable_checkpointing=False, num_sanity_val_steps=0)
+QUIET = dict(
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    accelerator="cpu",
+    devices=1,
+    enable_checkpointing=False,
+    num_sanity_val_steps=0,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,15 +94,25 @@ def test_summary_of_a_foreign_module_holds_what_tensorboard_holds(tmp_path):
     trainer.test(module, loader(seed=2))
     s = json.loads(path.read_text())
     tb = scalars(tmp_path)
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc", "sharpness/weight_norm",
-                "custom"):
+    for key in (
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "test/loss",
+        "test/acc",
+        "sharpness/weight_norm",
+        "custom",
+    ):
         assert s["metrics"][key] == tb[key][-1][1], key  # the final value, exactly as TensorBoard stores it
     assert s["metrics"]["gap/acc"] == pytest.approx(s["metrics"]["train/acc"] - s["metrics"]["test/acc"], abs=0)
     assert s["metrics"]["gap/loss"] == pytest.approx(s["metrics"]["test/loss"] - s["metrics"]["train/loss"], abs=0)
-    assert [(e, st, v) for e, st, v in s["history"]["train/loss"]] == [(e, st, v) for e, (st, v) in
-                                                                       enumerate(tb["train/loss"])]
-    assert [(x["epoch"], x["step"], x["value"]) for x in s["sharpness"]] == \
-        [(e, st, v) for e, (st, v) in enumerate(tb["sharpness/weight_norm"])]
+    assert [(e, st, v) for e, st, v in s["history"]["train/loss"]] == [
+        (e, st, v) for e, (st, v) in enumerate(tb["train/loss"])
+    ]
+    assert [(x["epoch"], x["step"], x["value"]) for x in s["sharpness"]] == [
+        (e, st, v) for e, (st, v) in enumerate(tb["sharpness/weight_norm"])
+    ]
     assert s["epochs"] == 3 and s["global_step"] == 12 and s["threshold_epoch"] is None
     assert s["wall_time_s"] > 0 and s["config"] is None
 
@@ -110,8 +126,12 @@ def test_finish_after_test_writes_only_once_the_test_ran(tmp_path):
             return loader(seed=2)
 
     path = tmp_path / "s.json"
-    trainer = pl.Trainer(max_epochs=1, logger=TensorBoardLogger(tmp_path), **QUIET,
-                         callbacks=[RunSummary(str(path), finish_after="test")])
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=TensorBoardLogger(tmp_path),
+        **QUIET,
+        callbacks=[RunSummary(str(path), finish_after="test")],
+    )
     module, data = Foreign(), Data()
     trainer.fit(module, datamodule=data)
     assert not path.exists()  # a test follows: a run killed now must not look finished
@@ -122,8 +142,7 @@ def test_finish_after_test_writes_only_once_the_test_ran(tmp_path):
 
 def test_a_failing_fit_is_recorded_with_its_error_and_what_was_logged(tmp_path):
     path = tmp_path / "s.json"
-    trainer = pl.Trainer(max_epochs=3, logger=TensorBoardLogger(tmp_path), callbacks=[RunSummary(str(path))],
-                         **QUIET)
+    trainer = pl.Trainer(max_epochs=3, logger=TensorBoardLogger(tmp_path), callbacks=[RunSummary(str(path))], **QUIET)
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(Foreign(fail_at_epoch=1), loader())
     s = json.loads(path.read_text())
@@ -141,14 +160,35 @@ def test_without_a_logger_the_callback_metrics_are_the_values(tmp_path):
 
 
 def test_gaps_are_positive_when_the_test_is_worse():
-    got = gaps({"train/acc": 0.9, "test/acc": 0.8, "train/loss": 0.1, "test/loss": 0.4, "train/mae": 1.0,
-                "test/mae": 1.5, "train/other_acc": 1.0, "test/other_acc": 0.5, "train/x": 1.0, "val/x": 2.0})
+    got = gaps(
+        {
+            "train/acc": 0.9,
+            "test/acc": 0.8,
+            "train/loss": 0.1,
+            "test/loss": 0.4,
+            "train/mae": 1.0,
+            "test/mae": 1.5,
+            "train/other_acc": 1.0,
+            "test/other_acc": 0.5,
+            "train/x": 1.0,
+            "val/x": 2.0,
+        }
+    )
     assert got == pytest.approx({"gap/acc": 0.1, "gap/loss": 0.3, "gap/mae": 0.5, "gap/other_acc": 0.5})
 
 
 def test_gaps_take_the_final_weights_on_the_training_set_when_they_were_evaluated():
-    got = gaps({"train/acc": 0.9, "train_final/acc": 0.95, "test/acc": 0.8, "train/loss": 0.3, "test/loss": 0.4,
-                "train_final/mae": 1.0, "test/mae": 1.5})
+    got = gaps(
+        {
+            "train/acc": 0.9,
+            "train_final/acc": 0.95,
+            "test/acc": 0.8,
+            "train/loss": 0.3,
+            "test/loss": 0.4,
+            "train_final/mae": 1.0,
+            "test/mae": 1.5,
+        }
+    )
     assert got == pytest.approx({"gap/acc": 0.15, "gap/loss": 0.1, "gap/mae": 0.5})
 
 
@@ -168,6 +208,7 @@ class Diverging(Foreign):
 
 def strict_json(text: str):
     """``json.loads`` refusing the NaN/Infinity tokens Python would otherwise accept."""
+
     def refuse(token):
         raise ValueError(f"not JSON: {token}")
 
@@ -176,8 +217,7 @@ def strict_json(text: str):
 
 def test_non_finite_values_are_written_as_strings_and_read_back_as_floats(tmp_path):
     path = tmp_path / "s.json"
-    trainer = pl.Trainer(max_epochs=2, logger=TensorBoardLogger(tmp_path), callbacks=[RunSummary(str(path))],
-                         **QUIET)
+    trainer = pl.Trainer(max_epochs=2, logger=TensorBoardLogger(tmp_path), callbacks=[RunSummary(str(path))], **QUIET)
     module = Diverging()
     trainer.fit(module, loader())
     trainer.test(module, loader(seed=2))
@@ -185,7 +225,7 @@ def test_non_finite_values_are_written_as_strings_and_read_back_as_floats(tmp_pa
     assert raw["metrics"]["train/loss"] == "inf" and raw["metrics"]["sharpness/weight_norm"] == "nan"
     assert raw["metrics"]["gap/loss"] == "-inf"  # test − train with train = ∞
     assert raw["history"]["train/loss"][-1][2] == "inf" and raw["sharpness"][-1]["value"] == "nan"
-    from formats.summary import decode, read_summary
+    from flatminima.formats.summary import decode, read_summary
 
     s = read_summary(path)
     assert s == decode(raw) and s["status"] == "finished"

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from callbacks import (
+from flatminima.callbacks import (
     AdaptiveSharpness,
     GradientNormSharpness,
     HessianSpectrum,
@@ -91,7 +91,7 @@ def subset_batches(data: Dataset, indices: list[int], batch_size: int) -> list:
     """The callback's fixed subset, rebuilt independently from the stored indices."""
     x = torch.stack([data[i][0] for i in indices])
     y = torch.stack([data[i][1] for i in indices])
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(indices), batch_size)]
 
 
 # ---------------------------------------------------------------------------------------- values and storage
@@ -104,8 +104,13 @@ def test_callbacks_in_a_foreign_module_log_and_store_the_pure_function_values(tm
     hessian = HessianSpectrum(k=2, tol=1e-6, n_probes=6, num_samples=40, batch_size=40)
     grad = GradientNormSharpness(rho=0.05, every_n_epochs=3, num_samples=30, batch_size=10)
     module = Plain()
-    trainer = pl.Trainer(max_epochs=3, callbacks=[ckpt, minimum, adaptive, hessian, grad],
-                         logger=CSVLogger(tmp_path), default_root_dir=tmp_path, **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[ckpt, minimum, adaptive, hessian, grad],
+        logger=CSVLogger(tmp_path),
+        default_root_dir=tmp_path,
+        **QUIET,
+    )
     trainer.fit(module, loader)
 
     # The checkpoint fired once training loss <= 0.9 (and at the end); measures ran at those saves only.
@@ -115,11 +120,19 @@ def test_callbacks_in_a_foreign_module_log_and_store_the_pure_function_values(tm
     last = torch.load(ckpt.saved[-1]["path"], weights_only=False)
     assert last["loss_threshold"]["epoch"] == 2
     stored = last["sharpness"]
-    expected_keys = {"sharpness/minimum", "sharpness/minimum_trace", "sharpness/adaptive",
-                     "sharpness/adaptive_ascent_loss", "sharpness/adaptive_clean_loss",
-                     "sharpness/adaptive_ascent_falls", "sharpness/hessian_eig1",
-                     "sharpness/hessian_eig2", "sharpness/hessian_trace", "sharpness/hessian_trace_stderr",
-                     "sharpness/gradient_norm_subset"}
+    expected_keys = {
+        "sharpness/minimum",
+        "sharpness/minimum_trace",
+        "sharpness/adaptive",
+        "sharpness/adaptive_ascent_loss",
+        "sharpness/adaptive_clean_loss",
+        "sharpness/adaptive_ascent_falls",
+        "sharpness/hessian_eig1",
+        "sharpness/hessian_eig2",
+        "sharpness/hessian_trace",
+        "sharpness/hessian_trace_stderr",
+        "sharpness/gradient_norm_subset",
+    }
     assert set(stored) == expected_keys
     for key in expected_keys:
         assert float(trainer.callback_metrics[key]) == pytest.approx(stored[key], rel=1e-6)
@@ -133,13 +146,16 @@ def test_callbacks_in_a_foreign_module_log_and_store_the_pure_function_values(tm
     assert stored["sharpness/minimum"] == pytest.approx(measures.minimum_sharpness(net, ms_batches), rel=1e-12)
     ad_batches = subset_batches(data, adaptive.state_dict()["indices"], 20)
     assert stored["sharpness/adaptive"] == pytest.approx(
-        measures.adaptive_sharpness(net, ad_batches, 0.02, n_iters=6), rel=1e-12)
+        measures.adaptive_sharpness(net, ad_batches, 0.02, n_iters=6), rel=1e-12
+    )
     h_batches = subset_batches(data, hessian.state_dict()["indices"], 40)
     assert [stored["sharpness/hessian_eig1"], stored["sharpness/hessian_eig2"]] == pytest.approx(
-        measures.hessian_eigenvalues(net, h_batches, 2, tol=1e-6), rel=1e-12)
+        measures.hessian_eigenvalues(net, h_batches, 2, tol=1e-6), rel=1e-12
+    )
     gn_batches = subset_batches(data, grad.state_dict()["indices"], 10)
     assert stored["sharpness/gradient_norm_subset"] == pytest.approx(
-        measures.gradient_norm_sharpness(net, gn_batches, 0.05), rel=1e-12)
+        measures.gradient_norm_sharpness(net, gn_batches, 0.05), rel=1e-12
+    )
     assert not any(p.grad is None for p in net.parameters())  # training state untouched by the measures
 
 
@@ -148,31 +164,46 @@ def test_gradient_norm_sharpness_adds_no_forward_or_backward(tmp_path):
     counts = []
     for callbacks in ([], [GradientNormSharpness(rho=0.05)]):
         module = Plain()
-        trainer = pl.Trainer(max_epochs=2, callbacks=callbacks, logger=False, default_root_dir=tmp_path,
-                             enable_checkpointing=False, **QUIET)
+        trainer = pl.Trainer(
+            max_epochs=2,
+            callbacks=callbacks,
+            logger=False,
+            default_root_dir=tmp_path,
+            enable_checkpointing=False,
+            **QUIET,
+        )
         trainer.fit(module, loader)
         counts.append((module.forwards, module.backwards))
     assert counts[0] == counts[1] == (12, 12)
     # The logged epoch mean is ρ·mean‖g‖ of the last epoch's steps, as the module computed them itself.
     assert float(trainer.callback_metrics["sharpness/gradient_norm"]) == pytest.approx(
-        0.05 * sum(module.grad_norms[6:]) / 6, rel=1e-5)
+        0.05 * sum(module.grad_norms[6:]) / 6, rel=1e-5
+    )
     assert float(trainer.callback_metrics["sharpness/gradient_norm_step"]) == pytest.approx(
-        0.05 * module.grad_norms[-1], rel=1e-5)
+        0.05 * module.grad_norms[-1], rel=1e-5
+    )
 
 
 def test_gradient_norm_sharpness_reads_the_clean_pass_of_the_sam_module(tmp_path):
-    from lightning_modules import Classifier
-    from lightning_modules.minimizers import SAM
+    from flatminima.lightning_modules import Classifier
+    from flatminima.lightning_modules.minimizers import SAM
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
     module = Classifier(net, num_classes=3, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), minimizer=SAM(rho=0.3))
-    trainer = pl.Trainer(max_epochs=1, callbacks=[GradientNormSharpness(rho=0.5)], logger=False,
-                         default_root_dir=tmp_path, enable_checkpointing=False, **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[GradientNormSharpness(rho=0.5)],
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        **QUIET,
+    )
     trainer.fit(module, DataLoader(dataset(), batch_size=16))
     # train/grad_norm is the module's own pass-1 ‖∇L_B(w)‖ (epoch mean over equal batches).
     assert float(trainer.callback_metrics["sharpness/gradient_norm"]) == pytest.approx(
-        0.5 * float(trainer.callback_metrics["train/grad_norm"]), rel=1e-5)
+        0.5 * float(trainer.callback_metrics["train/grad_norm"]), rel=1e-5
+    )
 
 
 # ---------------------------------------------------------------------------------------- the schedule
@@ -182,8 +213,9 @@ LOSSES = [1.0, 0.5, 0.2, 0.009, 0.02, 0.03, 0.008, 0.001, 0.001, 0.001, 0.001, 0
 def _fit_schedule(tmp_path, max_epochs, anchor="threshold", ckpt_path=None):
     ckpt = LossThresholdCheckpoint(threshold=0.01, every_n_epochs=3, anchor=anchor, dirpath=str(tmp_path / anchor))
     measure = MinimumSharpness(num_samples=20, batch_size=20)
-    trainer = pl.Trainer(max_epochs=max_epochs, callbacks=[ckpt, measure], logger=False, default_root_dir=tmp_path,
-                         **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=max_epochs, callbacks=[ckpt, measure], logger=False, default_root_dir=tmp_path, **QUIET
+    )
     trainer.fit(Plain(LOSSES), DataLoader(dataset(48), batch_size=16), ckpt_path=ckpt_path)
     return ckpt, measure
 
@@ -199,8 +231,12 @@ def test_loss_threshold_schedule_and_resume(tmp_path):
     # Resume from the epoch-6 checkpoint: the threshold epoch, the history and the subset come back.
     resumed, measure2 = _fit_schedule(tmp_path, 11, ckpt_path=ckpt.saved[1]["path"])
     assert resumed.threshold_epoch == 3
-    assert [(s["epoch"], s["reason"]) for s in resumed.saved] == [(3, "threshold"), (6, "periodic"), (9, "periodic"),
-                                                                  (10, "end")]
+    assert [(s["epoch"], s["reason"]) for s in resumed.saved] == [
+        (3, "threshold"),
+        (6, "periodic"),
+        (9, "periodic"),
+        (10, "end"),
+    ]
     assert [h["epoch"] for h in measure2.history] == [3, 6, 9, 10]
     assert measure2.state_dict()["indices"] == measure.state_dict()["indices"]
 
@@ -211,13 +247,21 @@ def test_the_values_are_stored_once_and_older_checkpoints_holding_them_twice_res
     records = file["callbacks"][ckpt.state_key]["saved"]
     assert [r["epoch"] for r in records] == [3, 6] and not any(k.startswith("sharpness/") for r in records for k in r)
     for r in records:  # the format written before: each save record also held the values of its measures
-        r.update({k: v for h in measure.history if h["epoch"] == r["epoch"] for k, v in h.items()
-                  if k.startswith("sharpness/")})
+        r.update(
+            {
+                k: v
+                for h in measure.history
+                if h["epoch"] == r["epoch"]
+                for k, v in h.items()
+                if k.startswith("sharpness/")
+            }
+        )
     torch.save(file, tmp_path / "older.ckpt")
     resumed, _ = _fit_schedule(tmp_path / "resumed", 11, ckpt_path=str(tmp_path / "older.ckpt"))
     full, _ = _fit_schedule(tmp_path / "full", 11)
-    assert [{k: v for k, v in s.items() if k != "path"} for s in resumed.saved] == \
-        [{k: v for k, v in s.items() if k != "path"} for s in full.saved]
+    assert [{k: v for k, v in s.items() if k != "path"} for s in resumed.saved] == [
+        {k: v for k, v in s.items() if k != "path"} for s in full.saved
+    ]
     assert all("sharpness/minimum" in s for s in full.saved)
     assert not any(k.startswith("sharpness/") for r in resumed.state_dict()["saved"] for k in r)
 
@@ -239,8 +283,9 @@ class Silent(Plain):
 
 
 def test_missing_monitor_is_reported_with_the_logged_names(tmp_path):
-    trainer = pl.Trainer(max_epochs=1, callbacks=[LossThresholdCheckpoint(dirpath=str(tmp_path))], logger=False,
-                         **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=1, callbacks=[LossThresholdCheckpoint(dirpath=str(tmp_path))], logger=False, **QUIET
+    )
     with pytest.raises(ValueError, match=r"Invalid monitor: 'train/loss'.*'loss'"):
         trainer.fit(Silent(), DataLoader(dataset(32), batch_size=16))
 
@@ -267,29 +312,44 @@ def test_batch_to_inputs_and_network_path(tmp_path):
             self.log("train/loss", loss, on_epoch=True, on_step=False)
             return loss
 
-    callback = AdaptiveSharpness(rho=0.01, n_iters=3, num_samples=None, batch_size=40, every_n_epochs=1,
-                                 on_checkpoint=False, network="model",
-                                 batch_to_inputs=lambda b: (b["features"], b["label"]))
+    callback = AdaptiveSharpness(
+        rho=0.01,
+        n_iters=3,
+        num_samples=None,
+        batch_size=40,
+        every_n_epochs=1,
+        on_checkpoint=False,
+        network="model",
+        batch_to_inputs=lambda b: (b["features"], b["label"]),
+    )
     module = DictModule()
-    trainer = pl.Trainer(max_epochs=1, callbacks=[callback], logger=False, default_root_dir=tmp_path,
-                         enable_checkpointing=False, **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=1, callbacks=[callback], logger=False, default_root_dir=tmp_path, enable_checkpointing=False, **QUIET
+    )
     trainer.fit(module, DataLoader(DictData(), batch_size=20))
     x = torch.stack([DictData()[i]["features"] for i in callback.state_dict()["indices"]])
     y = torch.stack([DictData()[i]["label"] for i in callback.state_dict()["indices"]])
     assert sorted(callback.state_dict()["indices"]) == list(range(40))
     assert callback.history[-1]["sharpness/adaptive"] == pytest.approx(
-        measures.adaptive_sharpness(module.model, [(x, y)], 0.01, n_iters=3), rel=1e-12)
+        measures.adaptive_sharpness(module.model, [(x, y)], 0.01, n_iters=3), rel=1e-12
+    )
 
 
 def test_a_measure_without_trigger_warns(tmp_path):
-    trainer = pl.Trainer(max_epochs=1, callbacks=[MinimumSharpness()], logger=False, default_root_dir=tmp_path,
-                         enable_checkpointing=False, **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[MinimumSharpness()],
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        **QUIET,
+    )
     with pytest.warns(UserWarning, match="will not measure"):
         trainer.fit(Plain(), DataLoader(dataset(32), batch_size=16))
 
 
 def test_any_callback_with_the_trigger_capability_runs_the_checkpoint_measures(tmp_path, recwarn):
-    from callbacks.base import measure_on_save
+    from flatminima.callbacks.base import measure_on_save
 
     class EveryEpoch(pl.Callback):  # not a LossThresholdCheckpoint: found by triggers_measures alone
         triggers_measures = True
@@ -299,13 +359,21 @@ def test_any_callback_with_the_trigger_capability_runs_the_checkpoint_measures(t
 
     measure = MinimumSharpness(num_samples=20, batch_size=20)
     idle = MinimumSharpness(name="idle", on_checkpoint=False)
-    trainer = pl.Trainer(max_epochs=2, callbacks=[EveryEpoch(), measure, idle], logger=False,
-                         default_root_dir=tmp_path, enable_checkpointing=False, **QUIET)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[EveryEpoch(), measure, idle],
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        **QUIET,
+    )
     trainer.fit(Plain(), DataLoader(dataset(32), batch_size=16))
     assert [h["epoch"] for h in measure.history] == [0, 1] and idle.history == []
     messages = [str(w.message) for w in recwarn if "will not measure" in str(w.message)]
-    assert messages == ["MinimumSharpness('idle') will not measure: it has every_n_epochs=None, at_end=False and "
-                        "on_checkpoint=False; add callbacks.LossThresholdCheckpoint or set every_n_epochs or at_end"]
+    assert messages == [
+        "MinimumSharpness('idle') will not measure: it has every_n_epochs=None, at_end=False and "
+        "on_checkpoint=False; add flatminima.callbacks.LossThresholdCheckpoint or set every_n_epochs or at_end"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -333,8 +401,13 @@ def test_bad_callback_arguments_are_refused(make, message):
 # ---------------------------------------------------------------------------------------- DDP
 @pytest.mark.slow
 def test_two_process_ddp_gives_every_rank_the_single_process_values(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_measures_script.py"), str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_measures_script.py"), str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
@@ -348,23 +421,36 @@ def test_two_process_ddp_gives_every_rank_the_single_process_values(tmp_path):
 # ---------------------------------------------------------------------------------------- the CLI presets
 @pytest.mark.slow
 def test_cli_presets_compose_and_measure_at_the_end_of_fit(tmp_path):
-    from cli import main
+    from flatminima.cli import main
 
     presets = ["loss_threshold", "minimum_sharpness", "adaptive_sharpness", "gradient_norm", "hessian"]
     args = ["fit", "--config", str(ROOT / "configs/experiments/moons_gsam.yaml")]
     for name in presets:
         args += ["--config", str(ROOT / f"configs/callbacks/{name}.yaml")]
-    args += ["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1",
-             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-             f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.num_samples=4000",
-             "--test_after_fit=false"]
+    args += [
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=4",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--data.init_args.num_samples=4000",
+        "--test_after_fit=false",
+    ]
     cli = main(args)
     kinds = {type(c).__name__ for c in cli.trainer.callbacks}
-    assert {"LearningRateMonitor", "LossThresholdCheckpoint", "MinimumSharpness", "AdaptiveSharpness",
-            "GradientNormSharpness", "HessianSpectrum"} <= kinds
+    assert {
+        "LearningRateMonitor",
+        "LossThresholdCheckpoint",
+        "MinimumSharpness",
+        "AdaptiveSharpness",
+        "GradientNormSharpness",
+        "HessianSpectrum",
+    } <= kinds
     ckpt = next(c for c in cli.trainer.callbacks if isinstance(c, LossThresholdCheckpoint))
     assert [s["reason"] for s in ckpt.saved] == ["end"]
     stored = torch.load(ckpt.saved[0]["path"], weights_only=False)["sharpness"]
-    assert {"sharpness/minimum", "sharpness/adaptive", "sharpness/hessian_eig1",
-            "sharpness/hessian_trace"} <= set(stored)
+    assert {"sharpness/minimum", "sharpness/adaptive", "sharpness/hessian_eig1", "sharpness/hessian_trace"} <= set(
+        stored
+    )
     assert "sharpness/gradient_norm" in cli.trainer.callback_metrics

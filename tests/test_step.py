@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier
+from flatminima.lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM, Classifier
 from tests.helpers import bn_mlp, classification_batches, clone, fixed_batches, params_of, quiet_trainer
 
 LR = 0.1
@@ -46,8 +46,7 @@ def _expected_sgd_step(net, x, y, kind, rho, **kw):
     elif kind == "usam":
         e = {n: rho * g[n] for n in w}
     elif kind in ("asam", "asam_all"):
-        t = {n: (w[n].abs() + kw["eta"]) if (kind == "asam_all" or "weight" in n) else torch.ones_like(w[n])
-             for n in w}
+        t = {n: (w[n].abs() + kw["eta"]) if (kind == "asam_all" or "weight" in n) else torch.ones_like(w[n]) for n in w}
         ntg = _norm({n: t[n] * g[n] for n in w})
         e = {n: rho * t[n] ** 2 * g[n] / (ntg + 1e-12) for n in w}
     elif kind in ("gsam", "agsam"):
@@ -77,7 +76,7 @@ CASES = [
 @pytest.mark.parametrize(("kind", "rule", "kw"), CASES, ids=[c[0] for c in CASES])
 def test_one_step_equals_the_formula(kind, rule, kw):
     net = bn_mlp()
-    (x, y), = classification_batches(1)
+    ((x, y),) = classification_batches(1)
     expected = _expected_sgd_step(net, x, y, kind, getattr(rule, "rho", 0.0), **kw)
     model = Classifier(clone(net), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR), minimizer=rule)
     trainer = quiet_trainer(max_steps=1, precision="64-true")
@@ -91,7 +90,7 @@ def test_one_step_equals_the_formula(kind, rule, kw):
 def test_batchnorm_stats_after_a_step_equal_one_clean_forward(rule):
     net = bn_mlp()
     net[1].momentum = None  # cumulative average: a second update would also show in num_batches_tracked
-    (x, y), = classification_batches(1)
+    ((x, y),) = classification_batches(1)
     reference = clone(net).train()
     with torch.no_grad():
         reference(x)
@@ -122,8 +121,9 @@ def test_base_optimizer_alone_equals_a_plain_pytorch_loop_bit_for_bit():
         opt.zero_grad()
         F.cross_entropy(plain(x), y).backward()
         opt.step()
-    model = Classifier(clone(net), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR, momentum=0.9,
-                                                                     weight_decay=5e-4))
+    model = Classifier(
+        clone(net), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR, momentum=0.9, weight_decay=5e-4)
+    )
     trainer = quiet_trainer(max_epochs=1)
     trainer.fit(model, fixed_batches(batches))
     assert trainer.global_step == len(batches)
@@ -136,8 +136,9 @@ def test_base_optimizer_alone_equals_a_plain_pytorch_loop_bit_for_bit():
 @pytest.mark.parametrize("rule", [None, SAM(0.05), GSAM(0.05, alpha=0.1)], ids=repr)
 def test_global_step_counts_batches_and_logs_are_named(rule):
     batches = classification_batches(5, dtype=torch.float32)
-    model = Classifier(bn_mlp(dtype=torch.float32), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR),
-                       minimizer=rule)
+    model = Classifier(
+        bn_mlp(dtype=torch.float32), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR), minimizer=rule
+    )
     trainer = quiet_trainer(max_epochs=2)
     trainer.fit(model, fixed_batches(batches), fixed_batches(batches[:2]))
     assert trainer.global_step == 10
@@ -153,13 +154,18 @@ def test_global_step_counts_batches_and_logs_are_named(rule):
 
 def test_gradient_clipping_clips_the_final_direction():
     net = bn_mlp()
-    (x, y), = classification_batches(1)
+    ((x, y),) = classification_batches(1)
     expected = _expected_sgd_step(net, x, y, "sam", 0.05)
     w = {n: p.detach() for n, p in net.named_parameters()}
     d = {n: (w[n] - expected[n]) / LR for n in w}
     clip = 0.5 * _norm(d)
-    model = Classifier(clone(net), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR), minimizer=SAM(0.05),
-                       gradient_clip_val=clip)
+    model = Classifier(
+        clone(net),
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=LR),
+        minimizer=SAM(0.05),
+        gradient_clip_val=clip,
+    )
     quiet_trainer(max_steps=1, precision="64-true").fit(model, fixed_batches([(x, y)]))
     for n, p in model.net.named_parameters():
         clipped = w[n] - LR * d[n] * clip / (_norm(d) + 1e-6)
@@ -171,8 +177,14 @@ def test_step_lr_schedule_and_gsam_rho_follow_the_counters():
     net = bn_mlp()
     sched = partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda s: 1.0 / (1 + s))
     rule = GSAM(rho=0.1, alpha=0.0, rho_min=0.0)
-    model = Classifier(clone(net), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR), minimizer=rule,
-                       lr_scheduler=sched, lr_scheduler_interval="step")
+    model = Classifier(
+        clone(net),
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=LR),
+        minimizer=rule,
+        lr_scheduler=sched,
+        lr_scheduler_interval="step",
+    )
     quiet_trainer(max_epochs=1, precision="64-true").fit(model, fixed_batches(batches))
     # replay with the formula: step s uses lr = LR/(1+s) and rho = 0.1 * lr / LR
     ref = clone(net)
@@ -196,8 +208,13 @@ def test_non_finite_loss_never_reaches_the_weights(policy):
     batches = classification_batches(4, dtype=torch.float32)
     batches[1] = (batches[1][0].clone().fill_(float("nan")), batches[1][1])
     net = bn_mlp(dtype=torch.float32)
-    model = Classifier(net, num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR, momentum=0.9),
-                       minimizer=SAM(0.05), on_nonfinite=policy)
+    model = Classifier(
+        net,
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=LR, momentum=0.9),
+        minimizer=SAM(0.05),
+        on_nonfinite=policy,
+    )
     trainer = quiet_trainer(max_epochs=1)
     if policy == "raise":
         with pytest.raises(FloatingPointError, match="Non-finite training loss or gradient at epoch 0, step 1"):
@@ -213,8 +230,13 @@ def test_non_finite_loss_never_reaches_the_weights(policy):
 def test_ignore_policy_lets_nan_through_like_plain_pytorch():
     batches = classification_batches(2, dtype=torch.float32)
     batches[0] = (batches[0][0].clone().fill_(float("nan")), batches[0][1])
-    model = Classifier(bn_mlp(dtype=torch.float32), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR),
-                       minimizer=SAM(0.05), on_nonfinite="ignore")
+    model = Classifier(
+        bn_mlp(dtype=torch.float32),
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=LR),
+        minimizer=SAM(0.05),
+        on_nonfinite="ignore",
+    )
     quiet_trainer(max_epochs=1).fit(model, fixed_batches(batches))
     assert not all(torch.isfinite(p).all() for p in model.net.parameters())
 
@@ -222,7 +244,7 @@ def test_ignore_policy_lets_nan_through_like_plain_pytorch():
 def test_fresh_dropout_masks_in_pass_two_unless_shared():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.Dropout(0.5), torch.nn.ReLU(), torch.nn.Linear(32, 3))
-    (x, y), = classification_batches(1, dtype=torch.float32)
+    ((x, y),) = classification_batches(1, dtype=torch.float32)
     masks = {}
 
     class Record(torch.nn.Module):
@@ -233,8 +255,13 @@ def test_fresh_dropout_masks_in_pass_two_unless_shared():
     net.insert(2, Record())
     for share in (False, True):
         masks.clear()
-        model = Classifier(clone(net), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR), minimizer=SAM(0.05),
-                           share_dropout_rng=share)
+        model = Classifier(
+            clone(net),
+            num_classes=3,
+            optimizer=partial(torch.optim.SGD, lr=LR),
+            minimizer=SAM(0.05),
+            share_dropout_rng=share,
+        )
         quiet_trainer(max_steps=1).fit(model, fixed_batches([(x, y)]))
         first, second = masks["seen"]
         assert torch.equal(first, second) == share
@@ -254,13 +281,15 @@ def test_an_error_in_pass_two_leaves_the_weights_and_stats_unperturbed():
     net.insert(0, FailSecond())
     before = [t.detach().clone() for t in list(net.parameters()) + list(net.buffers())]
     model = Classifier(net, num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR), minimizer=SAM(1.0))
-    (x, y), = classification_batches(1, dtype=torch.float32)
+    ((x, y),) = classification_batches(1, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="simulated out of memory"):
         quiet_trainer(max_steps=1).fit(model, fixed_batches([(x, y)]))
     reference = clone(bn_mlp(dtype=torch.float32)).train()
     with torch.no_grad():
         reference(x)  # pass 1 did run: the BN stats are those of one clean forward
-    assert all(torch.equal(a.detach(), b) for a, b in zip(model.net.parameters(), before[:len(list(net.parameters()))]))
+    assert all(
+        torch.equal(a.detach(), b) for a, b in zip(model.net.parameters(), before[: len(list(net.parameters()))])
+    )
     for a, b in zip(model.net.buffers(), reference.buffers()):
         assert torch.equal(a, b)
 
@@ -283,8 +312,13 @@ def test_reduce_lr_on_plateau_sees_this_epochs_validation_loss():
 
     # mode="max" on a falling loss: every epoch is "worse", so with patience 0 each one halves the lr
     sched = partial(Plateau, mode="max", patience=0, factor=0.5)
-    model = Classifier(bn_mlp(dtype=torch.float32), num_classes=3, optimizer=partial(torch.optim.SGD, lr=LR),
-                       minimizer=SAM(0.05), lr_scheduler=sched)
+    model = Classifier(
+        bn_mlp(dtype=torch.float32),
+        num_classes=3,
+        optimizer=partial(torch.optim.SGD, lr=LR),
+        minimizer=SAM(0.05),
+        lr_scheduler=sched,
+    )
     trainer = quiet_trainer(max_epochs=3, callbacks=[Record()], num_sanity_val_steps=1)
     trainer.fit(model, fixed_batches(batches), fixed_batches(batches[:2]))
     assert seen == pytest.approx(val_losses) and len(seen) == 3

@@ -19,16 +19,20 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_modules import SAM, Classifier
-from lightning_modules._epoch_means import EpochMean, EpochMeans
-from lightning_modules._step import PerturbedWeights
+from flatminima.lightning_modules import SAM, Classifier
+from flatminima.lightning_modules._epoch_means import EpochMean, EpochMeans
+from flatminima.lightning_modules._step import PerturbedWeights
 from tests.helpers import bn_mlp, classification_batches, fixed_batches, quiet_trainer
 
 
 def _bn_state(net: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     params = list(net.parameters())
-    buffers = [b for m in net.modules() if isinstance(m, nn.BatchNorm1d)
-               for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+    buffers = [
+        b
+        for m in net.modules()
+        if isinstance(m, nn.BatchNorm1d)
+        for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+    ]
     return params, buffers
 
 
@@ -44,8 +48,13 @@ def test_perturbed_weights_are_w_plus_eps_inside_and_exactly_w_after_an_error():
     inside = []
     x = torch.randn(16, 3)
     with pytest.raises(RuntimeError, match="out of memory"):
-        with PerturbedWeights(params, [e.clone() for e in eps], [torch.empty_like(p) for p in params], buffers,
-                              [torch.empty_like(b) for b in buffers]):
+        with PerturbedWeights(
+            params,
+            [e.clone() for e in eps],
+            [torch.empty_like(p) for p in params],
+            buffers,
+            [torch.empty_like(b) for b in buffers],
+        ):
             inside.extend(p.detach().clone() for p in params)
             net.train()(x)  # pass 2's forward moves the BatchNorm statistics
             assert not all(torch.equal(a, b) for a, b in zip(buffers, stats))
@@ -100,21 +109,29 @@ class _Snapshots(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.weights.append([p.detach().clone() for p in pl_module.net.parameters()])
         state = trainer.optimizers[0].state_dict()["state"]
-        self.states.append({k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
-                            for k, s in state.items()})
+        self.states.append(
+            {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in state.items()}
+        )
 
 
 def _same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
-        a[k].keys() == b[k].keys() and all(torch.equal(torch.as_tensor(a[k][n]), torch.as_tensor(b[k][n]))
-                                           for n in a[k]) for k in a)
+        a[k].keys() == b[k].keys()
+        and all(torch.equal(torch.as_tensor(a[k][n]), torch.as_tensor(b[k][n])) for n in a[k])
+        for k in a
+    )
 
 
 def test_a_skipped_update_leaves_weights_and_optimizer_state_untouched_and_is_counted():
     batches = classification_batches(3, dtype=torch.float32)
     batches[1] = (batches[1][0].clone().fill_(float("nan")), batches[1][1])
-    model = Classifier(bn_mlp(dtype=torch.float32), num_classes=3, optimizer=partial(torch.optim.Adam, lr=0.01),
-                       minimizer=SAM(0.05), on_nonfinite="skip")
+    model = Classifier(
+        bn_mlp(dtype=torch.float32),
+        num_classes=3,
+        optimizer=partial(torch.optim.Adam, lr=0.01),
+        minimizer=SAM(0.05),
+        on_nonfinite="skip",
+    )
     snaps = _Snapshots()
     trainer = quiet_trainer(max_epochs=1, callbacks=[snaps])
     with pytest.warns(UserWarning, match=r"at epoch 0, step 1, batch loss nan: update skipped"):
@@ -180,8 +197,9 @@ def test_the_module_logs_weighted_epoch_means_of_its_step_values():
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    model = Classifier(bn_mlp(dtype=torch.float32), num_classes=3, optimizer=partial(torch.optim.SGD, lr=0.1),
-                       minimizer=SAM(0.05))
+    model = Classifier(
+        bn_mlp(dtype=torch.float32), num_classes=3, optimizer=partial(torch.optim.SGD, lr=0.1), minimizer=SAM(0.05)
+    )
     trainer = quiet_trainer(max_epochs=1, callbacks=[Record()])
     trainer.fit(model, loader)
     assert [n for _, n in seen] == [16, 16, 5]
@@ -193,8 +211,9 @@ def test_the_module_logs_weighted_epoch_means_of_its_step_values():
 @pytest.mark.slow
 def test_ddp_epoch_means_weigh_every_batch_of_every_rank(tmp_path):
     script = Path(__file__).with_name("ddp_epoch_means_script.py")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
-                          cwd=script.parents[1])
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=script.parents[1]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for stage in ("train", "val"):

@@ -7,13 +7,12 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import LossThresholdCheckpoint, RelativeLossStopping
-from callbacks.stopping import relative_change
-from helpers import quiet_trainer
-
+from flatminima.callbacks import LossThresholdCheckpoint, RelativeLossStopping
+from flatminima.callbacks.stopping import relative_change
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,8 +113,9 @@ def test_resumed_run_stops_where_the_uninterrupted_one_does(tmp_path):
     _, whole, _ = fit(curve, threshold=0.05)
     assert whole.epochs_run == 4
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
-    first = quiet_trainer(max_epochs=3, callbacks=[RelativeLossStopping(threshold=0.05), ckpt],
-                          enable_checkpointing=True)
+    first = quiet_trainer(
+        max_epochs=3, callbacks=[RelativeLossStopping(threshold=0.05), ckpt], enable_checkpointing=True
+    )
     first.fit(CurveModule(curve))
     stopper = RelativeLossStopping(threshold=0.05)
     resumed = CurveModule(curve)
@@ -127,8 +127,9 @@ def test_resumed_run_stops_where_the_uninterrupted_one_does(tmp_path):
 def test_loss_threshold_checkpoint_saves_the_stopped_epoch(tmp_path):
     """The stop is decided before LossThresholdCheckpoint's end-of-epoch check, which then saves that epoch."""
     saver = LossThresholdCheckpoint(threshold=-math.inf, every_n_epochs=0, dirpath=str(tmp_path))
-    trainer = quiet_trainer(max_epochs=len(CURVE), callbacks=[saver, RelativeLossStopping(threshold=0.05)],
-                            enable_checkpointing=True)
+    trainer = quiet_trainer(
+        max_epochs=len(CURVE), callbacks=[saver, RelativeLossStopping(threshold=0.05)], enable_checkpointing=True
+    )
     trainer.fit(CurveModule(CURVE))
     assert [(s["reason"], s["epoch"]) for s in saver.saved] == [("end", 4)]  # 0-based epoch 4: the fifth
 
@@ -140,8 +141,13 @@ def test_relative_change_and_bad_arguments():
     assert relative_change(-2.0, -1.0) == pytest.approx(0.5)
     assert relative_change(0.0, 0.0) == 0.0 and relative_change(0.0, 1.0) == math.inf
     assert math.isnan(relative_change(1.0, math.nan)) and math.isnan(relative_change(math.inf, 1.0))
-    for kwargs, name in [({"threshold": 0}, "threshold"), ({"threshold": math.nan}, "threshold"),
-                         ({"min_epochs": 0}, "min_epochs"), ({"mode": "rel"}, "mode"), ({"monitor": ""}, "monitor")]:
+    for kwargs, name in [
+        ({"threshold": 0}, "threshold"),
+        ({"threshold": math.nan}, "threshold"),
+        ({"min_epochs": 0}, "min_epochs"),
+        ({"mode": "rel"}, "mode"),
+        ({"monitor": ""}, "monitor"),
+    ]:
         with pytest.raises(ValueError, match=f"Invalid {name}: "):
             RelativeLossStopping(**kwargs)
 

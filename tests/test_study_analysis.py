@@ -8,21 +8,27 @@ import math
 
 import numpy as np
 import pytest
+import yaml
 from scipy import stats
 
-import yaml
-
-from studies import analysis, commands
-from studies import pool as study_pool
-from studies.spec import StudyError, load
-from formats.summary import write_json
-from studies.spec import KSTest
+from flatminima.formats.summary import write_json
+from flatminima.studies import analysis, commands
+from flatminima.studies import pool as study_pool
+from flatminima.studies.spec import KSTest, StudyError, load
 
 
 def pool(xs, ys, axes=None, seeds=None) -> list[dict]:
-    return [{"id": f"r{i}", "status": "finished", "error": None, "axes": (axes or [{}] * len(xs))[i],
-             "seed": (seeds or [0] * len(xs))[i], "metrics": {"x": float(x), "y": float(y)}}
-            for i, (x, y) in enumerate(zip(xs, ys))]
+    return [
+        {
+            "id": f"r{i}",
+            "status": "finished",
+            "error": None,
+            "axes": (axes or [{}] * len(xs))[i],
+            "seed": (seeds or [0] * len(xs))[i],
+            "metrics": {"x": float(x), "y": float(y)},
+        }
+        for i, (x, y) in enumerate(zip(xs, ys))
+    ]
 
 
 def row(rows, group="all"):
@@ -32,7 +38,7 @@ def row(rows, group="all"):
 
 def test_monotone_gives_tau_one_and_reversed_minus_one():
     x = np.arange(20.0)
-    up = row(analysis.kendall_rows(pool(x, x ** 3 + 5), ["x"], ["y"], []))
+    up = row(analysis.kendall_rows(pool(x, x**3 + 5), ["x"], ["y"], []))
     assert up["tau"] == pytest.approx(1.0) and up["p"] < 1e-6 and up["n"] == 20
     assert up["ci95"] == pytest.approx([1.0, 1.0])
     down = row(analysis.kendall_rows(pool(x, -np.exp(x / 4)), ["x"], ["y"], []))
@@ -97,8 +103,15 @@ def hand_grid() -> list[dict]:
         for bi, b in enumerate(("b0", "b1")):
             for ai, a in enumerate(("a0", "a1", "a2")):
                 x = ai + 3 * bi
-                runs.append({"id": f"{a}-{b}-{seed}", "status": "finished", "axes": {"a": a, "b": b}, "seed": seed,
-                             "metrics": {"x": float(x), "y": float(x if seed == 0 else y1[(a, b)])}})
+                runs.append(
+                    {
+                        "id": f"{a}-{b}-{seed}",
+                        "status": "finished",
+                        "axes": {"a": a, "b": b},
+                        "seed": seed,
+                        "metrics": {"x": float(x), "y": float(x if seed == 0 else y1[(a, b)])},
+                    }
+                )
     return runs
 
 
@@ -116,8 +129,16 @@ def test_granulated_psi_on_a_two_axis_grid_computed_by_hand():
 
 def test_failed_runs_and_missing_values_are_left_out_and_counted():
     runs = hand_grid()
-    runs.append({"id": "broken", "status": "failed", "error": "ValueError: x", "axes": {"a": "a0", "b": "b0"},
-                 "seed": 2, "metrics": {"x": 100.0, "y": -100.0}})
+    runs.append(
+        {
+            "id": "broken",
+            "status": "failed",
+            "error": "ValueError: x",
+            "axes": {"a": "a0", "b": "b0"},
+            "seed": 2,
+            "metrics": {"x": 100.0, "y": -100.0},
+        }
+    )
     runs[0]["metrics"]["y"] = None  # a finished run without y: out of the x-y statistics only
     result = analysis.analyze(runs, ["x"], ["y"], resamples=50)
     assert result["runs"]["total"] == 13 and result["runs"]["finished"] == 12 and result["runs"]["left_out"] == 1
@@ -132,13 +153,22 @@ def test_failed_runs_and_missing_values_are_left_out_and_counted():
 def test_ks_between_named_groups_equals_scipy():
     rng = np.random.default_rng(2)
     values = {"sgd": rng.normal(0.0, 1.0, 12), "phb": rng.normal(0.2, 1.0, 10), "adam": rng.normal(1.5, 1.0, 14)}
-    runs = [{"id": f"{o}{i}", "status": "finished", "axes": {"optim": o}, "seed": i, "metrics": {"test/acc": float(v)}}
-            for o, vs in values.items() for i, v in enumerate(vs)]
+    runs = [
+        {"id": f"{o}{i}", "status": "finished", "axes": {"optim": o}, "seed": i, "metrics": {"test/acc": float(v)}}
+        for o, vs in values.items()
+        for i, v in enumerate(vs)
+    ]
     test = KSTest("optim", (("plain", ("sgd", "phb")), ("adaptive", ("adam",))), ("test/acc",))
     (got,) = analysis.ks_rows(runs, [test])
     want = stats.ks_2samp(np.r_[values["sgd"], values["phb"]], values["adam"])
-    assert got == {"key": "test/acc", "axis": "optim", "groups": ["plain", "adaptive"], "n": [22, 14],
-                   "statistic": pytest.approx(want.statistic), "p": pytest.approx(want.pvalue)}
+    assert got == {
+        "key": "test/acc",
+        "axis": "optim",
+        "groups": ["plain", "adaptive"],
+        "n": [22, 14],
+        "statistic": pytest.approx(want.statistic),
+        "p": pytest.approx(want.pvalue),
+    }
     assert got["p"] < 0.01  # shifted by 1.5 standard deviations
 
 
@@ -150,22 +180,44 @@ def synthetic_study(tmp_path, with_file=True):
             for seed in (0, 1, 2):
                 run_id = f"optim={optim}-rule={rule}-seed={seed}"
                 s = rng.uniform(0.1, 1.0)
-                history = {"train/loss": [[e, 10 * (e + 1), 1.0 / (e + 1 + s)] for e in range(3)],
-                           "sharpness/adaptive": [[e, 10 * (e + 1), s * (e + 1)] for e in range(3)]}
-                write_json(tmp_path / "runs" / run_id / "summary.json", {
-                    "id": run_id, "status": "finished", "error": None, "axes": {"optim": optim, "rule": rule},
-                    "seed": seed, "history": history,
-                    "metrics": {"sharpness/adaptive": 3 * s, "gap/acc": s + rng.normal(scale=0.1),
-                                "test/acc": 0.9 - s / 10}})
-    write_json(tmp_path / "runs" / "optim=adam-rule=sam-seed=3" / "summary.json",
-               {"id": "optim=adam-rule=sam-seed=3", "status": "failed", "error": "RuntimeError: boom",
-                "axes": {"optim": "adam", "rule": "sam"}, "seed": 3, "metrics": {}})
+                history = {
+                    "train/loss": [[e, 10 * (e + 1), 1.0 / (e + 1 + s)] for e in range(3)],
+                    "sharpness/adaptive": [[e, 10 * (e + 1), s * (e + 1)] for e in range(3)],
+                }
+                write_json(
+                    tmp_path / "runs" / run_id / "summary.json",
+                    {
+                        "id": run_id,
+                        "status": "finished",
+                        "error": None,
+                        "axes": {"optim": optim, "rule": rule},
+                        "seed": seed,
+                        "history": history,
+                        "metrics": {
+                            "sharpness/adaptive": 3 * s,
+                            "gap/acc": s + rng.normal(scale=0.1),
+                            "test/acc": 0.9 - s / 10,
+                        },
+                    },
+                )
+    write_json(
+        tmp_path / "runs" / "optim=adam-rule=sam-seed=3" / "summary.json",
+        {
+            "id": "optim=adam-rule=sam-seed=3",
+            "status": "failed",
+            "error": "RuntimeError: boom",
+            "axes": {"optim": "adam", "rule": "sam"},
+            "seed": 3,
+            "metrics": {},
+        },
+    )
     if with_file:
         (tmp_path / "study.yaml").write_text(
             "name: synthetic\nbase: [configs/data/moons.yaml]\n"
             "axes: {optim: {sgd: a.yaml, adam: b.yaml}, rule: {none: c.yaml, sam: d.yaml}}\n"
             "analysis: {x: [sharpness/adaptive], y: [gap/acc, test/acc], groups: [rule],\n"
-            "  ks: [{axis: optim, groups: {adaptive: [adam], plain: [sgd]}, keys: [test/acc]}], bootstrap: 200}\n")
+            "  ks: [{axis: optim, groups: {adaptive: [adam], plain: [sgd]}, keys: [test/acc]}], bootstrap: 200}\n"
+        )
     return tmp_path
 
 
@@ -195,12 +247,20 @@ def test_analyze_writes_tables_json_figures_and_tensorboard(tmp_path):
     assert "## Kendall τ" in text and "## Granulated" in text and "## Kolmogorov" in text and "boom" in text
     assert "## Ranking of the measures" in text
     pngs = sorted(p.name for p in (directory / "figures").glob("*.png"))
-    assert pngs == ["bars-gap_acc.png", "bars-sharpness_adaptive.png", "bars-test_acc.png", "curves-rule.png",
-                    "distributions-rule.png", "ranking-psi-per-axis.png", "runs-sharpness_adaptive.png",
-                    "runs-train_loss.png",
-                    "scatter-sharpness_adaptive-vs-gap_acc-per-rule.png", "scatter-sharpness_adaptive-vs-gap_acc.png",
-                    "scatter-sharpness_adaptive-vs-test_acc-per-rule.png",
-                    "scatter-sharpness_adaptive-vs-test_acc.png"]
+    assert pngs == [
+        "bars-gap_acc.png",
+        "bars-sharpness_adaptive.png",
+        "bars-test_acc.png",
+        "curves-rule.png",
+        "distributions-rule.png",
+        "ranking-psi-per-axis.png",
+        "runs-sharpness_adaptive.png",
+        "runs-train_loss.png",
+        "scatter-sharpness_adaptive-vs-gap_acc-per-rule.png",
+        "scatter-sharpness_adaptive-vs-gap_acc.png",
+        "scatter-sharpness_adaptive-vs-test_acc-per-rule.png",
+        "scatter-sharpness_adaptive-vs-test_acc.png",
+    ]
     assert all((directory / "figures" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
@@ -216,23 +276,40 @@ def test_analyze_writes_tables_json_figures_and_tensorboard(tmp_path):
 
 def test_analyze_flags_replace_the_study_file_keys(tmp_path):
     directory = synthetic_study(tmp_path, with_file=False)
-    result = commands.analyze(directory, x=["sharpness/adaptive"], y=["test/acc"], groups=[], bootstrap=0,
-                              figures=False)
+    result = commands.analyze(
+        directory, x=["sharpness/adaptive"], y=["test/acc"], groups=[], bootstrap=0, figures=False
+    )
     assert {(r["x"], r["y"], r["group"]) for r in result["kendall"]} == {("sharpness/adaptive", "test/acc", "all")}
     finished = [json.loads(p.read_text()) for p in directory.glob("runs/*/summary.json")]
     finished = [s for s in finished if s["status"] == "finished"]
-    want = stats.kendalltau([s["metrics"]["sharpness/adaptive"] for s in finished],
-                            [s["metrics"]["test/acc"] for s in finished])
+    want = stats.kendalltau(
+        [s["metrics"]["sharpness/adaptive"] for s in finished], [s["metrics"]["test/acc"] for s in finished]
+    )
     assert result["kendall"][0]["tau"] == pytest.approx(want.statistic) == pytest.approx(-1.0)
     assert math.isclose(result["granulated"][0]["psi"], -1.0)  # test/acc decreases with the sharpness in every run
 
 
 def test_the_analyze_command_line(tmp_path, capsys):
-    from studies.cli import main
+    from flatminima.studies.cli import main
 
     directory = synthetic_study(tmp_path, with_file=False)
-    assert main(["analyze", str(directory), "--x", "sharpness/adaptive", "--y", "gap/acc", "--groups", "optim",
-                 "--bootstrap", "0"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(directory),
+                "--x",
+                "sharpness/adaptive",
+                "--y",
+                "gap/acc",
+                "--groups",
+                "optim",
+                "--bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    )
     result = json.loads((directory / "analysis.json").read_text())
     assert {r["group"] for r in result["kendall"]} == {"all", "optim=sgd", "optim=adam"}
     assert all(r["ci95"] is None for r in result["kendall"])
@@ -243,14 +320,16 @@ def test_the_analyze_command_line(tmp_path, capsys):
 
 def test_non_finite_values_round_trip_through_summary_json_results_csv_and_the_analysis(tmp_path):
     """±∞ is ordered (a diverged run ranks last), NaN is left out; the tables and the scatter say how many."""
-    from studies import figures, pool as study_pool
+    from flatminima.studies import figures
+    from flatminima.studies import pool as study_pool
 
     xs = [math.inf, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
     ys = [9.0, math.nan, -math.inf, 3.5, 4.5, 5.0, 6.5, 8.0]
     for i, (x, y) in enumerate(zip(xs, ys)):
-        write_json(tmp_path / "runs" / f"r{i}" / "summary.json",
-                   {"id": f"r{i}", "status": "finished", "error": None, "axes": {}, "seed": i,
-                    "metrics": {"x": x, "y": y}})
+        write_json(
+            tmp_path / "runs" / f"r{i}" / "summary.json",
+            {"id": f"r{i}", "status": "finished", "error": None, "axes": {}, "seed": i, "metrics": {"x": x, "y": y}},
+        )
     raw = (tmp_path / "runs" / "r0" / "summary.json").read_text()
     assert '"x": "inf"' in raw and "Infinity" not in raw
     assert '"y": "nan"' in (tmp_path / "runs" / "r1" / "summary.json").read_text()
@@ -283,12 +362,20 @@ def test_figures_of_a_study_with_many_keys_never_enter_pyplot(tmp_path):
 
     import matplotlib.pyplot as plt
 
-    from studies import figures
+    from flatminima.studies import figures
 
     rng = np.random.default_rng(0)
     xs, ys = [f"sharpness/m{i}" for i in range(3)], [f"gap/g{i}" for i in range(3)]
-    runs = [{"id": f"r{i}", "status": "finished", "axes": {"optim": "ab"[i % 2]}, "seed": i,
-             "metrics": {k: float(v) for k, v in zip(xs + ys, rng.normal(size=6))}} for i in range(6)]
+    runs = [
+        {
+            "id": f"r{i}",
+            "status": "finished",
+            "axes": {"optim": "ab"[i % 2]},
+            "seed": i,
+            "metrics": {k: float(v) for k, v in zip(xs + ys, rng.normal(size=6))},
+        }
+        for i in range(6)
+    ]
     result = analysis.analyze(runs, xs, ys, resamples=0)
     plt.close("all")
     with warnings.catch_warnings(record=True) as caught:
@@ -299,19 +386,33 @@ def test_figures_of_a_study_with_many_keys_never_enter_pyplot(tmp_path):
 
 
 def test_without_x_every_final_sharpness_and_complexity_key_is_an_x():
-    from studies import pool as study_pool
+    from flatminima.studies import pool as study_pool
 
-    runs = [{"id": "a", "status": "finished", "metrics": {
-        "sharpness/adaptive": 1.0, "complexity/path_norm": 2.0, "complexity/params": 3.0, "test/acc": 0.5,
-        "sharpness/adaptive@threshold": 1.0, "sharpness/gradient_norm_step": 0.1, "train/loss": 0.2,
-        "sharpness/average_l2_stderr": 0.01, "sharpness/adaptive_ascent_loss": 0.6,
-        "sharpness/adaptive_clean_loss": 0.5, "sharpness/adaptive_ascent_falls": 0.05}}]
+    runs = [
+        {
+            "id": "a",
+            "status": "finished",
+            "metrics": {
+                "sharpness/adaptive": 1.0,
+                "complexity/path_norm": 2.0,
+                "complexity/params": 3.0,
+                "test/acc": 0.5,
+                "sharpness/adaptive@threshold": 1.0,
+                "sharpness/gradient_norm_step": 0.1,
+                "train/loss": 0.2,
+                "sharpness/average_l2_stderr": 0.01,
+                "sharpness/adaptive_ascent_loss": 0.6,
+                "sharpness/adaptive_clean_loss": 0.5,
+                "sharpness/adaptive_ascent_falls": 0.05,
+            },
+        }
+    ]
     assert study_pool.default_x(runs) == ["complexity/params", "complexity/path_norm", "sharpness/adaptive"]
 
 
 def test_no_bootstrap_interval_below_ten_runs_and_the_table_says_why():
     """Four perfectly ordered runs: τ = 1 with p = 1/12 (exact), and no interval (not [1, 1], which claims certainty)."""
-    from studies import report
+    from flatminima.studies import report
 
     x = np.arange(4.0)
     result = analysis.analyze(pool(x, x), ["x"], ["y"], resamples=200)
@@ -334,22 +435,28 @@ def test_runs_outside_a_required_bound_are_left_out_and_counted(tmp_path):
     summaries = study_pool.load(directory)
     finished = [s for s in summaries if s["status"] == "finished"]
     limit = sorted(s["metrics"]["gap/acc"] for s in finished)[8]  # 9 runs at or below it, 3 above
-    result = analysis.analyze(summaries, ["sharpness/adaptive"], ["test/acc"], group_axes=[], resamples=0,
-                              require=[("gap/acc", "max", limit)])
+    result = analysis.analyze(
+        summaries, ["sharpness/adaptive"], ["test/acc"], group_axes=[], resamples=0, require=[("gap/acc", "max", limit)]
+    )
     kept = [s for s in finished if s["metrics"]["gap/acc"] <= limit]
     assert result["runs"]["finished"] == 9 and result["runs"]["left_out"] == 1 + 3
     excluded = [r for r in result["runs"]["failed"] if r["status"] == "excluded"]
     assert len(excluded) == 3 and all(f"> {limit:g} (analysis.require)" in r["error"] for r in excluded)
-    want = stats.kendalltau([s["metrics"]["sharpness/adaptive"] for s in kept], [s["metrics"]["test/acc"] for s in kept])
+    want = stats.kendalltau(
+        [s["metrics"]["sharpness/adaptive"] for s in kept], [s["metrics"]["test/acc"] for s in kept]
+    )
     assert result["kendall"][0]["n"] == 9 and result["kendall"][0]["tau"] == pytest.approx(want.statistic)
 
 
-@pytest.mark.parametrize("require, message", [
-    ({"train/loss": 0.01}, r"analysis.require.train/loss: expected a mapping"),
-    ({"train/loss": {"below": 0.01}}, r"analysis.require.train/loss.below: unknown key"),
-    ({"train/loss": {"max": "small"}}, r"analysis.require.train/loss.max: expected a number"),
-    ({"train/loss": {}}, r"analysis.require.train/loss: expected min and/or max"),
-])
+@pytest.mark.parametrize(
+    "require, message",
+    [
+        ({"train/loss": 0.01}, r"analysis.require.train/loss: expected a mapping"),
+        ({"train/loss": {"below": 0.01}}, r"analysis.require.train/loss.below: unknown key"),
+        ({"train/loss": {"max": "small"}}, r"analysis.require.train/loss.max: expected a number"),
+        ({"train/loss": {}}, r"analysis.require.train/loss: expected min and/or max"),
+    ],
+)
 def test_a_bad_requirement_is_refused_naming_the_key(tmp_path, require, message):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"name": "s", "analysis": {"require": require}}))

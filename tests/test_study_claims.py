@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_support import claims, processes
+from flatminima.cli_support import claims, processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,11 +51,18 @@ def test_one_holder_at_a_time_and_release_frees_the_claim(tmp_path):
 
 def test_a_claim_left_by_a_killed_process_is_taken_over(tmp_path):
     path = tmp_path / "run.claim"
-    code = ("import sys, time; from cli_support import claims\n"
-            f"assert claims.acquire({str(path)!r}, claims.Owner.this_process('victim')).acquired\n"
-            "print('held', flush=True); time.sleep(60)\n")
-    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        "import sys, time; from cli_support import claims\n"
+        f"assert claims.acquire({str(path)!r}, claims.Owner.this_process('victim')).acquired\n"
+        "print('held', flush=True); time.sleep(60)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert child.stdout.readline().strip() == "held"
         victim = claims.holder(path)
@@ -75,8 +82,12 @@ def test_a_claim_left_by_a_killed_process_is_taken_over(tmp_path):
 
 def test_a_reused_pid_or_another_boot_does_not_keep_a_claim_alive(tmp_path):
     me = claims.Owner.this_process("me")
-    for n, stale in enumerate([replace(me, token="x" * 32, start=(me.start or 0) + 1),  # same pid, other process
-                               replace(me, token="y" * 32, boot="another-boot")]):
+    for n, stale in enumerate(
+        [
+            replace(me, token="x" * 32, start=(me.start or 0) + 1),  # same pid, other process
+            replace(me, token="y" * 32, boot="another-boot"),
+        ]
+    ):
         path = tmp_path / f"run{n}.claim"
         write_claim(path, stale)
         assert claims.state(path)[0] == "stale"
@@ -123,7 +134,7 @@ def test_racing_takers_of_one_stale_claim_leave_exactly_one_holder(tmp_path):
         write_claim(path, other_host(token=f"{round_:032d}"), age=claims.STALE_AFTER_S + 10)
         barrier, won = threading.Barrier(len(owners)), []
 
-        def race(owner):
+        def race(owner, barrier=barrier, path=path, won=won):
             barrier.wait()
             if claims.acquire(path, owner).acquired:
                 won.append(owner)
@@ -156,7 +167,7 @@ def test_process_identity_from_proc():
 
 def test_a_printed_fit_command_leaves_a_run_another_process_holds(tmp_path, monkeypatch, capsys):
     """``FLATMINIMA_CLAIM=<claim> python cli.py fit ...`` (what ``study run --dry-run`` prints) claims before training."""
-    from cli_support import app
+    from flatminima.cli_support import app
 
     path = tmp_path / "claims" / "run.claim"
     other = claims.Owner.this_process("study run")  # alive: this process, another token

@@ -13,20 +13,27 @@ from functools import partial
 
 import pytest
 import torch
-
-import cli
 from fixtures_data import skip_md5, write_cifar10, write_mnist
 from helpers import quiet_trainer
-from lightning_modules import Regressor
-from lightning_modules.networks import MatrixFactorization
-from studies import commands, figures, runner
-from studies.spec import load
+
+from flatminima import cli
+from flatminima.lightning_modules import Regressor
+from flatminima.lightning_modules.networks import MatrixFactorization
+from flatminima.studies import commands, figures, runner
+from flatminima.studies.spec import load
 
 ROOT = cli.ROOT
 STUDIES = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
-FULL_SIZE = ["minimum_sharpness_fashion_mnist", "minimum_sharpness_cifar10", "gradient_norm_cifar10",
-             "adaptive_sharpness_fashion_mnist", "mnist_gsam", "sam_cifar10_rho", "sam_cifar10_norm",
-             "sam_cifar10_architectures"]
+FULL_SIZE = [
+    "minimum_sharpness_fashion_mnist",
+    "minimum_sharpness_cifar10",
+    "gradient_norm_cifar10",
+    "adaptive_sharpness_fashion_mnist",
+    "mnist_gsam",
+    "sam_cifar10_rho",
+    "sam_cifar10_norm",
+    "sam_cifar10_architectures",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -64,19 +71,31 @@ def test_full_size_study_fits_one_step_on_format_faithful_files(name, tmp_path, 
 # ---------------------------------------------------------------------------------------- the pool setups
 def test_pool_setups_hold_the_report_protocol_and_the_notebook_options():
     def callbacks(config, *extra):
-        built = cli.main(["--config", f"configs/experiments/{config}.yaml", *extra, "--trainer.logger=false"],
-                         run=False)
+        built = cli.main(
+            ["--config", f"configs/experiments/{config}.yaml", *extra, "--trainer.logger=false"], run=False
+        )
         return built, {type(c).__name__: c for c in built.trainer.callbacks}
 
-    for config, rho, min_epochs, max_epochs in (("adaptive_sharpness_abalone", 0.025, 1, 10),
-                                                ("adaptive_sharpness_cora", 0.02, 10, 20)):
+    for config, rho, min_epochs, max_epochs in (
+        ("adaptive_sharpness_abalone", 0.025, 1, 10),
+        ("adaptive_sharpness_cora", 0.02, 10, 20),
+    ):
         built, found = callbacks(config)
         stop, sharp = found["RelativeLossStopping"], found["AdaptiveSharpness"]
         assert (stop.threshold, stop.min_epochs, stop.change_mode, built.trainer.max_epochs) == (
-            0.05, min_epochs, "abs", max_epochs)
+            0.05,
+            min_epochs,
+            "abs",
+            max_epochs,
+        )
         assert (sharp.rho, sharp.p, sharp.method, sharp.n_iters, sharp.step_size) == (rho, math.inf, "pga", 5, None)
         assert (sharp.batch_size, sharp.num_samples, sharp.sampling, sharp.score, sharp.train_mode) == (
-            64, 3200, "replacement", "batch", False)
+            64,
+            3200,
+            "replacement",
+            "batch",
+            False,
+        )
     assert built.datamodule.hparams.train_batch_nodes == 64 and built.model.train_subgraph_hops == 2
     assert built.model.net.conv1.heads == 1 and built.model.net.input_dropout == 0.0
     _, found = callbacks("adaptive_sharpness_abalone_notebook")
@@ -84,7 +103,12 @@ def test_pool_setups_hold_the_report_protocol_and_the_notebook_options():
     _, found = callbacks("adaptive_sharpness_cora_notebook")
     sharp = found["AdaptiveSharpness"]
     assert (sharp.num_samples, sharp.batch_size, sharp.sampling, sharp.score, sharp.train_mode) == (
-        320, 64, "replacement", "train_set", True)
+        320,
+        64,
+        "replacement",
+        "train_set",
+        True,
+    )
 
 
 # ---------------------------------------------------------------------------------------- float64 epoch means
@@ -118,22 +142,39 @@ def summaries() -> list[dict]:
         for rho in ("0.01", "0.1"):
             diverged = rule == "usam" and rho == "0.1"
             values = [5.0, 30.0, 7e7, None] if diverged else [5.0, 2.0, 1.0, 0.5]
-            runs.append({"id": f"rule={rule}-rho={rho}-seed=0", "status": "finished", "axes": {"rule": rule, "rho": rho},
-                         "seed": 0, "metrics": {"train/grad_norm": 1.0 + len(runs), "test/loss": 2.0 + len(runs) % 3},
-                         "history": {"train/loss": [[e, e + 1, v] for e, v in enumerate(values)],
-                                     "train/acc": [[e, e + 1, 0.5 + e / 10] for e in range(4)],
-                                     "val/acc": [[e, e + 1, 0.45 + e / 10] for e in range(4)]}})
+            runs.append(
+                {
+                    "id": f"rule={rule}-rho={rho}-seed=0",
+                    "status": "finished",
+                    "axes": {"rule": rule, "rho": rho},
+                    "seed": 0,
+                    "metrics": {"train/grad_norm": 1.0 + len(runs), "test/loss": 2.0 + len(runs) % 3},
+                    "history": {
+                        "train/loss": [[e, e + 1, v] for e, v in enumerate(values)],
+                        "train/acc": [[e, e + 1, 0.5 + e / 10] for e in range(4)],
+                        "val/acc": [[e, e + 1, 0.45 + e / 10] for e in range(4)],
+                    },
+                }
+            )
     return runs
 
 
 def test_added_figures_are_made_for_the_study_figures():
     runs = summaries()
-    rows = [{"x": "train/grad_norm", "y": "test/loss", "group": g, "n": 2, "tau": 1.0, "p": 0.3, "ci95": None}
-            for g in ("all", "rule=sam", "rule=usam", "rho=0.01", "rho=0.1")]
+    rows = [
+        {"x": "train/grad_norm", "y": "test/loss", "group": g, "n": 2, "tau": 1.0, "p": 0.3, "ci95": None}
+        for g in ("all", "rule=sam", "rule=usam", "rho=0.01", "rho=0.1")
+    ]
     result = {"x": ["train/grad_norm"], "y": ["test/loss"], "groups": ["rule", "rho"], "kendall": rows}
     made = dict(figures.make_all(runs, result))
-    assert {"scatter-train_grad_norm-vs-test_loss-per-rule", "bars-train_grad_norm", "bars-test_loss",
-            "curves-acc-rule", "curves-acc-rho", "runs-train_loss"} <= set(made)
+    assert {
+        "scatter-train_grad_norm-vs-test_loss-per-rule",
+        "bars-train_grad_norm",
+        "bars-test_loss",
+        "curves-acc-rule",
+        "curves-acc-rho",
+        "runs-train_loss",
+    } <= set(made)
     per_run = made["runs-train_loss"]
     panels = [ax for ax in per_run.axes if ax.get_visible()]
     assert [ax.get_title() for ax in panels] == ["rho=0.01", "rho=0.1"]  # panels: the second group axis

@@ -18,21 +18,36 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("formats", "lightning_modules", "datamodules", "callbacks", "cli_support", "studies", "benchmarks")
-LAYERS = {"formats": -1, "lightning_modules": 0, "datamodules": 1, "callbacks": 1, "cli_support": 2, "studies": 3, "cli": 4,
-          "benchmarks": 5}
+LAYERS = {
+    "formats": -1,
+    "lightning_modules": 0,
+    "datamodules": 1,
+    "callbacks": 1,
+    "cli_support": 2,
+    "studies": 3,
+    "cli": 4,
+    "benchmarks": 5,
+}
 """docs/design.md, "Import direction": a package imports only packages of a lower layer (or its own)."""
 
 
 def project_modules() -> dict[str, Path]:
-    """Every module of the project packages and ``cli``, by dotted name."""
-    modules = {"cli": ROOT / "cli.py"}
+    """Every module of the project packages and ``cli``, by dotted name (``flatminima.<package>...``; the
+    benchmarks, not part of the package, as ``benchmarks.<script>``)."""
+    modules = {"flatminima.cli": ROOT / "cli.py"}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             parts = list(path.relative_to(ROOT).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
-            modules[".".join(parts)] = path
+            prefix = [] if package == "benchmarks" else ["flatminima"]
+            modules[".".join(prefix + parts)] = path
     return modules
+
+
+def layer(module: str) -> int:
+    """The layer of a module's package (``flatminima.studies.runner`` → ``studies`` → 3)."""
+    return LAYERS[module.removeprefix("flatminima.").split(".")[0]]
 
 
 class _Imports(ast.NodeVisitor):
@@ -44,8 +59,9 @@ class _Imports(ast.NodeVisitor):
 
     def visit_If(self, node: ast.If) -> None:
         test = node.test
-        if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-                (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"):
+        if (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+            isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+        ):
             for child in node.orelse:
                 self.visit(child)
             return
@@ -58,7 +74,7 @@ class _Imports(ast.NodeVisitor):
     def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
         if node.level:
             base = self.name.split(".") if self.is_package else self.name.split(".")[:-1]
-            base = base[:len(base) - (node.level - 1)]
+            base = base[: len(base) - (node.level - 1)]
             module = ".".join(base + ([node.module] if node.module else []))
         else:
             module = node.module or ""
@@ -94,7 +110,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         stack.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == 1:
-                found.append(stack[stack.index(target):] + [target])
+                found.append(stack[stack.index(target) :] + [target])
             elif target not in state:
                 visit(target)
         stack.pop()
@@ -129,8 +145,12 @@ def test_no_import_cycle_between_project_modules():
 
 
 def test_packages_import_only_lower_layers():
-    upward = sorted((module, target) for module, targets in import_graph().items() for target in targets
-                    if LAYERS[target.split(".")[0]] > LAYERS[module.split(".")[0]])
+    upward = sorted(
+        (module, target)
+        for module, targets in import_graph().items()
+        for target in targets
+        if layer(target) > layer(module)
+    )
     assert upward == []
 
 
@@ -151,8 +171,14 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MPLBACKEN
 
 def without_torch(code: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter in which importing torch or Lightning raises."""
-    return subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(code)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
 
 
 def test_the_blocker_blocks():
@@ -161,16 +187,22 @@ def test_the_blocker_blocks():
 
 
 STUDY_MODULES = """
-    import studies, studies.analysis, studies.commands, studies.cli, studies.figures, studies.board
-    import studies.runner, studies.engines.local, studies.engines.ray, studies.pool, studies.report, formats.summary
+    import studies, flatminima.studies.analysis, flatminima.studies.commands, flatminima.studies.cli, flatminima.studies.figures, flatminima.studies.board
+    import flatminima.studies.runner, flatminima.studies.engines.local, flatminima.studies.engines.ray, flatminima.studies.pool, flatminima.studies.report, flatminima.formats.summary
     print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "lightning", "pytorch_lightning"}))
 """
 
 
 def test_studies_import_neither_torch_nor_lightning():
     """Where both are installed, importing the study tool still imports neither (without them: the next test)."""
-    installed = subprocess.run([sys.executable, "-c", "import sys" + textwrap.dedent(STUDY_MODULES)], cwd=ROOT,
-                               capture_output=True, text=True, timeout=120, env=ENV)
+    installed = subprocess.run(
+        [sys.executable, "-c", "import sys" + textwrap.dedent(STUDY_MODULES)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+    )
     assert installed.returncode == 0, installed.stderr
     assert installed.stdout.strip() == "[]"
 
@@ -179,14 +211,17 @@ def test_study_analyze_runs_without_torch_and_lightning(tmp_path):
     from test_study_analysis import synthetic_study
 
     directory = synthetic_study(tmp_path)
-    out = without_torch(textwrap.dedent(STUDY_MODULES) + textwrap.dedent(f"""
+    out = without_torch(
+        textwrap.dedent(STUDY_MODULES)
+        + textwrap.dedent(f"""
         import runpy
         sys.argv = ["cli.py", "study", "analyze", {str(directory)!r}, "--bootstrap", "50"]
         try:
             runpy.run_path({str(ROOT / "cli.py")!r}, run_name="__main__")
         except SystemExit as done:
             print("exit", done.code, sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "lightning")))
-    """))
+    """)
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[]", "exit", "0", "[]"], out.stderr
     assert (directory / "analysis.md").is_file() and (directory / "results.csv").is_file()
@@ -207,10 +242,12 @@ def test_the_summary_type_is_defined_once_and_run_results_are_built_in_the_runne
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 if any(isinstance(t, ast.Name) and t.id == "Summary" for t in targets):
                     definitions.append((name, "alias"))
-            elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "RunResult":
+            elif (
+                isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "RunResult"
+            ):
                 constructions.append(name)
-    assert definitions == [("formats.summary", "class")]
-    assert set(constructions) == {"studies.runner"}
-    from formats.summary import Summary
+    assert definitions == [("flatminima.formats.summary", "class")]
+    assert set(constructions) == {"flatminima.studies.runner"}
+    from flatminima.formats.summary import Summary
 
     assert Summary.__annotations__["metrics"] and Summary.__total__ is False  # a TypedDict

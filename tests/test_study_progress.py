@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from studies.progress import Progress
-from studies.runner import RunResult
+from flatminima.studies.progress import Progress
+from flatminima.studies.runner import RunResult
 
 
 def test_a_log_gets_one_line_per_finished_run_with_counts():

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-import cli
-from studies import commands
-from studies.engines.local import LocalEngine
-from studies.spec import load
+from flatminima import cli
+from flatminima.studies import commands
+from flatminima.studies.engines.local import LocalEngine
+from flatminima.studies.spec import load
 
 pytestmark = pytest.mark.slow
 ROOT = cli.ROOT
@@ -32,12 +32,20 @@ VICTIM = "optim=sgd-seed=1"
 
 def study_text(failing: bool = True) -> str:
     """Two optimizers × seeds 0, 1; with ``failing``, one more optimizer value that fails in fit (6 runs)."""
-    bad = (f"    bad_lr: {{configs: [{ROOT}/configs/optim/sgd.yaml], "
-           "overrides: {model.init_args.optimizer.init_args.lr: -1.0}}\n") if failing else ""
-    return (f"name: tiny\nbase: [{ROOT}/configs/data/moons.yaml, {ROOT}/configs/model/mlp.yaml]\n"
-            "overrides: {trainer.max_epochs: 2, data.init_args.num_samples: 240, trainer.enable_model_summary: false}\n"
-            f"axes:\n  optim:\n    sgd: {ROOT}/configs/optim/sgd.yaml\n    adam: {ROOT}/configs/optim/adam.yaml\n"
-            f"{bad}seeds: [0, 1]\nanalysis: {{x: [train/grad_norm], y: [gap/acc, test/loss], bootstrap: 100}}\n")
+    bad = (
+        (
+            f"    bad_lr: {{configs: [{ROOT}/configs/optim/sgd.yaml], "
+            "overrides: {model.init_args.optimizer.init_args.lr: -1.0}}\n"
+        )
+        if failing
+        else ""
+    )
+    return (
+        f"name: tiny\nbase: [{ROOT}/configs/data/moons.yaml, {ROOT}/configs/model/mlp.yaml]\n"
+        "overrides: {trainer.max_epochs: 2, data.init_args.num_samples: 240, trainer.enable_model_summary: false}\n"
+        f"axes:\n  optim:\n    sgd: {ROOT}/configs/optim/sgd.yaml\n    adam: {ROOT}/configs/optim/adam.yaml\n"
+        f"{bad}seeds: [0, 1]\nanalysis: {{x: [train/grad_norm], y: [gap/acc, test/loss], bootstrap: 100}}\n"
+    )
 
 
 def summaries(out: Path) -> dict[str, dict]:
@@ -108,7 +116,7 @@ def test_a_killed_worker_fails_its_run_and_is_replaced(pool):
     assert s["status"] == "failed" and s["error"] == "worker process died (SIGKILL)"
     assert results[VICTIM].error == "worker process died (SIGKILL)"
     order = list(pids)  # in the order the runs started
-    later = [pids[run_id] for run_id in order[order.index(VICTIM) + 1:]]
+    later = [pids[run_id] for run_id in order[order.index(VICTIM) + 1 :]]
     assert later and pids[VICTIM] not in later  # the dead worker ran nothing more
     assert len(set(pids.values())) == 3  # two workers, then a new one in place of the killed one
 
@@ -155,9 +163,16 @@ def test_dry_run_commands_run_by_hand_give_the_same_summaries(pool, tmp_path):
     chosen = [ln for ln in lines if '"run_id":"optim=adam-seed=1"' in ln or '"run_id":"optim=sgd-seed=0"' in ln]
     assert len(chosen) == 2
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen(["bash", "-c", ln.replace("python ", f"{shlex.quote(sys.executable)} ", 1)],
-                              cwd=study.path.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for ln in chosen]
+    procs = [
+        subprocess.Popen(
+            ["bash", "-c", ln.replace("python ", f"{shlex.quote(sys.executable)} ", 1)],
+            cwd=study.path.parent,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for ln in chosen
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()[-3000:]

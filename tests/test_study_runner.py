@@ -9,10 +9,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import cli
-from studies import runner
-from studies.spec import parse
-
+from flatminima import cli
+from flatminima.studies import runner
+from flatminima.studies.spec import parse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,15 +28,24 @@ def test_a_study_run_summary_equals_tensorboard_and_the_checkpoints(tmp_path):
     measures = tmp_path / "measures.yaml"
     measures.write_text("""trainer:
   callbacks+:
-    - class_path: callbacks.LossThresholdCheckpoint
+    - class_path: flatminima.callbacks.LossThresholdCheckpoint
       init_args: {threshold: 10.0, every_n_epochs: 1}
-    - class_path: callbacks.AdaptiveSharpness
+    - class_path: flatminima.callbacks.AdaptiveSharpness
       init_args: {rho: 0.05, method: pga, n_iters: 2, num_samples: 64, batch_size: 32}
 """)
-    study = parse({"base": [str(cli.ROOT / "configs/data/moons.yaml"), str(cli.ROOT / "configs/model/mlp.yaml"),
-                            str(cli.ROOT / "configs/optim/sgd.yaml"), str(measures)],
-                   "overrides": {"trainer.max_epochs": 3, "data.init_args.num_samples": 200},
-                   "axes": {"rule": {"sam": str(cli.ROOT / "configs/minimizer/sam.yaml")}}, "seeds": [4]})
+    study = parse(
+        {
+            "base": [
+                str(cli.ROOT / "configs/data/moons.yaml"),
+                str(cli.ROOT / "configs/model/mlp.yaml"),
+                str(cli.ROOT / "configs/optim/sgd.yaml"),
+                str(measures),
+            ],
+            "overrides": {"trainer.max_epochs": 3, "data.init_args.num_samples": 200},
+            "axes": {"rule": {"sam": str(cli.ROOT / "configs/minimizer/sam.yaml")}},
+            "seeds": [4],
+        }
+    )
     (run,) = study.runs()
     result = runner.run_task(runner.make_task(run, tmp_path / "out", threads=1, cwd=tmp_path))
     assert result.status == "finished", result.error
@@ -48,12 +56,15 @@ def test_a_study_run_summary_equals_tensorboard_and_the_checkpoints(tmp_path):
     tb = scalars(folder)
     for key in ("train/loss", "train/acc", "val/loss", "test/acc", "test/loss", "sharpness/adaptive"):
         assert s["metrics"][key] == tb[key][-1][1], key
-    assert [(x["step"], x["value"]) for x in s["sharpness"] if x["key"] == "sharpness/adaptive"] == \
-        tb["sharpness/adaptive"]
+    assert [(x["step"], x["value"]) for x in s["sharpness"] if x["key"] == "sharpness/adaptive"] == tb[
+        "sharpness/adaptive"
+    ]
     # threshold 10 is reached at epoch 0; then a save (and a measurement) every epoch, with the values inside
     assert s["threshold_epoch"] == 0
-    checkpoints = {torch.load(p, weights_only=False)["epoch"]: torch.load(p, weights_only=False)
-                   for p in (folder / "checkpoints").glob("*.ckpt")}
+    checkpoints = {
+        torch.load(p, weights_only=False)["epoch"]: torch.load(p, weights_only=False)
+        for p in (folder / "checkpoints").glob("*.ckpt")
+    }
     adaptive = [x for x in s["sharpness"] if x["key"] == "sharpness/adaptive"]
     assert [x["epoch"] for x in adaptive] == [0, 1, 2]
     for x in adaptive:
@@ -67,8 +78,12 @@ def test_a_study_run_summary_equals_tensorboard_and_the_checkpoints(tmp_path):
 
 
 def test_a_run_the_cli_refuses_is_recorded_failed_with_its_error_on_one_line(tmp_path):
-    study = parse({"base": [str(cli.ROOT / "configs/data/moons.yaml"), str(cli.ROOT / "configs/model/mlp.yaml")],
-                   "overrides": {"model.init_args.no_such_argument": 1}})
+    study = parse(
+        {
+            "base": [str(cli.ROOT / "configs/data/moons.yaml"), str(cli.ROOT / "configs/model/mlp.yaml")],
+            "overrides": {"model.init_args.no_such_argument": 1},
+        }
+    )
     (run,) = study.runs()
     result = runner.run_task(runner.make_task(run, tmp_path / "out", threads=1, cwd=tmp_path))
     s = json.loads((tmp_path / "out" / "runs" / run.id / "summary.json").read_text())

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_support import processes
+from flatminima.cli_support import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 HALF_DONE = "optim=sgd-seed=0"
@@ -39,7 +39,8 @@ def tiny_study(folder: Path) -> Path:
         f"name: tiny\nbase: [{ROOT}/configs/data/moons.yaml, {ROOT}/configs/model/mlp.yaml]\n"
         "overrides: {trainer.max_epochs: 1, data.init_args.num_samples: 200, trainer.enable_model_summary: false}\n"
         f"axes:\n  optim:\n    sgd: {ROOT}/configs/optim/sgd.yaml\n    adam: {ROOT}/configs/optim/adam.yaml\n"
-        "seeds: [0, 1]\nanalysis: {x: [train/grad_norm], y: [test/loss], groups: [], bootstrap: 0}\n")
+        "seeds: [0, 1]\nanalysis: {x: [train/grad_norm], y: [test/loss], groups: [], bootstrap: 0}\n"
+    )
     return path
 
 
@@ -47,8 +48,15 @@ def leave_half_done(out: Path) -> None:
     """HALF_DONE as a process killed in mid-run leaves it: its claim, a run.json and a stray event file."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs
-    claim = {"host": socket.gethostname(), "pid": dead.pid, "start": 1, "boot": processes.boot_id(),
-             "token": "0" * 32, "what": "study run", "since": time.time() - 60}
+    claim = {
+        "host": socket.gethostname(),
+        "pid": dead.pid,
+        "start": 1,
+        "boot": processes.boot_id(),
+        "token": "0" * 32,
+        "what": "study run",
+        "since": time.time() - 60,
+    }
     (out / "claims").mkdir(parents=True)
     (out / "claims" / f"{HALF_DONE}.claim").write_text(json.dumps(claim))
     folder = out / "runs" / HALF_DONE
@@ -68,8 +76,10 @@ def test_two_study_run_processes_split_the_pool_and_train_each_run_once(tmp_path
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "FLATMINIMA_STUDY_POLL_S": "0.3"}
     command = [sys.executable, str(ROOT / "cli.py"), "study", "run", str(study), "--out", str(out), "--workers", "1"]
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-             for log in logs]
+    procs = [
+        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        for log in logs
+    ]
     codes = [p.wait(timeout=300) for p in procs]
     texts = [log.read_text() for log in logs]
     assert codes == [0, 0], texts
@@ -84,17 +94,28 @@ def test_two_study_run_processes_split_the_pool_and_train_each_run_once(tmp_path
     assert sum(f"{HALF_DONE}: took over the claim of" in text for text in texts) == 1
     assert not list((out / "claims").glob("*.claim"))  # every claim released
     assert any("other processes:" in text for text in texts)  # each saw the other's work
-    assert sorted(("analysis: written by" in text, f"analysis: {out / 'analysis.md'} (" in text) for text in texts) \
-        == [(False, True), (True, False)]  # written once, by the last one out
+    assert sorted(("analysis: written by" in text, f"analysis: {out / 'analysis.md'} (" in text) for text in texts) == [
+        (False, True),
+        (True, False),
+    ]  # written once, by the last one out
     assert json.loads((out / "analysis.json").read_text())["runs"]["finished"] == 4
 
 
 def test_workers_die_within_a_second_of_a_killed_study_process(tmp_path):
     """By the parent-death signal alone (the watchdogs set to sleep an hour): the forkserver, then its workers."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1",
-           "FLATMINIMA_STUDY_WATCHDOG_S": "3600"}
-    parent = subprocess.Popen([sys.executable, str(ROOT / "tests" / "study_worker_script.py"), str(tmp_path)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "OMP_NUM_THREADS": "1",
+        "FLATMINIMA_STUDY_WATCHDOG_S": "3600",
+    }
+    parent = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "study_worker_script.py"), str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     starts: dict[int, int | None] = {}
     try:
         workers = [int(parent.stdout.readline()) for _ in range(2)]
@@ -116,14 +137,23 @@ def test_workers_die_within_a_second_of_a_killed_study_process(tmp_path):
 
 def test_the_watchdog_alone_ends_a_process_whose_parent_is_gone():
     """The fallback where the parent-death signal is missing: a thread that checks the parent twice a second."""
-    code = ("import os, sys, time\nfrom cli_support import processes\nfrom studies.engines.parent_guard import watch\n"
-            "ppid = os.getppid()\nwatch(ppid, processes.start_time(ppid), every=0.1)\n"
-            "print('watching', flush=True)\ntime.sleep(60)\n")
-    middle = ("import subprocess, sys, time\n"
-              f"child = subprocess.Popen([sys.executable, '-c', {code!r}], stdout=sys.stdout)\n"
-              "print(child.pid, flush=True)\ntime.sleep(60)\n")
-    parent = subprocess.Popen([sys.executable, "-c", middle], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        "import os, sys, time\nfrom cli_support import processes\nfrom flatminima.studies.engines.parent_guard import watch\n"
+        "ppid = os.getppid()\nwatch(ppid, processes.start_time(ppid), every=0.1)\n"
+        "print('watching', flush=True)\ntime.sleep(60)\n"
+    )
+    middle = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {code!r}], stdout=sys.stdout)\n"
+        "print(child.pid, flush=True)\ntime.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", middle],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         child = int(parent.stdout.readline())
         assert parent.stdout.readline().strip() == "watching"
@@ -141,10 +171,10 @@ def test_the_watchdog_alone_ends_a_process_whose_parent_is_gone():
 # ---------------------------------------------------------------------------------------- in one process
 def test_a_claim_is_given_back_when_the_run_was_finished_meanwhile(tmp_path):
     """Between the look at the pool and the claim, another process may finish the run: it is not trained again."""
-    from cli_support import claims
-    from formats.summary import write_json
-    from studies import runner, shared
-    from studies.spec import load
+    from flatminima.cli_support import claims
+    from flatminima.formats.summary import write_json
+    from flatminima.studies import runner, shared
+    from flatminima.studies.spec import load
 
     study = load(tiny_study(tmp_path))
     tasks = [runner.make_task(run, tmp_path / "out", 1, tmp_path) for run in study.runs()]
@@ -160,9 +190,9 @@ def test_a_claim_is_given_back_when_the_run_was_finished_meanwhile(tmp_path):
 
 
 def test_the_analysis_is_written_once_for_the_same_runs(tmp_path):
-    from cli_support import claims
-    from formats.summary import read_json, write_json
-    from studies import shared
+    from flatminima.cli_support import claims
+    from flatminima.formats.summary import read_json, write_json
+    from flatminima.studies import shared
 
     write_json(tmp_path / "runs" / "a" / "summary.json", {"id": "a", "status": "finished"})
     written = []

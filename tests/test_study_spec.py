@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shlex
+
 import pytest
 import torch
 
-import cli
-from studies import runner
-from studies.spec import StudyError, load, parse
+from flatminima import cli
+from flatminima.studies import runner
+from flatminima.studies.spec import StudyError, load, parse
 
 ROOT = cli.ROOT
 STUDIES = sorted((ROOT / "configs" / "studies").glob("*.yaml"))
@@ -25,9 +26,13 @@ def grid(**extra) -> dict:
         "base": ["configs/data/moons.yaml", "configs/model/mlp.yaml"],
         "overrides": {"trainer.max_epochs": 2},
         "axes": {
-            "optim": {"adam": "configs/optim/adam.yaml",
-                      "sgd": {"configs": ["configs/optim/sgd.yaml"],
-                              "overrides": {"model.init_args.optimizer.init_args.lr": 0.5}}},
+            "optim": {
+                "adam": "configs/optim/adam.yaml",
+                "sgd": {
+                    "configs": ["configs/optim/sgd.yaml"],
+                    "overrides": {"model.init_args.optimizer.init_args.lr": 0.5},
+                },
+            },
             "rule": {"none": "configs/minimizer/none.yaml", "sam": ["configs/minimizer/sam.yaml"]},
             "rho": {"key": "model.init_args.minimizer.init_args.rho", "values": [0.01, 0.1]},
         },
@@ -46,11 +51,18 @@ def test_grid_expands_in_file_order_with_readable_unique_ids():
     assert runs[-1].id == "optim=sgd-rule=sam-rho=0.1-seed=7"
     assert len({r.id for r in runs}) == len(runs)
     sgd_sam = next(r for r in runs if r.axes == {"optim": "sgd", "rule": "sam", "rho": "0.1"} and r.seed == 0)
-    assert sgd_sam.configs == ("configs/data/moons.yaml", "configs/model/mlp.yaml", "configs/optim/sgd.yaml",
-                               "configs/minimizer/sam.yaml")
+    assert sgd_sam.configs == (
+        "configs/data/moons.yaml",
+        "configs/model/mlp.yaml",
+        "configs/optim/sgd.yaml",
+        "configs/minimizer/sam.yaml",
+    )
     # study overrides first, then each axis value's, in axis order: an axis value wins over the study
-    assert sgd_sam.overrides == (("trainer.max_epochs", 2), ("model.init_args.optimizer.init_args.lr", 0.5),
-                                 ("model.init_args.minimizer.init_args.rho", 0.1))
+    assert sgd_sam.overrides == (
+        ("trainer.max_epochs", 2),
+        ("model.init_args.optimizer.init_args.lr", 0.5),
+        ("model.init_args.minimizer.init_args.rho", 0.1),
+    )
     assert parse({**grid(), "seeds": 3}, "s.yaml").seeds == (0, 1, 2)
     assert parse({"base": ["configs/data/moons.yaml"]}, "s.yaml").runs()[0].id == "seed=0"
 
@@ -65,11 +77,14 @@ def test_run_arguments_compose_configs_overrides_seed_logger_and_summary(tmp_pat
     assert "--model.init_args.optimizer.init_args.lr=0.5" in args
     assert "--model.init_args.minimizer.init_args.rho=0.1" in args
     assert f"--seed_everything={run.seed}" in args and "--test_after_fit=true" in args
-    assert args.index("--model.init_args.minimizer.init_args.rho=0.1") > max(i for i, a in enumerate(args)
-                                                                            if a == "--config")
+    assert args.index("--model.init_args.minimizer.init_args.rho=0.1") > max(
+        i for i, a in enumerate(args) if a == "--config"
+    )
     folder = tmp_path / "out" / "runs" / run.id
-    assert any(a.startswith("--trainer.callbacks+=") and "callbacks.RunSummary" in a and str(folder) in a
-               for a in args)
+    assert any(
+        a.startswith("--trainer.callbacks+=") and "flatminima.callbacks.RunSummary" in a and str(folder) in a
+        for a in args
+    )
     assert list(task.portable) == [a.replace(str(tmp_path / "out"), "{out}") for a in args]
     line = runner.command_line(task)
     claim = tmp_path / "out" / "claims" / f"{run.id}.claim"
@@ -77,8 +92,19 @@ def test_run_arguments_compose_configs_overrides_seed_logger_and_summary(tmp_pat
     assert shlex.split(line)[4:] == args  # the printed command is exactly the run's argument list
 
 
-@pytest.mark.parametrize("value, text", [(True, "true"), (None, "null"), (0.001, "0.001"), (float("inf"), ".inf"),
-                                         ([1, 2], "[1,2]"), ({"a": 1}, '{"a":1}'), ("x.y", "x.y"), (3, "3")])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (True, "true"),
+        (None, "null"),
+        (0.001, "0.001"),
+        (float("inf"), ".inf"),
+        ([1, 2], "[1,2]"),
+        ({"a": 1}, '{"a":1}'),
+        ("x.y", "x.y"),
+        (3, "3"),
+    ],
+)
 def test_override_values_are_written_as_yaml_for_the_cli(value, text):
     assert runner.cli_value(value) == text
 
@@ -87,8 +113,11 @@ def test_overrides_reach_the_instantiated_run():
     study = parse(grid(), "s.yaml")
     run = next(r for r in study.runs() if r.axes == {"optim": "sgd", "rule": "sam", "rho": "0.1"})
     args = list(runner.make_task(run, "unused", 1, ROOT).args)
-    keep = [a for a in args[1:] if not a.startswith(("--trainer.callbacks+=", "--trainer.logger=",
-                                                       "--trainer.default_root_dir="))]
+    keep = [
+        a
+        for a in args[1:]
+        if not a.startswith(("--trainer.callbacks+=", "--trainer.logger=", "--trainer.default_root_dir="))
+    ]
     with torch.no_grad():
         built = cli.main([*keep, "--trainer.logger=false"], run=False)
     assert type(built.model.minimizer).__name__ == "SAM" and built.model.minimizer.rho == 0.1
@@ -112,10 +141,14 @@ BAD = [
     ({"resources": {"cpus": 1}}, "resources.cpus: unknown key"),
     ({"analysis": {"groups": ["net"]}}, "analysis.groups[0]: unknown axis 'net'"),
     ({"analysis": {"x": 3}}, "analysis.x: expected a key or a list of keys"),
-    ({"analysis": {"ks": [{"axis": "optim", "groups": {"a": ["adamw"], "b": ["sgd"]}, "keys": ["test/acc"]}]}},
-     "analysis.ks[0].groups.a: unknown optim value 'adamw'"),
-    ({"analysis": {"ks": [{"axis": "optim", "keys": ["k"], "groups": {"a": ["sgd"]}}]}},
-     "analysis.ks[0].groups: expected at least two groups"),
+    (
+        {"analysis": {"ks": [{"axis": "optim", "groups": {"a": ["adamw"], "b": ["sgd"]}, "keys": ["test/acc"]}]}},
+        "analysis.ks[0].groups.a: unknown optim value 'adamw'",
+    ),
+    (
+        {"analysis": {"ks": [{"axis": "optim", "keys": ["k"], "groups": {"a": ["sgd"]}}]}},
+        "analysis.ks[0].groups: expected at least two groups",
+    ),
     ({"analysis": {"ks": [{"axis": "optim"}]}}, "analysis.ks[0].keys: missing"),
     ({"analysis": {"bootstrap": -1}}, "analysis.bootstrap: expected an integer >= 0"),
     ({"base": [], "axes": {"optim": {"a": {"overrides": {"x.y": 1}}}}}, "base: no config file"),
@@ -144,7 +177,7 @@ def test_unreadable_study_files(tmp_path):
 
 
 def test_the_study_cli_prints_the_error_and_exits_2(tmp_path, capsys):
-    from studies.cli import main
+    from flatminima.studies.cli import main
 
     (tmp_path / "s.yaml").write_text("base: [configs/data/moons.yaml]\naxes: {optim: {adam: nope.yaml}}\n")
     assert main(["run", str(tmp_path / "s.yaml"), "--dry-run"]) == 2

@@ -7,14 +7,13 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from datamodules import MatrixSensingDataModule
-from helpers import quiet_trainer
-from lightning_modules import SAM, USAM, BinaryClassifier, Classifier, Regressor
-from lightning_modules.networks import MLP, MatrixFactorization
-
+from flatminima.datamodules import MatrixSensingDataModule
+from flatminima.lightning_modules import SAM, USAM, BinaryClassifier, Classifier, Regressor
+from flatminima.lightning_modules.networks import MLP, MatrixFactorization
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,8 +79,9 @@ def test_binary_classifier_refuses_a_multiclass_setup():
 
 # ---------------------------------------------------------------- Regressor loss scale, matrix sensing in float64
 def matrix_sensing_setup(seed: int = 0, d: int = 8, m: int = 40, init_scale: float = 0.05):
-    dm = MatrixSensingDataModule(dim=d, rank=2, num_measurements=m, num_val=4, num_test=4, dtype="float64",
-                                 data_seed=seed)
+    dm = MatrixSensingDataModule(
+        dim=d, rank=2, num_measurements=m, num_val=4, num_test=4, dtype="float64", data_seed=seed
+    )
     dm.setup()
     torch.manual_seed(seed)
     net = MatrixFactorization(dim=d, width=d, init_scale=init_scale)
@@ -114,8 +114,9 @@ def test_matrix_sensing_step_in_float64_against_plain_torch(rule):
         direction = plain_loss_and_grad(a, b, u0 + eps)[1]
     expected = u0 - lr * direction
     minimizer = {None: None, "SAM": SAM(rho=rho), "USAM": USAM(rho=rho)}[rule]
-    model = Regressor(net, loss_scale=0.5, optimizer=partial(torch.optim.SGD, lr=lr), minimizer=minimizer,
-                      log_train_steps=True)
+    model = Regressor(
+        net, loss_scale=0.5, optimizer=partial(torch.optim.SGD, lr=lr), minimizer=minimizer, log_train_steps=True
+    )
     trainer = quiet_trainer(max_steps=1, precision="64-true", limit_val_batches=0)
     trainer.fit(model, dm)
     assert net.U.dtype == torch.float64
@@ -148,8 +149,13 @@ def test_usam_diverges_where_sam_converges_on_a_small_instance():
     losses = {}
     for rule in ("SAM", "USAM"):
         dm, net = matrix_sensing_setup(seed=0, d=30, m=300, init_scale=0.1)
-        model = Regressor(net, loss_scale=0.5, optimizer=partial(torch.optim.SGD, lr=0.5),
-                          minimizer=SAM(rho=0.1) if rule == "SAM" else USAM(rho=0.1), on_nonfinite="stop")
+        model = Regressor(
+            net,
+            loss_scale=0.5,
+            optimizer=partial(torch.optim.SGD, lr=0.5),
+            minimizer=SAM(rho=0.1) if rule == "SAM" else USAM(rho=0.1),
+            on_nonfinite="stop",
+        )
         trainer = quiet_trainer(max_steps=10, precision="64-true", limit_val_batches=0)
         trainer.fit(model, dm)
         a, b = dm.train_set.tensors

@@ -7,10 +7,10 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import classification_batches, fixed_batches, quiet_trainer
 from torch import nn
 
-from helpers import classification_batches, fixed_batches, quiet_trainer
-from lightning_modules import SAM, BinaryClassifier, Classifier
+from flatminima.lightning_modules import SAM, BinaryClassifier, Classifier
 
 LR, RHO = 0.5, 0.3
 
@@ -50,7 +50,11 @@ def replay(net: nn.Module, batches, binary: bool) -> tuple[float, float]:
         shifted = [(p + RHO * g / (norm + 1e-12)).requires_grad_() for p, g in zip(params, grads)]
         out_p = forward(shifted, x)
         grads_p = torch.autograd.grad(loss_fn(out_p, y), shifted)
-        clean, perturbed, total = clean + correct(out.detach(), y), perturbed + correct(out_p.detach(), y), total + len(y)
+        clean, perturbed, total = (
+            clean + correct(out.detach(), y),
+            perturbed + correct(out_p.detach(), y),
+            total + len(y),
+        )
         params = [p - LR * g for p, g in zip(params, grads_p)]
     return clean / total, perturbed / total
 
@@ -62,8 +66,12 @@ def test_logged_train_acc_is_measured_where_asked(binary):
     assert expected[0] != expected[1]  # the test can tell the two apart
     for where, want in zip(("clean", "perturbed"), expected):
         task = BinaryClassifier if binary else Classifier
-        model = task(mlp(1 if binary else 3), optimizer=partial(torch.optim.SGD, lr=LR), minimizer=SAM(rho=RHO),
-                     train_metrics_at=where)
+        model = task(
+            mlp(1 if binary else 3),
+            optimizer=partial(torch.optim.SGD, lr=LR),
+            minimizer=SAM(rho=RHO),
+            train_metrics_at=where,
+        )
         trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
         trainer.fit(model, fixed_batches(batches))
         assert float(trainer.callback_metrics["train/acc"]) == pytest.approx(want, abs=1e-6), where

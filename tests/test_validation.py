@@ -1,4 +1,4 @@
-"""The one set of argument checks (lightning_modules.validation): same rules for every argument."""
+"""The one set of argument checks (flatminima.lightning_modules.validation): same rules for every argument."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_modules.validation import (
+from flatminima.lightning_modules.validation import (
     ArgumentTypeError,
     check_betas,
     check_choice,
@@ -117,18 +117,24 @@ def test_nan_is_refused_as_a_norm_exponent_but_inf_is_the_max_norm():
         (lambda: check_int("n", 2.0, 0), "Invalid n: 2.0; expected an integer >= 0"),
         (lambda: check_int("hops", 0, optional=True), "Invalid hops: 0; expected None or an integer >= 1"),
         (lambda: check_ints("widths", [4, 0]), "Invalid widths: [4, 0]; expected a list of integers >= 1"),
-        (lambda: check_ints("widths", [], allow_empty=False),
-         "Invalid widths: []; expected a non-empty list of integers >= 1"),
+        (
+            lambda: check_ints("widths", [], allow_empty=False),
+            "Invalid widths: []; expected a non-empty list of integers >= 1",
+        ),
         (lambda: check_ints("widths", 4), "Invalid widths: 4; expected a list of integers >= 1"),
         (lambda: check_float("lr", -1), "Invalid lr: -1; expected a finite lr >= 0"),
         (lambda: check_float("tol", 0.0, strict=True), "Invalid tol: 0.0; expected a finite tol > 0"),
         (lambda: check_float("eps", 1e-13, minimum=1e-12), "Invalid eps: 1e-13; expected a finite eps >= 1e-12"),
-        (lambda: check_float("clip", 0, strict=True, optional=True),
-         "Invalid clip: 0; expected None or a finite clip > 0"),
+        (
+            lambda: check_float("clip", 0, strict=True, optional=True),
+            "Invalid clip: 0; expected None or a finite clip > 0",
+        ),
         (lambda: check_fraction("dropout", 1.0), "Invalid dropout: 1.0; expected 0 <= dropout < 1"),
         (lambda: check_fraction("alpha", 1.5, closed=True), "Invalid alpha: 1.5; expected 0 <= alpha <= 1"),
-        (lambda: check_choice("scope", "bias", ("weight", "all")),
-         "Invalid scope: 'bias'; expected one of 'weight', 'all'"),
+        (
+            lambda: check_choice("scope", "bias", ("weight", "all")),
+            "Invalid scope: 'bias'; expected one of 'weight', 'all'",
+        ),
         (lambda: check_p(0.5), "Invalid p: 0.5; expected p >= 1 (float('inf') for the max-norm)"),
         (lambda: check_p(3, allowed=(2.0, math.inf)), "Invalid p: 3.0; expected p = 2 or p = inf"),
         (lambda: check_p("2"), "Invalid p: '2'; expected p >= 1 (float('inf') for the max-norm)"),
@@ -164,7 +170,7 @@ def test_pure_modules_import_without_lightning():
     code = (
         "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"
         "import torch\n"
-        "import lightning_modules.validation as v, lightning_modules.minimizers as m, lightning_modules.compat as c\n"
+        "import flatminima.lightning_modules.validation as v, flatminima.lightning_modules.minimizers as m, flatminima.lightning_modules.compat as c\n"
         "from lightning_modules import SAM\n"
         "assert SAM is m.SAM and v.check_float('rho', 0.05) == 0.05\n"
         "p = [torch.ones(3)]\n"
@@ -185,14 +191,13 @@ def _numeric_defaults(cls):
     """The constructor arguments of ``cls`` whose default is an int or a float (not a bool)."""
     import inspect
 
-    return [(p.name, p.default) for p in inspect.signature(cls).parameters.values()
-            if type(p.default) in (int, float)]
+    return [(p.name, p.default) for p in inspect.signature(cls).parameters.values() if type(p.default) in (int, float)]
 
 
 def _classes():
-    import datamodules
-    import lightning_modules.networks as networks
-    from lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM
+    import flatminima.lightning_modules.networks as networks
+    from flatminima import datamodules
+    from flatminima.lightning_modules import ASAM, GSAM, SAM, USAM, AdaptiveGSAM
 
     nets = [getattr(networks, n) for n in networks.__all__]
     data = [getattr(datamodules, n) for n in datamodules.__all__ if n.endswith("DataModule")]
@@ -221,8 +226,11 @@ def test_every_numeric_argument_refuses_a_bool(cls, name, default):
         cls(**{name: True})
 
 
-@pytest.mark.parametrize("cls, name, default", [c for c in CASES if type(c[2]) is float],
-                         ids=[i for c, i in zip(CASES, IDS) if type(c[2]) is float])
+@pytest.mark.parametrize(
+    "cls, name, default",
+    [c for c in CASES if type(c[2]) is float],
+    ids=[i for c, i in zip(CASES, IDS) if type(c[2]) is float],
+)
 def test_every_float_argument_refuses_nan(cls, name, default):
     with pytest.raises(ValueError, match=f"^Invalid {name}: nan; expected "):
         cls(**{name: math.nan})
@@ -232,18 +240,28 @@ def test_numpy_float32_as_rho_and_as_a_learning_rate_in_the_classes():
     """The issue's case, end to end: SAM and the base optimizers take the same numpy.float32."""
     import torch
 
-    from lightning_modules import GSAM, SAM
-    from lightning_modules.optim import AdaBound, AdaShift
+    from flatminima.lightning_modules import GSAM, SAM
+    from flatminima.lightning_modules.optim import AdaBound, AdaShift
 
     value = np.float32(0.05)
     params = [torch.nn.Parameter(torch.zeros(2))]
     assert SAM(rho=value).rho == pytest.approx(0.05) and type(SAM(rho=value).rho) is float
     gsam = GSAM(rho=value, alpha=value, rho_min=np.float32(0.01), lr_max=value, lr_min=np.float32(0.0))
     assert (gsam.rho_min, gsam.lr_max) == (pytest.approx(0.01), pytest.approx(0.05))
-    for opt in (AdaBound(params, lr=value, betas=(np.float32(0.9), np.float64(0.999)), final_lr=value,
-                         gamma=value, eps=np.float32(1e-8), weight_decay=value),
-                AdaShift(params, lr=value, betas=(np.float32(0.9), np.float32(0.999)), keep_num=np.int64(3),
-                         eps=np.float32(1e-10))):
+    for opt in (
+        AdaBound(
+            params,
+            lr=value,
+            betas=(np.float32(0.9), np.float64(0.999)),
+            final_lr=value,
+            gamma=value,
+            eps=np.float32(1e-8),
+            weight_decay=value,
+        ),
+        AdaShift(
+            params, lr=value, betas=(np.float32(0.9), np.float32(0.999)), keep_num=np.int64(3), eps=np.float32(1e-10)
+        ),
+    ):
         group = opt.param_groups[0]
         assert type(group["lr"]) is float and group["lr"] == pytest.approx(0.05)
         assert all(type(b) is float for b in group["betas"])
@@ -252,8 +270,8 @@ def test_numpy_float32_as_rho_and_as_a_learning_rate_in_the_classes():
 
 
 def test_numpy_scalars_in_the_tasks():
-    from lightning_modules import Classifier, NodeClassifier, Regressor
-    from lightning_modules.networks import MLP
+    from flatminima.lightning_modules import Classifier, NodeClassifier, Regressor
+    from flatminima.lightning_modules.networks import MLP
 
     clf = Classifier(MLP(in_features=2, out_features=3), num_classes=np.int64(3), label_smoothing=np.float32(0.1))
     assert type(clf.num_classes) is int and type(clf.label_smoothing) is float
@@ -261,8 +279,10 @@ def test_numpy_scalars_in_the_tasks():
     assert type(reg.num_outputs) is int and reg.loss_scale == 2.0
     node = NodeClassifier(MLP(in_features=2, out_features=3), train_subgraph_hops=np.int64(2))
     assert node.train_subgraph_hops == 2 and type(node.train_subgraph_hops) is int
-    for make in (lambda: Classifier(MLP(in_features=2, out_features=2), label_smoothing=True),
-                 lambda: Regressor(MLP(in_features=2, out_features=1), loss_scale=math.nan),
-                 lambda: NodeClassifier(MLP(in_features=2, out_features=3), train_subgraph_hops=True)):
+    for make in (
+        lambda: Classifier(MLP(in_features=2, out_features=2), label_smoothing=True),
+        lambda: Regressor(MLP(in_features=2, out_features=1), loss_scale=math.nan),
+        lambda: NodeClassifier(MLP(in_features=2, out_features=3), train_subgraph_hops=True),
+    ):
         with pytest.raises(ValueError, match="^Invalid (label_smoothing|loss_scale|train_subgraph_hops): "):
             make()

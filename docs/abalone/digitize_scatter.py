@@ -11,7 +11,7 @@ A disc hidden under others cannot be seen: the read values are approximate where
 
 Each point is then matched to a model (their printed values, hammoud_fcnn_notebook.csv) by the assignment
 that minimises Σ |x_i − (A_j − L_j)|, A_j and L_j the printed post-ascent and last training losses: a guess
-(the plotted sharpness is not A_j − L_j: see docs/studies.md, section 2), good enough to tell the few models
+(the plotted sharpness is not A_j − L_j: see docs/reproductions.md, section 2), good enough to tell the few models
 whose final training loss stands out. Usage (from the repository root; a few minutes on one thread)::
 
     git --git-dir <mirror of CS439_Sharpness> show 36e9b7d:Plots/FCNN-scatter.png > /tmp/FCNN-scatter.png
@@ -56,8 +56,9 @@ def fit_discs(blob: np.ndarray, k: int, radius: float, starts: int = 8) -> tuple
     """(mismatched pixels, centres) of the best union of k discs found for the binary ``blob``."""
     ys, xs = np.nonzero(blob)
     y0, y1, x0, x1 = ys.min() - 8, ys.max() + 9, xs.min() - 8, xs.max() + 9
-    gy, gx = torch.meshgrid(torch.arange(y0, y1, dtype=torch.float64), torch.arange(x0, x1, dtype=torch.float64),
-                            indexing="ij")
+    gy, gx = torch.meshgrid(
+        torch.arange(y0, y1, dtype=torch.float64), torch.arange(x0, x1, dtype=torch.float64), indexing="ij"
+    )
     target = torch.tensor(blob[y0:y1, x0:x1], dtype=torch.float64)
     best = (np.inf, np.zeros((k, 2)))
     for start in range(starts):
@@ -110,8 +111,10 @@ def markers(image: np.ndarray) -> np.ndarray:
 def to_data(points: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cols, rows = grid_lines(image, 0, 150), grid_lines(image, 1, 200)
     if len(cols) != len(X_TICKS) or len(rows) != len(Y_TICKS):
-        raise ValueError(f"expected {len(X_TICKS)} vertical and {len(Y_TICKS)} horizontal grid lines, "
-                         f"found {len(cols)} and {len(rows)}")
+        raise ValueError(
+            f"expected {len(X_TICKS)} vertical and {len(Y_TICKS)} horizontal grid lines, "
+            f"found {len(cols)} and {len(rows)}"
+        )
     return np.interp(points[:, 0], cols, X_TICKS), np.interp(points[:, 1], rows, Y_TICKS)
 
 
@@ -125,8 +128,10 @@ def main(png: str, out: str) -> None:
     point, model = linear_sum_assignment(np.abs(x[:, None] - printed[None, :]))
     order = np.argsort(x[point])
     with open(out, "w", newline="") as f:
-        f.write("# Hammoud et al. (2023), github.com/HadiHammoud44/CS439_Sharpness commit 36e9b7d1, "
-                "Plots/FCNN-scatter.png read back by docs/abalone/digitize_scatter.py; model: a guessed match\n")
+        f.write(
+            "# Hammoud et al. (2023), github.com/HadiHammoud44/CS439_Sharpness commit 36e9b7d1, "
+            "Plots/FCNN-scatter.png read back by docs/abalone/digitize_scatter.py; model: a guessed match\n"
+        )
         w = csv.writer(f)
         w.writerow(["sharpness", "test_loss", "model"])
         w.writerows([f"{x[point[i]]:.5f}", f"{y[point[i]]:.5f}", int(model[i])] for i in order)

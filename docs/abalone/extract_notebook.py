@@ -57,16 +57,17 @@ def main(notebook: str, out: str) -> None:
     if sorted(training) != list(range(50)) or sorted(ascent) != list(range(50)):
         raise ValueError("expected models 0-49 in both cells")
     with open(out, "w", newline="") as f:
-        f.write("# Hammoud et al. (2023), FCNN_model.ipynb at github.com/HadiHammoud44/CS439_Sharpness commit "
-                "36e9b7d199a39478b6db95e630b75ef6cb84ac36: printed values (docs/abalone/extract_notebook.py)\n")
+        f.write(
+            "# Hammoud et al. (2023), FCNN_model.ipynb at github.com/HadiHammoud44/CS439_Sharpness commit "
+            "36e9b7d199a39478b6db95e630b75ef6cb84ac36: printed values (docs/abalone/extract_notebook.py)\n"
+        )
         w = csv.writer(f)
         w.writerow(["model", "epochs", "final_train_loss", "ascent_loss", "train_losses", "pass_losses"])
         for m in range(50):
             losses, passes = training[m], [-v for v in ascent[m]]
             if len(passes) != 6:
                 raise ValueError(f"model {m}: expected 6 ascent passes, found {len(passes)}")
-            w.writerow([m, len(losses), losses[-1], passes[-1], " ".join(map(str, losses)),
-                        " ".join(map(str, passes))])
+            w.writerow([m, len(losses), losses[-1], passes[-1], " ".join(map(str, losses)), " ".join(map(str, passes))])
 
 
 if __name__ == "__main__":

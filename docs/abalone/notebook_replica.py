@@ -130,8 +130,11 @@ def main(path: str, first: int, count: int) -> None:
             a = float(nn.MSELoss()(network(x), y))
             network.load_state_dict(localmin)
             low, test = float(nn.MSELoss()(network(x), y)), float(nn.MSELoss()(network(xt), yt))
-        print(f"{seed},{epochs},{printed:.6f},{low:.6f},{a:.6f},{a - low:.6f},{test:.6f},{falls},"
-              f"{time.perf_counter() - t:.2f}", flush=True)
+        print(
+            f"{seed},{epochs},{printed:.6f},{low:.6f},{a:.6f},{a - low:.6f},{test:.6f},{falls},"
+            f"{time.perf_counter() - t:.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ MaxPool2d, Flatten, Linear (and Dropout) modules, so layer-wise sharpness measur
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Union
+from typing import Literal
 
 from torch import nn
 
 from ..validation import check_fraction, check_int, check_ints, is_integer
 
-Layer = Union[int, Literal["M"]]
+Layer = int | Literal["M"]
 
 # Bejan, Sanchez Ndoye & Vuckovic name the nets by their number of conv layers (4, 6, 9); their appendix
 # figures are not in the report, so the widths below are ours: widths double after each pooling.
@@ -25,7 +25,24 @@ MIDDLE_BATCH: tuple[Layer, ...] = (32, 32, "M", 64, 64, "M", 128, 128, "M")
 COMPLEX_BATCH: tuple[Layer, ...] = (32, 32, 32, "M", 64, 64, 64, "M", 128, 128, 128, "M")
 # Simonyan & Zisserman (2015), configuration D, as adapted to 32x32 inputs (512 features after 5 poolings).
 VGG16_LAYERS: tuple[Layer, ...] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
 )
 
 
@@ -64,9 +81,7 @@ class ConvNet(nn.Sequential):
         num_classes = check_int("num_classes", num_classes)
         image_size = check_int("image_size", image_size)
         layers = list(layers)
-        if not any(v != "M" for v in layers) or any(
-            v != "M" and (not is_integer(v) or v < 1) for v in layers
-        ):
+        if not any(v != "M" for v in layers) or any(v != "M" and (not is_integer(v) or v < 1) for v in layers):
             raise ValueError(
                 f"Invalid layers: {layers!r}; expected a list of conv widths (integers >= 1) and 'M' "
                 "(max pooling) with at least one conv"

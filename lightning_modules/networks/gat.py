@@ -50,8 +50,7 @@ class GAT(nn.Module):
         heads = check_int("heads", heads)
         output_heads = check_int("output_heads", output_heads)
         self.dropout = check_fraction("dropout", dropout)
-        self.input_dropout = self.dropout if input_dropout is None else check_fraction("input_dropout",
-                                                                                          input_dropout)
+        self.input_dropout = self.dropout if input_dropout is None else check_fraction("input_dropout", input_dropout)
         attention = dropout if attention_dropout is None else check_fraction("attention_dropout", attention_dropout)
         self.conv1 = GATConv(in_features, hidden_channels, heads=heads, dropout=attention)
         self.conv2 = GATConv(hidden_channels * heads, num_classes, heads=output_heads, concat=False, dropout=attention)

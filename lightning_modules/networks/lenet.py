@@ -65,8 +65,15 @@ class LeNet5(nn.Sequential):
             )
         c1, c2 = channels
         layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, c1, 5, padding=padding), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 5), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(in_channels, c1, 5, padding=padding),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
         ]
         width = c2 * side * side
         for h in hidden:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from cli_support.claims import Owner
+from flatminima.cli_support.claims import Owner
 
 from ..runner import RunResult, Task
 
@@ -22,7 +22,7 @@ OnDone = Callable[[RunResult], None]
 
 
 class Claims(Protocol):
-    """The claims of runs as an engine sees them (:class:`studies.shared.Ledger`)."""
+    """The claims of runs as an engine sees them (:class:`flatminima.studies.shared.Ledger`)."""
 
     owner: Owner
 
@@ -54,6 +54,11 @@ class Claims(Protocol):
 class Engine(Protocol):
     """Runs tasks and reports each one's result."""
 
-    def run(self, tasks: Sequence[Task], claims: Claims | None = None, on_start: OnStart | None = None,
-            on_done: OnDone | None = None) -> list[RunResult]:
+    def run(
+        self,
+        tasks: Sequence[Task],
+        claims: Claims | None = None,
+        on_start: OnStart | None = None,
+        on_done: OnDone | None = None,
+    ) -> list[RunResult]:
         """Run the tasks whose claim this process gets (all of them without ``claims``); one result per task run."""

@@ -1,15 +1,15 @@
 """The local engine: N worker processes of the standard library, each reused across runs.
 
 Workers are forked from a ``multiprocessing`` *forkserver*: a fresh process that imports torch, Lightning
-and the CLI once (:data:`studies.runner.WARM_MODULES`), so every worker (a replacement too) starts warm and
-clean, and runs task after task (:func:`studies.runner.run_task`). The parent claims a task (when given
+and the CLI once (:data:`flatminima.studies.runner.WARM_MODULES`), so every worker (a replacement too) starts warm and
+clean, and runs task after task (:func:`flatminima.studies.runner.run_task`). The parent claims a task (when given
 the study's claims) and hands it to an idle worker over its own pipe, and waits on every pipe and every
 process sentinel at once, so a worker that dies (a crash, an out-of-memory kill, ``kill -9``) is noticed
 at once: its run is recorded as failed with the cause, the worker is replaced, and the other runs go on.
 ``timeout`` bounds one run's wall time (its worker is killed and replaced).
 
 **Workers die with their parent.** The forkserver dies with the study process
-(:mod:`studies.engines.parent_guard`, the first module it imports) and each worker with the forkserver:
+(:mod:`flatminima.studies.engines.parent_guard`, the first module it imports) and each worker with the forkserver:
 a worker asks Linux to kill it when its parent dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``), checks right
 after that its parent is still the forkserver and the study process still runs (either may have died
 before the request), and a watchdog thread checks the study process every ``WATCHDOG_S`` seconds (the
@@ -23,13 +23,15 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
-from cli_support import processes
+from flatminima.cli_support import processes
 
 from .. import runner
 from ..runner import RunResult, Task
@@ -50,8 +52,9 @@ def die_with_parent(parent: int, parent_start: int | None) -> None:
     parent_guard.watch(parent, parent_start)
 
 
-def _worker_main(conn: Connection, parent: int, parent_start: int | None,
-                 execute: Callable[[Task], RunResult], warm: Sequence[str]) -> None:
+def _worker_main(
+    conn: Connection, parent: int, parent_start: int | None, execute: Callable[[Task], RunResult], warm: Sequence[str]
+) -> None:
     """A worker: die with the study process, import once, then run tasks until told to stop or the parent goes.
 
     Not a daemon process: a run may start DataLoader workers of its own.
@@ -92,9 +95,14 @@ class LocalEngine:
         warm: The modules the forkserver imports once (default: torch, Lightning and the CLI).
     """
 
-    def __init__(self, workers: int = 1, threads: int = 1, timeout: float | None = None,
-                 execute: Callable[[Task], RunResult] = runner.run_task,
-                 warm: Sequence[str] = runner.WARM_MODULES) -> None:
+    def __init__(
+        self,
+        workers: int = 1,
+        threads: int = 1,
+        timeout: float | None = None,
+        execute: Callable[[Task], RunResult] = runner.run_task,
+        warm: Sequence[str] = runner.WARM_MODULES,
+    ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"Invalid workers: {workers!r}; expected an integer >= 1")
         if timeout is not None and not timeout > 0:
@@ -105,10 +113,15 @@ class LocalEngine:
         self.execute = execute
         self.warm = tuple(warm)
         self._context = mp.get_context("forkserver")
-        self._context.set_forkserver_preload([parent_guard.__name__, *self.warm])
+        self._context.set_forkserver_preload([*_checkout_main(), parent_guard.__name__, *self.warm])
 
-    def run(self, tasks: Sequence[Task], claims: Claims | None = None, on_start: OnStart | None = None,
-            on_done: OnDone | None = None) -> list[RunResult]:
+    def run(
+        self,
+        tasks: Sequence[Task],
+        claims: Claims | None = None,
+        on_start: OnStart | None = None,
+        on_done: OnDone | None = None,
+    ) -> list[RunResult]:
         """Run every task whose claim this process gets (every task without ``claims``); one result per task run."""
         pending = deque(tasks)
         results: list[RunResult] = []
@@ -149,10 +162,17 @@ class LocalEngine:
     def _spawn(self) -> _Worker:
         parent, child = self._context.Pipe()
         me = os.getpid()
-        process = self._context.Process(target=_worker_main, daemon=False, name="study-worker",
-                                        args=(child, me, processes.start_time(me), self.execute, self.warm))
-        with _environ(OMP_NUM_THREADS=str(self.threads), PYTHONPATH=_pythonpath(),  # the forkserver's, at its start
-                      **{parent_guard.PARENT_ENV: f"{me}:{processes.start_time(me) or ''}"}):
+        process = self._context.Process(
+            target=_worker_main,
+            daemon=False,
+            name="study-worker",
+            args=(child, me, processes.start_time(me), self.execute, self.warm),
+        )
+        with _environ(
+            OMP_NUM_THREADS=str(self.threads),
+            PYTHONPATH=runner.checkout_pythonpath(),  # the forkserver's, at its start
+            **{parent_guard.PARENT_ENV: f"{me}:{processes.start_time(me) or ''}"},
+        ):
             process.start()
         child.close()
         return _Worker(process, parent)
@@ -176,8 +196,10 @@ class LocalEngine:
             worker.process.kill()
             worker.process.join()
             task, worker.task, worker.started = worker.task, None, None
-            return runner.elsewhere(task, "its claim was taken over by another process (this one was presumed "
-                                          "dead); the run was stopped here")
+            return runner.elsewhere(
+                task,
+                "its claim was taken over by another process (this one was presumed dead); the run was stopped here",
+            )
         if not worker.process.is_alive():
             return self._lost(worker, _death(worker.process))
         if self.timeout is not None and worker.started is not None:
@@ -235,10 +257,11 @@ def _death(process: mp.process.BaseProcess) -> str:
     return f"worker process died (exit code {code})"
 
 
-def _pythonpath() -> str:
-    """This checkout first, so workers import it even where an editable install points elsewhere."""
-    current = os.environ.get("PYTHONPATH", "")
-    return os.pathsep.join(p for p in (str(runner.ROOT), current) if p)
+def _checkout_main() -> list[str]:
+    """``["__main__"]`` when this process is ``python cli.py`` of a clone: the forkserver runs that file first
+    (as ``__mp_main__``), which makes the clone the package ``flatminima`` there too; else nothing."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    return ["__main__"] if runner.CHECKOUT and main and Path(main).resolve() == runner.ROOT / "cli.py" else []
 
 
 @contextlib.contextmanager

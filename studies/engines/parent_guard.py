@@ -2,7 +2,7 @@
 
 The local engine forks its workers from a ``multiprocessing`` forkserver, a child of the ``study run``
 process. The forkserver would outlive a killed study process (it waits for every worker to exit first),
-so its workers would too. Imported in the forkserver (:data:`studies.engines.local.LocalEngine` puts this
+so its workers would too. Imported in the forkserver (:data:`flatminima.studies.engines.local.LocalEngine` puts this
 module first in the forkserver's preload list, and the study process's pid and start time in
 ``FLATMINIMA_STUDY_PARENT``), this module
 
@@ -12,7 +12,7 @@ module first in the forkserver's preload list, and the study process's pid and s
   missing);
 * records the forkserver's pid (``FLATMINIMA_FORKSERVER_PID``), which every worker forked from it
   inherits: a worker asks for the same signal when the forkserver dies, then checks that its parent is
-  still that forkserver (:func:`studies.engines.local.die_with_parent`).
+  still that forkserver (:func:`flatminima.studies.engines.local.die_with_parent`).
 
 So ``kill -9`` of ``study run`` ends the forkserver, which ends every worker, within milliseconds.
 Importing it anywhere else (the variable unset) does nothing.
@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 
-from cli_support import processes
+from flatminima.cli_support import processes
 
 PARENT_ENV = "FLATMINIMA_STUDY_PARENT"
 FORKSERVER_ENV = "FLATMINIMA_FORKSERVER_PID"
@@ -48,6 +48,7 @@ def request_parent_death_signal() -> bool:
 
 def watch(pid: int, start: int | None, every: float = WATCHDOG_S) -> threading.Thread:
     """A daemon thread that kills this process (SIGKILL) once process ``pid`` (with that start time) is gone."""
+
     def run() -> None:
         while processes.alive(pid, start):
             time.sleep(every)

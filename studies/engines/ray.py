@@ -3,7 +3,7 @@
 Ray Tune brings scheduling over a cluster's CPUs and GPUs (``tune.with_resources``: CPUs and GPUs per
 run, fractional GPUs so several small runs share one device), reuse of the trial actors between runs
 (torch and Lightning imported once per actor) and fault handling. A trial runs
-:func:`studies.runner.run_task`, the same function as the local engine, so both write the same files;
+:func:`flatminima.studies.runner.run_task`, the same function as the local engine, so both write the same files;
 the summary also travels back in the trial's result, and the driver writes it into ``DIR/runs/<id>/`` when
 the trial ran on a node that does not share the file system (logs and checkpoints then stay there).
 
@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cli_support import claims as claim_files
-from formats.summary import decode, dumps, read_json, write_json
+from flatminima.cli_support import claims as claim_files
+from flatminima.formats.summary import decode, dumps, read_json, write_json
 
 from .. import runner
 from ..runner import RunResult, Task
@@ -65,8 +65,14 @@ def _trainable(config: dict[str, Any]) -> None:
     finally:
         if claim is not None:
             claim_files.release(path, owner)
-    tune.report({"status": result.status, "error": result.error or "", "seconds": result.seconds,
-                 "summary_json": dumps(result.summary)})
+    tune.report(
+        {
+            "status": result.status,
+            "error": result.error or "",
+            "seconds": result.seconds,
+            "summary_json": dumps(result.summary),
+        }
+    )
 
 
 class RayEngine:
@@ -79,15 +85,21 @@ class RayEngine:
         address: An existing cluster (``ray://host:10001`` or ``auto``); None starts a local instance.
     """
 
-    def __init__(self, out: str | os.PathLike, resources: Resources, workers: int | None = None,
-                 address: str | None = None) -> None:
+    def __init__(
+        self, out: str | os.PathLike, resources: Resources, workers: int | None = None, address: str | None = None
+    ) -> None:
         self.out = Path(out).resolve()
         self.resources = resources
         self.workers = workers
         self.address = address
 
-    def run(self, tasks: Sequence[Task], claims: Claims | None = None, on_start: OnStart | None = None,
-            on_done: OnDone | None = None) -> list[RunResult]:
+    def run(
+        self,
+        tasks: Sequence[Task],
+        claims: Claims | None = None,
+        on_start: OnStart | None = None,
+        on_done: OnDone | None = None,
+    ) -> list[RunResult]:
         """Run every task as one trial (those another process holds return at once); one result per task run."""
         ray = _import_ray()
         from ray import tune
@@ -96,20 +108,39 @@ class RayEngine:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         started_here = not ray.is_initialized()
         if started_here:
-            ray.init(address=self.address, runtime_env=_runtime_env(), include_dashboard=False,
-                     log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
+            ray.init(
+                address=self.address,
+                runtime_env=_runtime_env(),
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,
+                configure_logging=True,
+            )
         by_id = {t.id: t for t in tasks}
-        configs = [{"task": t.as_dict(), "claim": None if claims is None else
-                    {"path": str(claims.path(t)), "owner": asdict(claims.owner)}} for t in tasks]
+        configs = [
+            {
+                "task": t.as_dict(),
+                "claim": None if claims is None else {"path": str(claims.path(t)), "owner": asdict(claims.owner)},
+            }
+            for t in tasks
+        ]
         try:
             tuner = tune.Tuner(
                 tune.with_resources(_trainable, {"cpu": self.resources.cpu, "gpu": self.resources.gpu}),
                 param_space={"run": tune.grid_search(configs)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=self.workers, reuse_actors=True,
-                                            trial_name_creator=_trial_id, trial_dirname_creator=_trial_id),
-                run_config=tune.RunConfig(name="tune", storage_path=str(self.out / "ray"), verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=0),
-                                          callbacks=[_events(by_id, claims, on_start, on_done)]),
+                tune_config=tune.TuneConfig(
+                    max_concurrent_trials=self.workers,
+                    reuse_actors=True,
+                    trial_name_creator=_trial_id,
+                    trial_dirname_creator=_trial_id,
+                ),
+                run_config=tune.RunConfig(
+                    name="tune",
+                    storage_path=str(self.out / "ray"),
+                    verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=0),
+                    callbacks=[_events(by_id, claims, on_start, on_done)],
+                ),
             )
             grid = tuner.fit()
             results = [_result(by_id, claims, r) for r in grid]
@@ -120,8 +151,12 @@ class RayEngine:
 
 
 def _runtime_env() -> dict[str, Any]:
-    path = os.pathsep.join(p for p in (str(runner.ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return {"env_vars": {"PYTHONPATH": path, "RAY_CHDIR_TO_TRIAL_DIR": "0"}}
+    """The trial processes' environment: a clone's root on ``PYTHONPATH`` and its ``cli.use_this_checkout``
+    run first in each worker (the clone is then the package ``flatminima``); an installed package as is."""
+    env: dict[str, Any] = {"env_vars": {"PYTHONPATH": runner.checkout_pythonpath(), "RAY_CHDIR_TO_TRIAL_DIR": "0"}}
+    if runner.CHECKOUT:
+        env["worker_process_setup_hook"] = "cli.use_this_checkout"
+    return env
 
 
 def _trial_id(trial: Any) -> str:
@@ -139,8 +174,11 @@ def _result(by_id: dict[str, Task], claims: Claims | None, result: Any) -> RunRe
         if claims is not None and not claims.holds(task) and not claims.acquire(task):
             return runner.elsewhere(task, error)  # another process has the run and records it
         summary = runner.read_run_summary(task.out, task.id)
-        outcome = (runner.result_of(task, summary, 0.0) if summary is not None and summary.get("status") == "failed"
-                   else runner.failed(task, error))
+        outcome = (
+            runner.result_of(task, summary, 0.0)
+            if summary is not None and summary.get("status") == "failed"
+            else runner.failed(task, error)
+        )
         if claims is not None:
             claims.release(task)
         return outcome
@@ -206,8 +244,11 @@ def _events(by_id: dict[str, Task], claims: Claims | None, on_start: OnStart | N
             if status == "elsewhere":
                 self.context.on_done(runner.elsewhere(task, result.get("error") or None))
             else:  # the summary as the trial reported it (or the failure Tune saw; the driver records it after)
-                summary = decode(json.loads(result["summary_json"])) if result.get("summary_json") else \
-                    {"id": task.id, "status": "failed", "error": result.get("error") or "Ray trial failed"}
+                summary = (
+                    decode(json.loads(result["summary_json"]))
+                    if result.get("summary_json")
+                    else {"id": task.id, "status": "failed", "error": result.get("error") or "Ray trial failed"}
+                )
                 self.context.on_done(runner.result_of(task, summary, float(result.get("seconds", 0.0))))
 
     return Events(_Context(by_id, claims, on_start, on_done))
