@@ -10,9 +10,10 @@ from jsonargparse import DefaultHelpFormatter
 GROUPS = ("data", "model", "optim", "minimizer", "callbacks", "trainer", "experiments")
 
 DESCRIPTION = """\
-flatminima: sharpness-aware training (SAM, L-inf SAM, USAM, ASAM, GSAM, Adaptive-GSAM on any base
-optimizer) and sharpness measures (minimum, adaptive worst-case, gradient-norm, Hessian) with PyTorch
-Lightning, driven by YAML configs.
+flatminima: sharpness-aware training (SAM, L-inf SAM, USAM, ASAM, GSAM, Adaptive-GSAM and the cheaper
+LookSAM, SAM on some steps, AE-SAM, Momentum-SAM, ESAM, SAF, MESA, on any base optimizer) and sharpness,
+flatness and norm measures (minimum, adaptive worst-case, gradient-norm, Hessian, Jiang et al.'s PAC-Bayes,
+sharpness and norm measures) with PyTorch Lightning, driven by YAML configs.
 
 subcommands:
   fit                train (with no --config: the default, GSAM on moons), then test the final weights
